@@ -1,0 +1,3 @@
+"""Comparative Judgement assessment service."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,233 @@
+"""batch_callback_handler: records one comparison result (or timeout) and calls back into the
+orchestrator. Results arrive unkeyed, out of order, more than once, late, or for comparisons we
+never sent; each case ends in a stored, counted outcome."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+
+import structlog
+
+from cj_assessment import batch_state
+from cj_assessment.batch_state import AttemptStatus, AttemptView, Disposition
+from cj_assessment.contracts import LLMComparisonResultV1, utc_iso
+from cj_assessment.metrics import Metrics
+from cj_assessment.repository import AssessmentRepository
+from cj_assessment.tables import TERMINAL_STATES, CJComparisonPair
+from cj_assessment.workflow_orchestrator import WorkflowOrchestrator, context_of, progress_of
+
+log = structlog.get_logger(__name__)
+
+
+class ResultOutcome(StrEnum):
+    HANDLED = "handled"
+    DUPLICATE = "duplicate"
+    ORPHAN = "orphan"
+    LATE = "late"
+    INTEGRITY = "integrity"
+
+
+def _attempt_view(row: CJComparisonPair, resolved: bool) -> AttemptView:
+    return AttemptView(
+        comparison_id=str(row.comparison_id),
+        correlation_id=str(row.request_correlation_id),
+        essay_a_id=row.essay_a_els_id,
+        essay_b_id=row.essay_b_els_id,
+        iteration=row.iteration,
+        attempt=row.attempt,
+        submission_batch_id=str(row.submission_batch_id),
+        status=AttemptStatus(row.status),
+        comparison_resolved=resolved,
+    )
+
+
+class BatchCallbackHandler:
+    def __init__(self, orchestrator: WorkflowOrchestrator, metrics: Metrics) -> None:
+        self._orchestrator = orchestrator
+        self._metrics = metrics
+
+    async def handle_result(
+        self,
+        repo: AssessmentRepository,
+        result: LLMComparisonResultV1,
+        *,
+        raw_payload: str,
+        now: datetime,
+    ) -> ResultOutcome:
+        try:
+            correlation_id = uuid.UUID(result.correlation_id)
+        except ValueError:
+            correlation_id = None
+        attempt = await repo.attempt_by_correlation(correlation_id) if correlation_id else None
+        if attempt is None:
+            await repo.store_unmatched(result.correlation_id, "unknown_correlation_id", raw_payload)
+            self._metrics.unmatched_results.labels("unknown_correlation_id").inc()
+            log.warning("result_unmatched", correlation_id=result.correlation_id)
+            return ResultOutcome.ORPHAN
+
+        state = await repo.lock_state(attempt.cj_batch_id)
+        assert state is not None
+        # Re-read under the lock: a concurrent handler may have resolved this attempt.
+        attempt = await repo.attempt_by_correlation(attempt.request_correlation_id)
+        assert attempt is not None
+
+        if state.state in TERMINAL_STATES:
+            return self._store_late(attempt, result, now)
+
+        mismatch = _contradicts_pair(attempt, result)
+        succeeded = result.winner is not None and not mismatch
+        reason = "integrity" if mismatch else (None if succeeded else _error_reason(result))
+        upload = await repo.upload(attempt.cj_batch_id)
+        ctx = context_of(upload, state)
+        siblings = await repo.sibling_attempts(attempt.comparison_id)
+        resolved = batch_state.comparison_resolved(
+            [(AttemptStatus(s), n) for s, n in siblings], ctx.config.max_retry_attempts
+        )
+        progress, disposition = batch_state.record_outcome(
+            progress_of(state),
+            _attempt_view(attempt, resolved),
+            succeeded=succeeded,
+            failure_reason=reason,
+            now=utc_iso(now),
+            max_retry_attempts=ctx.config.max_retry_attempts,
+            threshold=ctx.config.partial_completion_threshold,
+        )
+        if disposition is Disposition.DUPLICATE:
+            return ResultOutcome.DUPLICATE
+
+        _store_result(attempt, result, now, disposition=disposition, integrity_failure=mismatch)
+        self._count(attempt, disposition, reason, now)
+        await self._orchestrator.advance(repo, ctx, state, progress, now=now)
+        return ResultOutcome.INTEGRITY if mismatch else ResultOutcome.HANDLED
+
+    async def time_out(
+        self, repo: AssessmentRepository, attempts: list[CJComparisonPair], *, now: datetime
+    ) -> int:
+        """Count overdue attempts of one assessment (whose row lock the caller holds) as failed."""
+        if not attempts:
+            return 0
+        state = await repo.lock_state(attempts[0].cj_batch_id)
+        assert state is not None
+        if state.state in TERMINAL_STATES:
+            return 0
+        upload = await repo.upload(state.cj_batch_id)
+        ctx = context_of(upload, state)
+        progress = progress_of(state)
+        timed_out = 0
+        for attempt in attempts:
+            siblings = await repo.sibling_attempts(attempt.comparison_id)
+            resolved = batch_state.comparison_resolved(
+                [(AttemptStatus(s), n) for s, n in siblings], ctx.config.max_retry_attempts
+            )
+            progress, disposition = batch_state.record_outcome(
+                progress,
+                _attempt_view(attempt, resolved),
+                succeeded=False,
+                failure_reason="timeout",
+                now=utc_iso(now),
+                max_retry_attempts=ctx.config.max_retry_attempts,
+                threshold=ctx.config.partial_completion_threshold,
+            )
+            if disposition is Disposition.DUPLICATE:
+                continue
+            attempt.status = AttemptStatus.TIMED_OUT.value
+            attempt.completed_at = now
+            attempt.winner = "error"
+            attempt.error_code = "TIMEOUT"
+            self._count(attempt, disposition, "timeout", now)
+            timed_out += 1
+        await self._orchestrator.advance(repo, ctx, state, progress, now=now)
+        return timed_out
+
+    def _store_late(
+        self, attempt: CJComparisonPair, result: LLMComparisonResultV1, now: datetime
+    ) -> ResultOutcome:
+        if attempt.status not in (AttemptStatus.IN_FLIGHT.value, AttemptStatus.QUEUED.value):
+            return ResultOutcome.DUPLICATE
+        _store_result(
+            attempt,
+            result,
+            now,
+            disposition=Disposition.SUCCEEDED if result.winner else Disposition.RETRY_POOLED,
+            integrity_failure=_contradicts_pair(attempt, result),
+        )
+        attempt.is_late = True
+        self._metrics.late_results.inc()
+        log.info("late_result_stored", cj_batch_id=attempt.cj_batch_id, comparison_id=str(attempt.comparison_id))
+        return ResultOutcome.LATE
+
+    def _count(
+        self, attempt: CJComparisonPair, disposition: Disposition, reason: str | None, now: datetime
+    ) -> None:
+        if attempt.submitted_at is not None:
+            self._metrics.callback_latency.observe(max(0.0, (now - attempt.submitted_at).total_seconds()))
+        match disposition:
+            case Disposition.SUCCEEDED | Disposition.RESCUED:
+                self._metrics.comparisons_succeeded.inc()
+                if attempt.attempt > 1:
+                    self._metrics.successful_retries.inc()
+            case Disposition.RETRY_POOLED:
+                self._metrics.comparisons_failed.labels(reason or "error").inc()
+            case Disposition.PERMANENTLY_FAILED:
+                self._metrics.comparisons_failed.labels(reason or "error").inc()
+                self._metrics.permanent_failures.inc()
+            case Disposition.SUPERSEDED | Disposition.DUPLICATE:
+                pass
+
+
+def _contradicts_pair(attempt: CJComparisonPair, result: LLMComparisonResultV1) -> bool:
+    meta = result.request_metadata or {}
+    a, b = meta.get("essay_a_id"), meta.get("essay_b_id")
+    return (a is not None and a != attempt.essay_a_els_id) or (
+        b is not None and b != attempt.essay_b_els_id
+    )
+
+
+def _error_reason(result: LLMComparisonResultV1) -> str:
+    code = result.error_detail.error_code if result.error_detail else "error"
+    return code.lower()[:48]
+
+
+def _store_result(
+    attempt: CJComparisonPair,
+    result: LLMComparisonResultV1,
+    now: datetime,
+    *,
+    disposition: Disposition,
+    integrity_failure: bool,
+) -> None:
+    succeeded = result.winner is not None and not integrity_failure
+    if disposition is Disposition.SUPERSEDED:
+        attempt.status = AttemptStatus.SUPERSEDED.value
+    elif disposition is Disposition.RESCUED:
+        attempt.status = AttemptStatus.SUCCEEDED.value
+    else:
+        attempt.status = (AttemptStatus.SUCCEEDED if succeeded else AttemptStatus.FAILED).value
+    attempt.completed_at = now
+    if succeeded:
+        attempt.winner = "essay_a" if result.winner == "Essay A" else "essay_b"
+        attempt.confidence = result.confidence
+        attempt.justification = (result.justification or "")[:2000]
+        attempt.error_code = None
+    else:
+        attempt.winner = "error"
+        if integrity_failure:
+            attempt.error_code = "INTEGRITY"
+            attempt.error_details = {"reason": "essay ids in the result contradict the stored pair"}
+        elif result.error_detail is not None:
+            attempt.error_code = result.error_detail.error_code[:64]
+            attempt.error_details = {
+                "message": (result.error_detail.message or "")[:500],
+                "operation": result.error_detail.operation,
+                "service": result.error_detail.service,
+            }
+    attempt.provider = result.provider
+    attempt.model = result.model
+    attempt.response_time_ms = result.response_time_ms
+    attempt.cost_estimate = result.cost_estimate
+    if result.token_usage is not None:
+        attempt.prompt_tokens = result.token_usage.prompt_tokens
+        attempt.completion_tokens = result.token_usage.completion_tokens
+        attempt.total_tokens = result.token_usage.total_tokens

@@ -1,0 +1,204 @@
+"""batch_processor: turns planned comparisons into submission batches of at most `batch_size`
+(never above 200), keeps at most `max_concurrent_batches` in flight per assessment, and writes
+each released comparison as an attempt row plus an outbox message in the caller's transaction.
+
+The attempt row (with its own correlation id) is written before the request can be sent, so
+every result can be matched to exactly one comparison."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from cj_assessment import batch_state
+from cj_assessment.batch_config import BatchConfig
+from cj_assessment.batch_state import BatchKind, Progress
+from cj_assessment.contracts import (
+    ComparisonRequestMetadata,
+    LLMComparisonRequestV1,
+    LLMConfigOverrides,
+    deterministic_event_id,
+    envelope_json,
+    utc_iso,
+)
+from cj_assessment.metrics import Metrics
+from cj_assessment.prompt import new_boundary_token, render_comparison_prompt
+from cj_assessment.repository import AssessmentRepository, NewAttempt, OutboxRow
+from cj_assessment.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+MAX_SUBMISSION_BATCH = 200
+
+
+@dataclass(frozen=True)
+class AssessmentContext:
+    """What every step of one assessment needs to know about it."""
+
+    cj_batch_id: int
+    bos_batch_id: str
+    correlation_id: str
+    config: BatchConfig
+    essay_instructions: str | None
+    llm_config_overrides: dict[str, Any]
+    user_id: str | None
+    started_at: datetime
+
+
+class BatchProcessor:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+
+    def _batch_size(self, ctx: AssessmentContext) -> int:
+        return min(ctx.config.batch_size, MAX_SUBMISSION_BATCH)
+
+    async def plan_iteration(
+        self,
+        repo: AssessmentRepository,
+        ctx: AssessmentContext,
+        progress: Progress,
+        *,
+        iteration: int,
+        pairs: Sequence[tuple[str, str]],
+    ) -> Progress:
+        size = self._batch_size(ctx)
+        batch_count = -(-len(pairs) // size)
+        batch_ids = [uuid.uuid4() for _ in range(batch_count)]
+        progress, batches = batch_state.plan_iteration(
+            progress,
+            iteration=iteration,
+            batch_ids=[str(b) for b in batch_ids],
+            comparisons=len(pairs),
+            batch_size=size,
+        )
+        attempts: list[NewAttempt] = []
+        start = 0
+        for batch_id, batch_size in batches:
+            for a, b in pairs[start : start + batch_size]:
+                attempts.append(
+                    NewAttempt(
+                        comparison_id=uuid.uuid4(),
+                        correlation_id=uuid.uuid4(),
+                        essay_a_id=a,
+                        essay_b_id=b,
+                        iteration=iteration,
+                        attempt=1,
+                        submission_batch_id=uuid.UUID(batch_id),
+                    )
+                )
+            start += batch_size
+        await repo.insert_attempts(ctx.cj_batch_id, attempts)
+        log.info(
+            "iteration_planned",
+            cj_batch_id=ctx.cj_batch_id,
+            iteration=iteration,
+            comparisons=len(pairs),
+            submission_batches=len(batches),
+        )
+        return progress
+
+    async def plan_retries(
+        self, repo: AssessmentRepository, ctx: AssessmentContext, progress: Progress
+    ) -> Progress:
+        """Form retry batches from the whole pool: same pair, same orientation, new ids."""
+        size = self._batch_size(ctx)
+        count = -(-len(progress.pool.entries) // size)
+        batch_ids = [str(uuid.uuid4()) for _ in range(count)]
+        progress, planned = batch_state.plan_retry_batches(
+            progress, batch_size=size, batch_ids=batch_ids
+        )
+        attempts = [
+            NewAttempt(
+                comparison_id=uuid.UUID(entry.comparison_id),
+                correlation_id=uuid.uuid4(),
+                essay_a_id=entry.essay_a_id,
+                essay_b_id=entry.essay_b_id,
+                iteration=entry.iteration,
+                attempt=entry.retry_count + 2,
+                submission_batch_id=uuid.UUID(batch_id),
+            )
+            for batch_id, entries in planned
+            for entry in entries
+        ]
+        await repo.insert_attempts(ctx.cj_batch_id, attempts)
+        self._metrics.retry_batches.inc(len(planned))
+        log.info(
+            "retry_batches_formed",
+            cj_batch_id=ctx.cj_batch_id,
+            retry_batches=len(planned),
+            comparisons=len(attempts),
+        )
+        return progress
+
+    async def release(
+        self,
+        repo: AssessmentRepository,
+        ctx: AssessmentContext,
+        progress: Progress,
+        *,
+        now: datetime,
+    ) -> Progress:
+        """Send queued batches while fewer than `max_concurrent_batches` are in flight."""
+        progress, released = batch_state.release_batches(
+            progress, max_concurrent=ctx.config.max_concurrent_batches, now=utc_iso(now)
+        )
+        if not released:
+            return progress
+        rows = await repo.send_batches([uuid.UUID(b.id) for b in released], now)
+        texts = await repo.essay_texts(
+            ctx.cj_batch_id, [e for r in rows for e in (r.essay_a_els_id, r.essay_b_els_id)]
+        )
+        overrides = LLMConfigOverrides.model_validate(ctx.llm_config_overrides)
+        messages = []
+        for row in rows:
+            request = LLMComparisonRequestV1(
+                correlation_id=str(row.request_correlation_id),
+                user_prompt=render_comparison_prompt(
+                    essay_a=texts[row.essay_a_els_id],
+                    essay_b=texts[row.essay_b_els_id],
+                    instructions=ctx.essay_instructions,
+                    token=new_boundary_token(),
+                ),
+                callback_topic=self._settings.topic_llm_comparison_result,
+                llm_config_overrides=overrides,
+                user_id=ctx.user_id,
+                metadata=ComparisonRequestMetadata(
+                    essay_a_id=row.essay_a_els_id,
+                    essay_b_id=row.essay_b_els_id,
+                    bos_batch_id=ctx.bos_batch_id,
+                    cj_batch_id=str(ctx.cj_batch_id),
+                    submission_batch_id=str(row.submission_batch_id),
+                    comparison_iteration=row.iteration,
+                    attempt=row.attempt,
+                    cj_request_type="cj_comparison" if row.attempt == 1 else "cj_retry",
+                ),
+            )
+            topic = self._settings.topic_llm_comparison_request
+            event_id = deterministic_event_id(topic, str(row.request_correlation_id))
+            envelope = envelope_json(
+                event_id=event_id,
+                event_type=topic,
+                correlation_id=ctx.correlation_id,
+                data=request,
+                now=now,
+            )
+            messages.append(OutboxRow.of(envelope, topic, ctx.bos_batch_id))
+        await repo.add_outbox(messages)
+        for batch in released:
+            kind = batch.kind.value
+            self._metrics.submission_batches.labels(kind).inc()
+            self._metrics.comparisons_requested.labels(kind).inc(batch.size)
+        log.info(
+            "submission_batches_released",
+            cj_batch_id=ctx.cj_batch_id,
+            batches=[b.id for b in released],
+            comparisons=len(rows),
+            retry=any(b.kind is BatchKind.RETRY for b in released),
+        )
+        return progress

@@ -1,0 +1,379 @@
+"""The batch state machine of one assessment, as pure functions over plain values.
+
+`Progress` is what `CJBatchState` holds: the cumulative counters and the `processing_metadata`
+(submission batches, iterations, failed-comparison pool). Every transition takes the old
+progress and returns a new one; the edges load it under the assessment's row lock and store it
+in the same transaction.
+
+Counter invariants (never overwritten, never above 100%):
+    completed + failed <= submitted <= total
+where total counts planned comparisons (a comparison is one pair question, however many attempts
+it takes), submitted those sent at least once, completed those answered with a winner and
+failed those that exhausted their retries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from cj_assessment.failed_pool import FailedPool, PoolEntry, PoolStatistics
+
+
+class BatchStatus(StrEnum):
+    QUEUED = "queued"
+    IN_FLIGHT = "in_flight"
+    DONE = "done"
+
+
+class BatchKind(StrEnum):
+    FIRST = "first"
+    RETRY = "retry"
+
+
+class AttemptStatus(StrEnum):
+    QUEUED = "queued"
+    IN_FLIGHT = "in_flight"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    SUPERSEDED = "superseded"  # answered after its comparison was already resolved
+
+
+@dataclass(frozen=True)
+class SubmissionBatch:
+    id: str
+    iteration: int
+    kind: BatchKind
+    size: int
+    status: BatchStatus = BatchStatus.QUEUED
+    submitted_at: str | None = None
+    results_in: int = 0
+    failures: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SubmissionBatch:
+        values = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        values["kind"] = BatchKind(values["kind"])
+        values["status"] = BatchStatus(values["status"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class IterationProgress:
+    iteration: int
+    planned: int
+    first_attempts_outstanding: int
+    succeeded: int = 0
+    permanently_failed: int = 0
+    completed_at: str | None = None
+    max_score_change: float | None = None
+    reliability: float | None = None
+    scores: dict[str, float] | None = None
+
+    @property
+    def resolved(self) -> int:
+        return self.succeeded + self.permanently_failed
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> IterationProgress:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
+class Progress:
+    total: int = 0
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    current_iteration: int = 0
+    batches: tuple[SubmissionBatch, ...] = ()
+    iterations: tuple[IterationProgress, ...] = ()
+    pool: FailedPool = field(default_factory=FailedPool)
+
+    # --- views ---------------------------------------------------------------------------
+
+    def batch(self, batch_id: str) -> SubmissionBatch:
+        for b in self.batches:
+            if b.id == batch_id:
+                return b
+        raise KeyError(batch_id)
+
+    def iteration(self, number: int) -> IterationProgress:
+        for it in self.iterations:
+            if it.iteration == number:
+                return it
+        raise KeyError(number)
+
+    @property
+    def current(self) -> IterationProgress | None:
+        return self.iterations[-1] if self.iterations else None
+
+    def in_flight(self) -> list[SubmissionBatch]:
+        return [b for b in self.batches if b.status is BatchStatus.IN_FLIGHT]
+
+    def queued(self) -> list[SubmissionBatch]:
+        return [b for b in self.batches if b.status is BatchStatus.QUEUED]
+
+    # --- metadata round trip -------------------------------------------------------------
+
+    def metadata_json(self) -> dict[str, Any]:
+        return {
+            "submission_batches": [b.to_json() for b in self.batches],
+            "iterations": [i.to_json() for i in self.iterations],
+            "failed_comparison_pool": [e.to_json() for e in self.pool.entries],
+            "pool_statistics": self.pool.statistics.to_json(),
+        }
+
+    @classmethod
+    def from_state(
+        cls,
+        *,
+        total: int,
+        submitted: int,
+        completed: int,
+        failed: int,
+        current_iteration: int,
+        metadata: dict[str, Any],
+    ) -> Progress:
+        return cls(
+            total=total,
+            submitted=submitted,
+            completed=completed,
+            failed=failed,
+            current_iteration=current_iteration,
+            batches=tuple(
+                SubmissionBatch.from_json(b) for b in metadata.get("submission_batches", [])
+            ),
+            iterations=tuple(
+                IterationProgress.from_json(i) for i in metadata.get("iterations", [])
+            ),
+            pool=FailedPool(
+                tuple(PoolEntry.from_json(e) for e in metadata.get("failed_comparison_pool", [])),
+                PoolStatistics.from_json(metadata.get("pool_statistics")),
+            ),
+        )
+
+
+# --- transitions -------------------------------------------------------------------------
+
+
+def _with_batch(progress: Progress, batch: SubmissionBatch) -> Progress:
+    return replace(
+        progress, batches=tuple(batch if b.id == batch.id else b for b in progress.batches)
+    )
+
+
+def _with_iteration(progress: Progress, it: IterationProgress) -> Progress:
+    return replace(
+        progress,
+        iterations=tuple(it if i.iteration == it.iteration else i for i in progress.iterations),
+    )
+
+
+def plan_iteration(
+    progress: Progress, *, iteration: int, batch_ids: list[str], comparisons: int, batch_size: int
+) -> tuple[Progress, list[tuple[str, int]]]:
+    """Record a new iteration of `comparisons` first attempts, split into queued submission
+    batches of at most `batch_size`. Returns the batches as (id, size) in submission order."""
+    if comparisons <= 0:
+        raise ValueError("an iteration needs at least one comparison")
+    sizes = [min(batch_size, comparisons - start) for start in range(0, comparisons, batch_size)]
+    if len(batch_ids) < len(sizes):
+        raise ValueError("not enough batch ids for the iteration")
+    new_batches = tuple(
+        SubmissionBatch(id=bid, iteration=iteration, kind=BatchKind.FIRST, size=size)
+        for bid, size in zip(batch_ids, sizes, strict=False)
+    )
+    it = IterationProgress(
+        iteration=iteration, planned=comparisons, first_attempts_outstanding=comparisons
+    )
+    new = replace(
+        progress,
+        total=progress.total + comparisons,
+        current_iteration=iteration,
+        batches=progress.batches + new_batches,
+        iterations=progress.iterations + (it,),
+    )
+    return new, [(b.id, b.size) for b in new_batches]
+
+
+def plan_retry_batches(
+    progress: Progress, *, batch_size: int, batch_ids: list[str]
+) -> tuple[Progress, list[tuple[str, list[PoolEntry]]]]:
+    """Empty the pool into queued retry batches (same pair, same orientation)."""
+    pool, chunks = progress.pool.take_retry_batches(batch_size)
+    if len(batch_ids) < len(chunks):
+        raise ValueError("not enough batch ids for the retry batches")
+    planned = list(zip(batch_ids, chunks, strict=False))
+    new_batches = tuple(
+        SubmissionBatch(
+            id=bid,
+            iteration=progress.current_iteration,
+            kind=BatchKind.RETRY,
+            size=len(chunk),
+        )
+        for bid, chunk in planned
+    )
+    return replace(progress, pool=pool, batches=progress.batches + new_batches), planned
+
+
+def release_batches(
+    progress: Progress, *, max_concurrent: int, now: str
+) -> tuple[Progress, list[SubmissionBatch]]:
+    """Send queued batches, oldest first, while fewer than `max_concurrent` are in flight."""
+    released: list[SubmissionBatch] = []
+    slots = max_concurrent - len(progress.in_flight())
+    for batch in progress.queued():
+        if slots <= 0:
+            break
+        sent = replace(batch, status=BatchStatus.IN_FLIGHT, submitted_at=now)
+        progress = _with_batch(progress, sent)
+        if batch.kind is BatchKind.FIRST:
+            progress = replace(progress, submitted=progress.submitted + batch.size)
+        released.append(sent)
+        slots -= 1
+    return progress, released
+
+
+def batch_reached_threshold(batch: SubmissionBatch, threshold: float) -> bool:
+    """All results in, or the partial-completion share of them (one denominator: batch size)."""
+    needed = min(batch.size, math.ceil(threshold * batch.size - 1e-9))
+    return batch.results_in >= needed
+
+
+class Disposition(StrEnum):
+    SUCCEEDED = "succeeded"
+    RETRY_POOLED = "retry_pooled"
+    PERMANENTLY_FAILED = "permanently_failed"
+    RESCUED = "rescued"  # a timed-out attempt answered after all; its comparison succeeds
+    SUPERSEDED = "superseded"  # the attempt's result, but its comparison was already resolved
+    DUPLICATE = "duplicate"  # this attempt already had its result
+
+
+@dataclass(frozen=True)
+class AttemptView:
+    """One attempt as stored, with what is known about its comparison."""
+
+    comparison_id: str
+    correlation_id: str
+    essay_a_id: str
+    essay_b_id: str
+    iteration: int
+    attempt: int
+    submission_batch_id: str
+    status: AttemptStatus
+    comparison_resolved: bool
+
+
+def comparison_resolved(sibling_attempts: list[tuple[AttemptStatus, int]], max_retry: int) -> bool:
+    """A comparison is resolved once any attempt succeeded or its last allowed attempt failed."""
+    for status, attempt in sibling_attempts:
+        if status is AttemptStatus.SUCCEEDED:
+            return True
+        if status in (AttemptStatus.FAILED, AttemptStatus.TIMED_OUT) and attempt > max_retry:
+            return True
+    return False
+
+
+def record_outcome(
+    progress: Progress,
+    attempt: AttemptView,
+    *,
+    succeeded: bool,
+    failure_reason: str | None,
+    now: str,
+    max_retry_attempts: int,
+    threshold: float,
+) -> tuple[Progress, Disposition]:
+    """Apply one attempt's outcome (a result or a timeout) to the progress."""
+    if attempt.status in (AttemptStatus.SUCCEEDED, AttemptStatus.FAILED, AttemptStatus.SUPERSEDED):
+        return progress, Disposition.DUPLICATE
+    if attempt.status is AttemptStatus.TIMED_OUT:
+        # The attempt was already counted as failed; only a success that saves its comparison
+        # changes anything.
+        if not succeeded or attempt.comparison_resolved:
+            return progress, Disposition.DUPLICATE
+        return _comparison_succeeded(progress, attempt, rescued=True), Disposition.RESCUED
+
+    progress = _count_attempt_result(progress, attempt, succeeded=succeeded, threshold=threshold)
+    if attempt.comparison_resolved:
+        return progress, Disposition.SUPERSEDED
+    if succeeded:
+        return _comparison_succeeded(progress, attempt, rescued=False), Disposition.SUCCEEDED
+
+    retries_sent = attempt.attempt - 1
+    if retries_sent >= max_retry_attempts:
+        it = progress.iteration(attempt.iteration)
+        progress = _with_iteration(progress, replace(it, permanently_failed=it.permanently_failed + 1))
+        pool = progress.pool.count_failure().count_permanent_failure()
+        return replace(progress, failed=progress.failed + 1, pool=pool), (
+            Disposition.PERMANENTLY_FAILED
+        )
+    entry = PoolEntry(
+        comparison_id=attempt.comparison_id,
+        correlation_id=attempt.correlation_id,
+        essay_a_id=attempt.essay_a_id,
+        essay_b_id=attempt.essay_b_id,
+        iteration=attempt.iteration,
+        failure_reason=failure_reason or "error",
+        failed_at=now,
+        retry_count=retries_sent,
+        submission_batch_id=attempt.submission_batch_id,
+    )
+    return replace(progress, pool=progress.pool.add(entry)), Disposition.RETRY_POOLED
+
+
+def _count_attempt_result(
+    progress: Progress, attempt: AttemptView, *, succeeded: bool, threshold: float
+) -> Progress:
+    batch = progress.batch(attempt.submission_batch_id)
+    batch = replace(
+        batch, results_in=batch.results_in + 1, failures=batch.failures + (0 if succeeded else 1)
+    )
+    if batch.status is BatchStatus.IN_FLIGHT and batch_reached_threshold(batch, threshold):
+        batch = replace(batch, status=BatchStatus.DONE)
+    progress = _with_batch(progress, batch)
+    if attempt.attempt == 1:
+        it = progress.iteration(attempt.iteration)
+        progress = _with_iteration(
+            progress, replace(it, first_attempts_outstanding=it.first_attempts_outstanding - 1)
+        )
+    return progress
+
+
+def _comparison_succeeded(progress: Progress, attempt: AttemptView, *, rescued: bool) -> Progress:
+    it = progress.iteration(attempt.iteration)
+    progress = _with_iteration(progress, replace(it, succeeded=it.succeeded + 1))
+    pool = progress.pool.discard(attempt.comparison_id) if rescued else progress.pool
+    if attempt.attempt > 1:
+        pool = pool.count_successful_retry()
+    return replace(progress, completed=progress.completed + 1, pool=pool)
+
+
+def close_iteration(
+    progress: Progress,
+    *,
+    iteration: int,
+    now: str,
+    scores: dict[str, float],
+    max_score_change: float | None,
+    reliability: float | None,
+) -> Progress:
+    it = progress.iteration(iteration)
+    closed = replace(
+        it,
+        completed_at=now,
+        scores={k: round(v, 6) for k, v in scores.items()},
+        max_score_change=max_score_change,
+        reliability=reliability,
+    )
+    return _with_iteration(progress, closed)

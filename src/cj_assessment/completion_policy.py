@@ -1,0 +1,89 @@
+"""When to retry, when an iteration is done, and what to do after scoring.
+
+One threshold, one denominator: an iteration is done when every one of its submission batches
+has been sent and (succeeded + permanently failed) / planned >= partial_completion_threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from cj_assessment.batch_config import BatchConfig
+from cj_assessment.batch_state import BatchKind, BatchStatus, Progress
+
+
+def retry_due(progress: Progress, config: BatchConfig) -> bool:
+    """Form retry batches when the pool is full enough, or when the current iteration has no
+    first attempts left outstanding (end-of-iteration fairness: flush whatever the size)."""
+    if not progress.pool.entries:
+        return False
+    if len(progress.pool.entries) >= config.failed_comparison_retry_threshold:
+        return True
+    current = progress.current
+    return current is None or current.first_attempts_outstanding == 0
+
+
+def iteration_done(progress: Progress, config: BatchConfig) -> bool:
+    current = progress.current
+    if current is None or current.completed_at is not None:
+        return False
+    unsent = any(
+        b.iteration == current.iteration
+        and b.kind is BatchKind.FIRST
+        and b.status is BatchStatus.QUEUED
+        for b in progress.batches
+    )
+    if unsent:
+        return False
+    if current.resolved >= current.planned:
+        return True
+    return current.resolved >= config.partial_completion_threshold * current.planned - 1e-9
+
+
+class Verdict(StrEnum):
+    CONTINUE = "continue"
+    COMPLETE = "complete"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    reason: str  # stop reason for COMPLETE, error code for FAIL, "" for CONTINUE
+    next_comparisons: int = 0
+
+
+def decide_after_scoring(
+    *,
+    progress: Progress,
+    config: BatchConfig,
+    essay_count: int,
+    scored_essays: int,
+    max_score_change: float | None,
+    all_pairs_seen: bool,
+) -> Decision:
+    """After an iteration is scored: fail, complete (and why), or plan how many more."""
+    if scored_essays == 0 or progress.completed == 0:
+        return Decision(Verdict.FAIL, "NO_SCORABLE_ESSAYS")
+    settled = progress.completed + progress.failed
+    if settled and progress.completed / settled < config.min_success_rate:
+        return Decision(Verdict.FAIL, "LOW_SUCCESS_RATE")
+    if (
+        config.enable_stability_checking
+        and progress.current_iteration >= config.min_iterations_for_stability
+        and max_score_change is not None
+        and max_score_change < config.stability_threshold
+    ):
+        return Decision(Verdict.COMPLETE, "stability")
+    remaining = config.max_comparisons - progress.total
+    if remaining <= 0:
+        return Decision(Verdict.COMPLETE, "budget")
+    if all_pairs_seen:
+        return Decision(Verdict.COMPLETE, "all_pairs_compared")
+    per_iteration = config.matchings_per_iteration * (essay_count // 2)
+    return Decision(Verdict.CONTINUE, "", min(remaining, per_iteration))
+
+
+def first_iteration_size(config: BatchConfig, essay_count: int) -> int:
+    return min(config.max_comparisons, config.matchings_per_iteration * (essay_count // 2))

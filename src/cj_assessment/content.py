@@ -1,0 +1,52 @@
+"""Content Service client: essay text by `text_storage_id`, with timeout and bounded retries."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+import aiohttp
+import structlog
+
+from cj_assessment.errors import ContentUnavailable
+
+log = structlog.get_logger(__name__)
+
+
+class ContentClient(Protocol):
+    async def fetch(self, essay_id: str, text_storage_id: str) -> str: ...
+
+
+class HttpContentClient:
+    def __init__(self, base_url: str, *, timeout_seconds: float, attempts: int) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._attempts = attempts
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def fetch(self, essay_id: str, text_storage_id: str) -> str:
+        if not text_storage_id:
+            raise ContentUnavailable(essay_id, "no text_storage_id")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        reason = "unknown"
+        for attempt in range(1, self._attempts + 1):
+            try:
+                async with self._session.get(f"{self._base_url}/{text_storage_id}") as response:
+                    if response.status == 200:
+                        return await response.text()
+                    reason = f"HTTP {response.status}"
+                    if 400 <= response.status < 500 and response.status != 429:
+                        break
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                reason = type(exc).__name__
+            log.warning(
+                "content_fetch_retry", essay_id=essay_id, attempt=attempt, reason=reason
+            )
+            if attempt < self._attempts:
+                await asyncio.sleep(0.2 * 2 ** (attempt - 1))
+        raise ContentUnavailable(essay_id, reason)

@@ -1,0 +1,314 @@
+"""The wire contract (CONTRACT.md §3-§8) as pydantic models: one model per message.
+
+Consumed models accept unknown fields (the platform adds fields over time); emitted models
+are built by this service and serialised with every field the contract shows.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SOURCE_SERVICE = "cj_assessment_service"
+EVENT_NAMESPACE = uuid.UUID("5b0f4a8e-2f65-4c8e-9d6a-0c3e7a1b9f21")
+
+
+def deterministic_event_id(*parts: str) -> uuid.UUID:
+    """uuid5 of what the event is, so that a re-publish carries the same id."""
+    return uuid.uuid5(EVENT_NAMESPACE, "|".join(parts))
+
+
+def utc_iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+class _Accept(BaseModel):
+    """Base of consumed messages: tolerant, unknown fields ignored."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class _Emit(BaseModel):
+    """Base of emitted messages: exactly the fields the contract shows."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# --- §3 envelope -----------------------------------------------------------------------------
+
+
+class EventEnvelope(_Accept):
+    event_id: str = Field(description="Unique id of this event; deterministic for emitted events")
+    event_type: str = Field(description="Topic name (any string accepted)")
+    event_timestamp: str | datetime | None = Field(None, description="When the event was made")
+    source_service: str | None = Field(None, description="Producing service")
+    schema_version: int = Field(1, description="Envelope schema version")
+    correlation_id: str | None = Field(None, description="Correlates everything of one request")
+    data_schema_uri: str | None = Field(None, description="Optional schema URI of `data`")
+    data: dict[str, Any] = Field(description="The event payload")
+    metadata: dict[str, Any] | None = Field(default=None, description="Optional metadata")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _coerce_ids(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            for key in ("event_id", "correlation_id"):
+                if values.get(key) is not None and not isinstance(values[key], str):
+                    values = {**values, key: str(values[key])}
+        return values
+
+
+def envelope_json(
+    *,
+    event_id: uuid.UUID,
+    event_type: str,
+    correlation_id: str,
+    data: BaseModel,
+    now: datetime,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The exact envelope this service emits (CONTRACT §3)."""
+    return {
+        "event_id": str(event_id),
+        "event_type": event_type,
+        "event_timestamp": utc_iso(now),
+        "source_service": SOURCE_SERVICE,
+        "schema_version": 1,
+        "correlation_id": correlation_id,
+        "data_schema_uri": None,
+        "data": data.model_dump(mode="json"),
+        "metadata": metadata or {},
+    }
+
+
+# --- shared pieces ---------------------------------------------------------------------------
+
+
+class EntityRef(_Accept):
+    entity_id: str = Field(description="The batch id of the pipeline (bos_batch_id)")
+    entity_type: str = Field("batch", description="Entity kind")
+    parent_id: str | None = Field(None, description="Parent entity, if any")
+
+
+class LLMConfigOverrides(_Accept):
+    model_override: str | None = Field(None, description="Model to use instead of the default")
+    temperature_override: float | None = Field(None, description="Sampling temperature")
+    max_tokens_override: int | None = Field(None, description="Answer token limit")
+    provider_override: str | None = Field(None, description="Provider to use")
+
+
+class BatchConfigOverrides(_Accept):
+    """Per-request overrides; ranges are checked by `batch_config.resolve_batch_config`."""
+
+    batch_size: int | None = Field(None, description="Comparisons per submission batch (10-200)")
+    max_concurrent_batches: int | None = Field(None, description="Batches in flight (1-5)")
+    partial_completion_threshold: float | None = Field(
+        None, description="Resolved share that completes an iteration (0.5-1.0)"
+    )
+    enable_stability_checking: bool | None = Field(None, description="Stop early when stable")
+    stability_threshold: float | None = Field(None, description="Stable score change (> 0)")
+    max_comparisons: int | None = Field(None, description="Cap on total comparisons (>= 1)")
+
+
+# --- §4 assessment request (consumed) --------------------------------------------------------
+
+
+class EssayForCJ(_Accept):
+    essay_id: str = Field(description="The pipeline's essay id (els_essay_id)")
+    text_storage_id: str | None = Field(None, description="Content Service id of the text")
+    text: str | None = Field(None, description="Inline essay text; wins over text_storage_id")
+
+
+class ELSCJAssessmentRequestV1(_Accept):
+    event_name: str | None = Field(None, description="els.cj_assessment.requested")
+    entity_ref: EntityRef | None = Field(None, description="Older producers: the batch reference")
+    entity_id: str | None = Field(None, description="Newer producers: flat batch id")
+    entity_type: str | None = Field(None, description="Newer producers: flat entity type")
+    parent_id: str | None = Field(None, description="Newer producers: flat parent id")
+    timestamp: str | datetime | None = Field(None, description="When the request was made")
+    system_metadata: dict[str, Any] | None = Field(None, description="Pipeline bookkeeping")
+    essays_for_cj: list[EssayForCJ] = Field(description="The essays to rank")
+    language: str | None = Field(None, description="Language of the essays")
+    course_code: str | None = Field(None, description="Course code")
+    essay_instructions: str | None = Field(None, description="The task the essays answer")
+    llm_config_overrides: LLMConfigOverrides | None = Field(None, description="LLM settings")
+    batch_config_overrides: dict[str, Any] | None = Field(
+        None, description="Batch overrides; checked against allowed ranges"
+    )
+    assignment_id: str | None = Field(None, description="Assignment id")
+    user_id: str | None = Field(None, description="Requesting user")
+    org_id: str | None = Field(None, description="Organisation")
+
+    @property
+    def bos_batch_id(self) -> str | None:
+        if self.entity_ref is not None:
+            return self.entity_ref.entity_id
+        return self.entity_id
+
+
+# --- §5 comparison request (emitted) ---------------------------------------------------------
+
+
+class ComparisonRequestMetadata(_Emit):
+    essay_a_id: str = Field(description="Essay shown as 'Essay A'")
+    essay_b_id: str = Field(description="Essay shown as 'Essay B'")
+    bos_batch_id: str = Field(description="The assessment's batch id")
+    cj_batch_id: str = Field(description="This service's assessment id")
+    submission_batch_id: str = Field(description="Shared by all comparisons of one batch")
+    comparison_iteration: int = Field(description="Iteration the pair was planned in")
+    attempt: int = Field(description="1 for the first attempt, +1 per retry")
+    cj_request_type: Literal["cj_comparison", "cj_retry"] = Field(description="First or retry")
+
+
+class LLMComparisonRequestV1(_Emit):
+    correlation_id: str = Field(description="Unique per comparison attempt; echoed in the result")
+    user_prompt: str = Field(description="Full prompt holding Essay A and Essay B")
+    callback_topic: str = Field(description="Topic the provider answers on")
+    llm_config_overrides: LLMConfigOverrides = Field(description="LLM settings for this call")
+    user_id: str | None = Field(None, description="Requesting user")
+    metadata: ComparisonRequestMetadata = Field(description="Which comparison this is")
+
+
+# --- §6 comparison result (consumed) ---------------------------------------------------------
+
+
+class TokenUsage(_Accept):
+    prompt_tokens: int = Field(0, description="Prompt tokens")
+    completion_tokens: int = Field(0, description="Completion tokens")
+    total_tokens: int = Field(0, description="All tokens")
+
+
+class ErrorDetail(_Accept):
+    error_code: str = Field(description="Machine-readable error code")
+    message: str = Field("", description="Human-readable message")
+    correlation_id: str | None = Field(None, description="The request's correlation id")
+    timestamp: str | datetime | None = Field(None, description="When it failed")
+    service: str | None = Field(None, description="Service that failed")
+    operation: str | None = Field(None, description="Operation that failed")
+    details: dict[str, Any] | None = Field(None, description="Extra details")
+
+
+class LLMComparisonResultV1(_Accept):
+    request_id: str | None = Field(None, description="Provider queue id (never used to match)")
+    correlation_id: str = Field(description="The request's correlation_id")
+    winner: Literal["Essay A", "Essay B"] | None = Field(None, description="Verdict on success")
+    justification: str | None = Field(None, description="Short reason (<= 500 chars)")
+    confidence: float | None = Field(None, ge=1.0, le=5.0, description="Confidence 1-5")
+    error_detail: ErrorDetail | None = Field(None, description="Set on error, exclusive of winner")
+    provider: str | None = Field(None, description="Provider that answered")
+    model: str | None = Field(None, description="Model that answered")
+    response_time_ms: int | None = Field(None, description="Provider latency")
+    token_usage: TokenUsage | None = Field(None, description="Tokens used")
+    cost_estimate: float | None = Field(None, description="Estimated cost")
+    requested_at: str | datetime | None = Field(None, description="When requested")
+    completed_at: str | datetime | None = Field(None, description="When answered")
+    trace_id: str | None = Field(None, description="Trace id")
+    request_metadata: dict[str, Any] | None = Field(None, description="Echo of request metadata")
+
+    @model_validator(mode="after")
+    def _success_xor_error(self) -> LLMComparisonResultV1:
+        if (self.winner is None) == (self.error_detail is None):
+            raise ValueError("exactly one of winner and error_detail must be set")
+        return self
+
+
+# --- §7/§8 completed and failed (emitted) ----------------------------------------------------
+
+
+class EmittedEntityRef(_Emit):
+    entity_id: str
+    entity_type: str = "batch"
+    parent_id: str | None = None
+
+
+class SystemMetadata(_Emit):
+    entity: dict[str, Any] = Field(description="{entity_id, entity_type}")
+    entity_id: str
+    entity_type: str = "batch"
+    processing_stage: Literal["completed", "failed"]
+    event: str
+    started_at: str | None = None
+    completed_at: str | None = None
+    error_info: dict[str, Any] = Field(default_factory=dict)
+
+
+class RankingEntry(_Emit):
+    els_essay_id: str = Field(description="Essay id")
+    rank: int = Field(description="1 = best")
+    score: float = Field(description="Bradley-Terry ability, mean-centred")
+    standard_error: float = Field(description="Standard error of the score")
+    comparison_count: int = Field(description="Successful comparisons the essay took part in")
+    wins: int = Field(description="Comparisons won")
+    losses: int = Field(description="Comparisons lost")
+
+
+class ProcessingSummary(_Emit):
+    model_config = ConfigDict(extra="allow")
+
+    total_essays: int
+    successful: int
+    failed: int
+    successful_essay_ids: list[str]
+    failed_essay_ids: list[str]
+    processing_time_seconds: float
+    comparisons_requested: int
+    comparisons_succeeded: int
+    comparisons_failed: int
+    rounds: int
+    stop_reason: str
+    reliability: float | None
+
+
+class _AssessmentOutcome(_Emit):
+    event_name: str
+    entity_ref: EmittedEntityRef
+    entity_id: str
+    entity_type: str = "batch"
+    parent_id: str | None = None
+    timestamp: str
+    status: str
+    system_metadata: SystemMetadata
+    cj_assessment_job_id: str
+
+
+class CJAssessmentCompletedV1(_AssessmentOutcome):
+    event_name: Literal["cj_assessment.completed"] = "cj_assessment.completed"
+    status: Literal["completed_successfully"] = "completed_successfully"
+    rankings: list[RankingEntry]
+    processing_summary: ProcessingSummary
+
+
+class CJAssessmentFailedV1(_AssessmentOutcome):
+    event_name: Literal["cj_assessment.failed"] = "cj_assessment.failed"
+    status: Literal["failed_critically"] = "failed_critically"
+
+
+def outcome_header(
+    *,
+    bos_batch_id: str,
+    stage: Literal["completed", "failed"],
+    started_at: datetime | None,
+    finished_at: datetime,
+    error_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Header fields shared by the completed and failed events, both entity shapes."""
+    event = "cj_assessment.completed" if stage == "completed" else "cj_assessment.failed"
+    return {
+        "entity_ref": EmittedEntityRef(entity_id=bos_batch_id),
+        "entity_id": bos_batch_id,
+        "entity_type": "batch",
+        "parent_id": None,
+        "timestamp": utc_iso(finished_at),
+        "system_metadata": SystemMetadata(
+            entity={"entity_id": bos_batch_id, "entity_type": "batch"},
+            entity_id=bos_batch_id,
+            processing_stage=stage,
+            event=event,
+            started_at=utc_iso(started_at) if started_at else None,
+            completed_at=utc_iso(finished_at),
+            error_info=error_info or {},
+        ),
+    }

@@ -1,0 +1,70 @@
+"""Engine, sessions and schema checks for the service's PostgreSQL database."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from cj_assessment.settings import Settings
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    return create_async_engine(
+        settings.database_url,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_pool_size,
+        pool_pre_ping=True,
+    )
+
+
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def alembic_directory() -> Path:
+    """`alembic/` of the source tree (editable install), else of the working directory."""
+    override = os.environ.get("CJ_ALEMBIC_DIR")
+    candidates = [Path(override)] if override else []
+    candidates += [Path(__file__).resolve().parents[2] / "alembic", Path.cwd() / "alembic"]
+    for candidate in candidates:
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise FileNotFoundError("no alembic/ directory found (set CJ_ALEMBIC_DIR)")
+
+
+def _alembic_config(database_url: str):  # type: ignore[no-untyped-def]
+    from alembic.config import Config
+
+    directory = alembic_directory()
+    config = Config()
+    config.set_main_option("script_location", str(directory))
+    config.attributes["database_url"] = database_url
+    return config
+
+
+def migrate(database_url: str) -> None:
+    """`alembic upgrade head`; idempotent."""
+    from alembic import command
+
+    command.upgrade(_alembic_config(database_url), "head")
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config("")).get_current_head()
+    assert head is not None
+    return head
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    async with engine.connect() as conn:
+        exists = (
+            await conn.execute(text("SELECT to_regclass('public.alembic_version') IS NOT NULL"))
+        ).scalar_one()
+        if not exists:
+            return None
+        return (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()

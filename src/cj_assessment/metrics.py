@@ -1,0 +1,96 @@
+"""Prometheus metrics: base units, `_total` counters, no per-assessment labels."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.records = Counter(
+            "cj_consumed_records_total",
+            "Consumed records by topic and outcome",
+            ["topic", "outcome"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "cj_dead_letters_total", "Records sent to a dead-letter topic", ["topic", "reason"],
+            registry=r,
+        )
+        self.transient_retries = Counter(
+            "cj_transient_retries_total", "Records retried after a transient error", ["topic"],
+            registry=r,
+        )
+        self.submission_batches = Counter(
+            "cj_submission_batches_total", "Submission batches sent", ["kind"], registry=r
+        )
+        self.comparisons_requested = Counter(
+            "cj_comparisons_requested_total", "Comparison requests sent (attempts)", ["kind"],
+            registry=r,
+        )
+        self.comparisons_succeeded = Counter(
+            "cj_comparisons_succeeded_total", "Comparisons answered with a winner", registry=r
+        )
+        self.comparisons_failed = Counter(
+            "cj_comparisons_failed_total", "Failed comparison attempts", ["reason"], registry=r
+        )
+        self.retry_batches = Counter(
+            "cj_retry_batches_total", "Retry batches formed from the failed pool", registry=r
+        )
+        self.successful_retries = Counter(
+            "cj_successful_retries_total", "Retried comparisons that succeeded", registry=r
+        )
+        self.permanent_failures = Counter(
+            "cj_permanent_failures_total", "Comparisons that exhausted their retries", registry=r
+        )
+        self.failed_pool_size = Histogram(
+            "cj_failed_pool_size",
+            "Failed-pool size after each change",
+            buckets=(0, 1, 5, 10, 20, 50, 100, 200, 500),
+            registry=r,
+        )
+        self.assessments = Counter(
+            "cj_assessments_total", "Assessments finished, by outcome", ["outcome"], registry=r
+        )
+        self.assessments_started = Counter(
+            "cj_assessments_started_total", "Assessments accepted and started", registry=r
+        )
+        self.assessments_by_state = Gauge(
+            "cj_assessments_in_state", "Assessments per workflow state", ["state"], registry=r
+        )
+        self.callback_latency = Histogram(
+            "cj_callback_latency_seconds",
+            "Comparison request sent to its result processed",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+            registry=r,
+        )
+        self.callback_processing = Histogram(
+            "cj_callback_processing_seconds",
+            "Time to handle one comparison result",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.unmatched_results = Counter(
+            "cj_unmatched_results_total", "Results matching no comparison", ["reason"], registry=r
+        )
+        self.late_results = Counter(
+            "cj_late_results_total", "Results for finished assessments", registry=r
+        )
+        self.monitor_actions = Counter(
+            "cj_monitor_actions_total", "Actions of the stuck-assessment monitor", ["action"],
+            registry=r,
+        )
+        self.outbox_backlog = Gauge(
+            "cj_outbox_backlog", "Unpublished outbox rows", registry=r
+        )
+        self.outbox_oldest_age = Gauge(
+            "cj_outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row", registry=r
+        )
+        self.outbox_published = Counter(
+            "cj_outbox_published_total", "Outbox rows published", ["topic"], registry=r
+        )
+        self.rebalances = Counter(
+            "cj_rebalances_total", "Consumer group rebalances", ["kind"], registry=r
+        )

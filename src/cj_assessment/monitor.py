@@ -1,0 +1,119 @@
+"""The stuck-assessment monitor. Safe in several instances at once: every assessment it touches
+is claimed with `FOR UPDATE SKIP LOCKED`, so two monitors never work on the same one.
+
+Each pass (1) counts comparison attempts outstanding longer than CALLBACK_WAIT_TIMEOUT as
+failed (reason timeout), which sends them through the failed pool; (2) takes assessments idle
+for BATCH_TIMEOUT in any non-terminal state, times out everything they still wait for and
+drives them on; an assessment that still cannot move is failed with a clear error."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from cj_assessment.batch_callback_handler import BatchCallbackHandler
+from cj_assessment.metrics import Metrics
+from cj_assessment.repository import AssessmentRepository
+from cj_assessment.settings import Settings
+from cj_assessment.tables import TERMINAL_STATES
+from cj_assessment.workflow_orchestrator import WorkflowOrchestrator, context_of, progress_of
+
+log = structlog.get_logger(__name__)
+
+CLAIM_LIMIT = 50
+
+
+class StuckAssessmentMonitor:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: async_sessionmaker[AsyncSession],
+        callbacks: BatchCallbackHandler,
+        orchestrator: WorkflowOrchestrator,
+        metrics: Metrics,
+        clock: Callable[[], datetime],
+        on_commit: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self._callbacks = callbacks
+        self._orchestrator = orchestrator
+        self._metrics = metrics
+        self._clock = clock
+        self._on_commit = on_commit
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.run_once()
+            except Exception as exc:  # noqa: BLE001 - the monitor must outlive a failed pass
+                log.warning("monitor_pass_failed", error_class=type(exc).__name__)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self._settings.monitor_interval_seconds)
+            except TimeoutError:
+                pass
+
+    async def run_once(self) -> int:
+        now = self._clock()
+        overdue_since = now - timedelta(seconds=self._settings.callback_wait_timeout_seconds)
+        actions = 0
+        async with self._sessions() as session:
+            candidates = await AssessmentRepository(session).assessments_with_overdue_attempts(
+                overdue_since, CLAIM_LIMIT
+            )
+        for cj_batch_id in candidates:
+            actions += await self._time_out(cj_batch_id, overdue_since, now, "timeout")
+        idle_since = now - timedelta(seconds=self._settings.batch_timeout_seconds)
+        async with self._sessions() as session, session.begin():
+            idle = await AssessmentRepository(session).states_idle_since(idle_since, CLAIM_LIMIT)
+        for cj_batch_id in idle:
+            actions += await self._drive_idle(cj_batch_id, now)
+        return actions
+
+    async def _time_out(
+        self, cj_batch_id: int, overdue_since: datetime, now: datetime, action: str
+    ) -> int:
+        async with self._sessions() as session, session.begin():
+            repo = AssessmentRepository(session)
+            if await repo.lock_state(cj_batch_id, skip_locked=True) is None:
+                return 0
+            attempts = await repo.overdue_attempts(cj_batch_id, overdue_since)
+            count = await self._callbacks.time_out(repo, attempts, now=now)
+        if count:
+            self._on_commit()
+            self._metrics.monitor_actions.labels(action).inc(count)
+            log.info("comparisons_timed_out", cj_batch_id=cj_batch_id, comparisons=count)
+        return count
+
+    async def _drive_idle(self, cj_batch_id: int, now: datetime) -> int:
+        # Everything it still waits for has had BATCH_TIMEOUT to answer: time it all out.
+        timed_out = await self._time_out(cj_batch_id, now, now, "idle_timeout")
+        async with self._sessions() as session, session.begin():
+            repo = AssessmentRepository(session)
+            state = await repo.lock_state(cj_batch_id, skip_locked=True)
+            if state is None or state.state in TERMINAL_STATES:
+                return timed_out
+            ctx = context_of(await repo.upload(cj_batch_id), state)
+            progress = progress_of(state)
+            await self._orchestrator.advance(repo, ctx, state, progress, now=now)
+            if state.state not in TERMINAL_STATES and not progress_of(state).in_flight():
+                await self._orchestrator.fail_assessment(
+                    repo,
+                    ctx,
+                    state,
+                    progress_of(state),
+                    error_code="ASSESSMENT_STUCK",
+                    message=(
+                        "no progress for "
+                        f"{self._settings.batch_timeout_seconds:g} s and nothing left to wait for"
+                    ),
+                    now=now,
+                )
+                self._metrics.monitor_actions.labels("failed_stuck").inc()
+        self._on_commit()
+        self._metrics.monitor_actions.labels("driven").inc()
+        return timed_out + 1

@@ -1,0 +1,106 @@
+"""`cj-assessment serve`: consumer, outbox relay, monitor and HTTP server in one process.
+
+SIGTERM stops fetching, lets the record in hand finish and commit, flushes the outbox,
+and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cj_assessment.consumer import EventConsumer
+from cj_assessment.database import current_revision, head_revision
+from cj_assessment.http_api import build_app
+from cj_assessment.metrics import Metrics
+from cj_assessment.monitor import StuckAssessmentMonitor
+from cj_assessment.outbox import OutboxRelay
+from cj_assessment.settings import Settings
+from cj_assessment.topics import ensure_topics, service_topics
+from cj_assessment.wiring import build_container
+
+log = structlog.get_logger(__name__)
+
+
+class SchemaNotMigrated(RuntimeError):
+    pass
+
+
+async def check_schema(engine: AsyncEngine) -> None:
+    current = await current_revision(engine)
+    head = head_revision()
+    if current != head:
+        raise SchemaNotMigrated(
+            f"database schema is at revision {current or 'none'}, this service needs {head}: "
+            "run `cj-assessment migrate` first"
+        )
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    container = build_container(settings)
+    try:
+        engine = await container.get(AsyncEngine)
+        await check_schema(engine)
+        await ensure_topics(
+            settings.kafka_bootstrap_servers,
+            service_topics(settings),
+            settings.kafka_topic_partitions,
+        )
+        metrics = await container.get(Metrics)
+        producer = await container.get(AIOKafkaProducer)
+        relay = await container.get(OutboxRelay)
+        consumer = await container.get(EventConsumer)
+        monitor = await container.get(StuckAssessmentMonitor)
+
+        async def readiness() -> dict[str, bool]:
+            checks = {"database": False, "broker": False}
+            try:
+                async with engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+                checks["database"] = True
+            except Exception:  # noqa: BLE001 - readiness reports, never raises
+                pass
+            try:
+                await asyncio.wait_for(producer.client.fetch_all_metadata(), timeout=2)
+                checks["broker"] = True
+            except Exception:  # noqa: BLE001
+                pass
+            return checks
+
+        runner = web.AppRunner(build_app(metrics, readiness), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        await site.start()
+        log.info("service_started", http_port=settings.http_port)
+        relay_stop = asyncio.Event()
+        tasks = [
+            asyncio.create_task(consumer.run(stop), name="consumer"),
+            asyncio.create_task(monitor.run(stop), name="monitor"),
+        ]
+        relay_task = asyncio.create_task(relay.run(relay_stop), name="relay")
+        stop_task = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([*tasks, stop_task], return_when=asyncio.FIRST_COMPLETED)
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        relay_stop.set()
+        relay.notify()
+        await relay_task
+        await runner.cleanup()
+        for task in tasks:
+            if task.done() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        log.info("service_stopped")
+    finally:
+        await container.close()

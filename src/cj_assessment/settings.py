@@ -1,0 +1,106 @@
+"""Service settings: defaults in code, overridden by `CJ_*` environment variables.
+
+Settings are built once at start-up (`Settings()`) and handed to whoever needs them;
+nothing in the package reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CJ_", extra="ignore")
+
+    # Kafka
+    kafka_bootstrap_servers: str = Field("localhost:9092", description="Kafka bootstrap servers")
+    kafka_consumer_group: str = Field("cj_assessment_consumer_group", description="Consumer group")
+    kafka_enable_idempotence: bool = Field(
+        True, description="Idempotent producer; set false for the embedded Tansu broker"
+    )
+    kafka_topic_partitions: int = Field(
+        6, ge=1, description="Partitions for topics the service creates when missing"
+    )
+    kafka_max_poll_records: int = Field(200, ge=1, description="Records fetched per poll")
+
+    # Topics (CONTRACT §2)
+    topic_assessment_requested: str = "huleedu.els.cj_assessment.requested.v1"
+    topic_llm_comparison_request: str = "huleedu.llm_provider.comparison_request.v1"
+    topic_llm_comparison_result: str = "huleedu.llm_provider.comparison_result.v1"
+    topic_assessment_completed: str = "huleedu.cj_assessment.completed.v1"
+    topic_assessment_failed: str = "huleedu.cj_assessment.failed.v1"
+
+    # Database
+    database_url: str = Field(
+        "postgresql+asyncpg://postgres@localhost:5432/cj_assessment",
+        description="SQLAlchemy async URL of the service's PostgreSQL database",
+    )
+    database_pool_size: int = Field(10, ge=1, description="Connection pool size")
+
+    # Content Service
+    content_service_url: str = Field(
+        "http://content_service:8000/v1/content",
+        description="Base URL; essay text is fetched with GET {url}/{text_storage_id}",
+    )
+    content_fetch_timeout_seconds: float = Field(5.0, gt=0, description="Per-attempt timeout")
+    content_fetch_attempts: int = Field(3, ge=1, description="Attempts before the fetch fails")
+
+    # HTTP
+    http_host: str = Field("0.0.0.0", description="Address of the health/metrics server")
+    http_port: int = Field(9095, description="Port of /healthz, /readyz and /metrics")
+
+    # Input limits
+    max_essays: int = Field(2000, ge=2, description="Most essays one assessment may hold")
+    max_essay_chars: int = Field(50_000, ge=1, description="Longest essay text accepted")
+
+    # Batch processing (defaults; per-request batch_config_overrides win)
+    batch_size: int = Field(50, ge=10, le=200, description="Comparisons per submission batch")
+    max_concurrent_batches: int = Field(
+        3, ge=1, le=5, description="Submission batches in flight per assessment"
+    )
+    partial_completion_threshold: float = Field(
+        0.85, ge=0.5, le=1.0, description="Resolved share that completes an iteration"
+    )
+    failed_comparison_retry_threshold: int = Field(
+        20, ge=1, description="Retryable pool entries that trigger a retry batch"
+    )
+    max_retry_attempts: int = Field(3, ge=0, description="Retries before a comparison fails for good")
+    min_success_rate: float = Field(
+        0.8, ge=0.0, le=1.0, description="Successful share below which an assessment fails"
+    )
+    enable_stability_checking: bool = Field(True, description="Stop early once scores are stable")
+    stability_threshold: float = Field(
+        0.05, gt=0, description="Largest score change between iterations that counts as stable"
+    )
+    min_iterations_for_stability: int = Field(2, ge=1, description="Iterations before stability")
+    comparisons_per_essay: int = Field(
+        10, ge=1, description="Default comparison budget per essay (budget = this x essays)"
+    )
+    matchings_per_iteration: int = Field(
+        5, ge=1, description="Rounds (each pairs every essay at most once) per iteration"
+    )
+    callback_wait_timeout_seconds: float = Field(
+        300.0, gt=0, description="A comparison outstanding longer than this counts as failed"
+    )
+    batch_timeout_seconds: float = Field(
+        600.0, gt=0, description="An assessment idle this long is driven on by the monitor"
+    )
+    monitor_interval_seconds: float = Field(30.0, gt=0, description="How often the monitor runs")
+
+    # Outbox relay
+    outbox_poll_interval_seconds: float = Field(0.5, gt=0, description="Relay idle poll interval")
+    outbox_batch_size: int = Field(500, ge=1, description="Rows the relay publishes per round")
+
+    # LLM defaults forwarded to the provider
+    llm_default_provider: str | None = Field(None, description="Provider when not overridden")
+    llm_default_model: str | None = Field(None, description="Model when not overridden")
+    llm_default_temperature: float | None = Field(0.1, description="Temperature when not overridden")
+    llm_default_max_tokens: int | None = Field(512, description="Max tokens when not overridden")
+
+    # Operations
+    log_level: str = Field("INFO", description="Log level")
+    log_json: bool = Field(True, description="JSON logs (false: human-readable console logs)")
+    fault_kill_after_db_commit: bool = Field(
+        False, description="Test hook: exit abruptly after a handler's commit, before the offset"
+    )

@@ -1,0 +1,138 @@
+"""All wiring, in one dishka provider. Business code never imports dishka."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+from aiokafka import AIOKafkaProducer
+from dishka import AsyncContainer, Provider, Scope, from_context, make_async_container, provide
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from cj_assessment.batch_callback_handler import BatchCallbackHandler
+from cj_assessment.batch_processor import BatchProcessor
+from cj_assessment.consumer import Clock, EventConsumer, utcnow
+from cj_assessment.content import ContentClient, HttpContentClient
+from cj_assessment.database import create_engine, session_factory
+from cj_assessment.metrics import Metrics
+from cj_assessment.monitor import StuckAssessmentMonitor
+from cj_assessment.outbox import OutboxRelay
+from cj_assessment.settings import Settings
+from cj_assessment.workflow_orchestrator import WorkflowOrchestrator
+
+
+class ServiceProvider(Provider):
+    scope = Scope.APP
+
+    settings = from_context(provides=Settings, scope=Scope.APP)
+
+    @provide
+    def clock(self) -> Clock:
+        return utcnow
+
+    @provide
+    def metrics(self) -> Metrics:
+        return Metrics()
+
+    @provide
+    async def engine(self, settings: Settings) -> AsyncIterator[AsyncEngine]:
+        engine = create_engine(settings)
+        yield engine
+        await engine.dispose()
+
+    @provide
+    def sessions(self, engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+        return session_factory(engine)
+
+    @provide
+    async def producer(self, settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap_servers,
+            enable_idempotence=settings.kafka_enable_idempotence,
+            acks="all",
+            linger_ms=5,
+            max_request_size=4 * 1024 * 1024,
+        )
+        await producer.start()
+        yield producer
+        await producer.stop()
+
+    @provide
+    async def content(self, settings: Settings) -> AsyncIterator[ContentClient]:
+        client = HttpContentClient(
+            settings.content_service_url,
+            timeout_seconds=settings.content_fetch_timeout_seconds,
+            attempts=settings.content_fetch_attempts,
+        )
+        yield client
+        await client.close()
+
+    @provide
+    def batch_processor(self, settings: Settings, metrics: Metrics) -> BatchProcessor:
+        return BatchProcessor(settings, metrics)
+
+    @provide
+    def orchestrator(
+        self, settings: Settings, batches: BatchProcessor, metrics: Metrics
+    ) -> WorkflowOrchestrator:
+        return WorkflowOrchestrator(settings, batches, metrics)
+
+    @provide
+    def callbacks(self, orchestrator: WorkflowOrchestrator, metrics: Metrics) -> BatchCallbackHandler:
+        return BatchCallbackHandler(orchestrator, metrics)
+
+    @provide
+    def relay(
+        self,
+        settings: Settings,
+        sessions: async_sessionmaker[AsyncSession],
+        producer: AIOKafkaProducer,
+        metrics: Metrics,
+    ) -> OutboxRelay:
+        return OutboxRelay(
+            sessions,
+            producer,
+            metrics,
+            batch_size=settings.outbox_batch_size,
+            poll_interval=settings.outbox_poll_interval_seconds,
+        )
+
+    @provide
+    def consumer(
+        self,
+        settings: Settings,
+        sessions: async_sessionmaker[AsyncSession],
+        orchestrator: WorkflowOrchestrator,
+        callbacks: BatchCallbackHandler,
+        content: ContentClient,
+        producer: AIOKafkaProducer,
+        metrics: Metrics,
+        relay: OutboxRelay,
+        clock: Clock,
+    ) -> EventConsumer:
+        return EventConsumer(
+            settings, sessions, orchestrator, callbacks, content, producer, metrics,
+            on_commit=relay.notify, clock=clock,
+        )
+
+    @provide
+    def monitor(
+        self,
+        settings: Settings,
+        sessions: async_sessionmaker[AsyncSession],
+        callbacks: BatchCallbackHandler,
+        orchestrator: WorkflowOrchestrator,
+        metrics: Metrics,
+        relay: OutboxRelay,
+        clock: Clock,
+    ) -> StuckAssessmentMonitor:
+        return StuckAssessmentMonitor(
+            settings, sessions, callbacks, orchestrator, metrics, clock, on_commit=relay.notify
+        )
+
+
+def build_container(settings: Settings) -> AsyncContainer:
+    return make_async_container(ServiceProvider(), context={Settings: settings})
+
+
+__all__ = ["build_container", "ServiceProvider", "datetime"]

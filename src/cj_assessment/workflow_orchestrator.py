@@ -1,0 +1,517 @@
+"""workflow_orchestrator: the one place that decides what an assessment does next.
+
+It starts assessments, and after every change of an assessment's progress (a result, a
+timeout, a monitor pass) it is called back to: form retry batches, release submission
+batches, and once an iteration is done score it with Bradley-Terry and decide — more
+comparisons, completed, or failed. All of it runs inside the caller's transaction while the
+assessment's state row is locked; finishing is a compare-and-set on that row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import structlog
+
+from cj_assessment import batch_state
+from cj_assessment.batch_config import BatchConfig
+from cj_assessment.batch_processor import AssessmentContext, BatchProcessor
+from cj_assessment.batch_state import Progress
+from cj_assessment.completion_policy import (
+    Decision,
+    Verdict,
+    decide_after_scoring,
+    first_iteration_size,
+    iteration_done,
+    retry_due,
+)
+from cj_assessment.contracts import (
+    CJAssessmentCompletedV1,
+    CJAssessmentFailedV1,
+    ProcessingSummary,
+    RankingEntry,
+    deterministic_event_id,
+    envelope_json,
+    outcome_header,
+    utc_iso,
+)
+from cj_assessment.errors import RequestRejected
+from cj_assessment.metrics import Metrics
+from cj_assessment.pair_generation import PairingHistory, all_pairs_seen, generate_pairs
+from cj_assessment.repository import AssessmentRepository, OutboxRow
+from cj_assessment.scoring_ranking import ScoringResult, score_comparisons
+from cj_assessment.settings import Settings
+from cj_assessment.tables import CJBatchState, CJBatchUpload
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class NewAssessment:
+    bos_batch_id: str
+    correlation_id: str
+    essays: list[tuple[str, str | None, str]]  # (essay id, text storage id, text)
+    config: BatchConfig
+    essay_instructions: str | None
+    llm_config_overrides: dict[str, Any]
+    language: str | None
+    course_code: str | None
+    assignment_id: str | None
+    user_id: str | None
+    org_id: str | None
+
+
+def context_of(upload: CJBatchUpload, state: CJBatchState) -> AssessmentContext:
+    return AssessmentContext(
+        cj_batch_id=upload.id,
+        bos_batch_id=upload.bos_batch_id,
+        correlation_id=upload.event_correlation_id,
+        config=BatchConfig.from_json(state.batch_config),
+        essay_instructions=upload.essay_instructions,
+        llm_config_overrides=upload.llm_config_overrides,
+        user_id=upload.user_id,
+        started_at=state.started_at,
+    )
+
+
+def progress_of(state: CJBatchState) -> Progress:
+    return Progress.from_state(
+        total=state.total_comparisons,
+        submitted=state.submitted_comparisons,
+        completed=state.completed_comparisons,
+        failed=state.failed_comparisons,
+        current_iteration=state.current_iteration,
+        metadata=state.processing_metadata or {},
+    )
+
+
+class WorkflowOrchestrator:
+    def __init__(self, settings: Settings, batch_processor: BatchProcessor, metrics: Metrics):
+        self._settings = settings
+        self._batches = batch_processor
+        self._metrics = metrics
+
+    # --- start ---------------------------------------------------------------------------
+
+    async def start(
+        self, repo: AssessmentRepository, new: NewAssessment, *, now: datetime
+    ) -> int | None:
+        """Create the assessment and send its first iteration; None for a duplicate request."""
+        cj_batch_id = await repo.create_upload(
+            bos_batch_id=new.bos_batch_id,
+            event_correlation_id=new.correlation_id,
+            language=new.language,
+            course_code=new.course_code,
+            essay_instructions=new.essay_instructions,
+            assignment_id=new.assignment_id,
+            user_id=new.user_id,
+            org_id=new.org_id,
+            llm_config_overrides=new.llm_config_overrides,
+            expected_essay_count=len(new.essays),
+            status="PROCESSING",
+        )
+        if cj_batch_id is None:
+            return None
+        await repo.add_essays(cj_batch_id, new.essays)
+        await repo.create_state(cj_batch_id, config=new.config.to_json(), now=now)
+        state = await repo.lock_state(cj_batch_id)
+        assert state is not None
+        state.processing_metadata = {"effective_config": new.config.to_json()}
+        upload = await repo.upload(cj_batch_id)
+        ctx = context_of(upload, state)
+        log.info(
+            "assessment_started",
+            cj_batch_id=cj_batch_id,
+            bos_batch_id=new.bos_batch_id,
+            essays=len(new.essays),
+            effective_config=new.config.to_json(),
+        )
+        self._metrics.assessments_started.inc()
+        essay_ids = sorted(e[0] for e in new.essays)
+        size = first_iteration_size(new.config, len(essay_ids))
+        progress = await self._plan_next_iteration(
+            repo, ctx, Progress(), essay_ids, iteration=1, size=size
+        )
+        await self.advance(repo, ctx, state, progress, now=now)
+        return cj_batch_id
+
+    async def reject(
+        self,
+        repo: AssessmentRepository,
+        *,
+        bos_batch_id: str,
+        correlation_id: str,
+        error: RequestRejected,
+        essay_count: int,
+        now: datetime,
+    ) -> bool:
+        """Record a refused request and write its failed event; False for a duplicate."""
+        cj_batch_id = await repo.create_upload(
+            bos_batch_id=bos_batch_id,
+            event_correlation_id=correlation_id,
+            llm_config_overrides={},
+            expected_essay_count=essay_count,
+            status="FAILED",
+            error_code=error.error_code,
+            error_message=error.message,
+            completed_at=now,
+        )
+        if cj_batch_id is None:
+            return False
+        await self._write_failed_event(
+            repo,
+            bos_batch_id=bos_batch_id,
+            correlation_id=correlation_id,
+            cj_batch_id=cj_batch_id,
+            error_code=error.error_code,
+            error_message=error.message,
+            error_type="RequestRejected",
+            context=error.context,
+            started_at=now,
+            now=now,
+        )
+        self._metrics.assessments.labels("rejected").inc()
+        log.info("assessment_rejected", bos_batch_id=bos_batch_id, error_code=error.error_code)
+        return True
+
+    # --- the callback into the orchestrator -----------------------------------------------
+
+    async def advance(
+        self,
+        repo: AssessmentRepository,
+        ctx: AssessmentContext,
+        state: CJBatchState,
+        progress: Progress,
+        *,
+        now: datetime,
+    ) -> None:
+        """Drive the assessment as far as its progress allows, then store it."""
+        config = ctx.config
+        while True:
+            if retry_due(progress, config):
+                progress = await self._batches.plan_retries(repo, ctx, progress)
+            progress = await self._batches.release(repo, ctx, progress, now=now)
+            if not iteration_done(progress, config):
+                await repo.save_progress(state, progress, state="WAITING_CALLBACKS", now=now)
+                self._metrics.failed_pool_size.observe(len(progress.pool.entries))
+                return
+            if progress.pool.entries:
+                # End of iteration: every failed comparison gets its retry, whatever the pool size.
+                progress = await self._batches.plan_retries(repo, ctx, progress)
+                progress = await self._batches.release(repo, ctx, progress, now=now)
+            progress, decision, scoring = await self._score_iteration(repo, ctx, progress, now=now)
+            match decision.verdict:
+                case Verdict.COMPLETE:
+                    assert scoring is not None
+                    await self._complete(repo, ctx, state, progress, scoring, decision, now=now)
+                    return
+                case Verdict.FAIL:
+                    await self._fail(repo, ctx, state, progress, decision.reason, now=now)
+                    return
+                case Verdict.CONTINUE:
+                    essay_ids = await repo.essay_ids(ctx.cj_batch_id)
+                    progress = await self._plan_next_iteration(
+                        repo,
+                        ctx,
+                        progress,
+                        essay_ids,
+                        iteration=progress.current_iteration + 1,
+                        size=decision.next_comparisons,
+                    )
+
+    async def _plan_next_iteration(
+        self,
+        repo: AssessmentRepository,
+        ctx: AssessmentContext,
+        progress: Progress,
+        essay_ids: list[str],
+        *,
+        iteration: int,
+        size: int,
+    ) -> Progress:
+        history = PairingHistory.from_pairs(await repo.planned_pairs(ctx.cj_batch_id))
+        rng = np.random.default_rng([ctx.cj_batch_id, iteration])
+        pairs = generate_pairs(
+            essay_ids,
+            history,
+            rng,
+            matchings=ctx.config.matchings_per_iteration,
+            max_pairs=size,
+        )
+        return await self._batches.plan_iteration(
+            repo, ctx, progress, iteration=iteration, pairs=pairs
+        )
+
+    async def _score_iteration(
+        self,
+        repo: AssessmentRepository,
+        ctx: AssessmentContext,
+        progress: Progress,
+        *,
+        now: datetime,
+    ) -> tuple[Progress, Decision, ScoringResult | None]:
+        essay_ids = await repo.essay_ids(ctx.cj_batch_id)
+        outcomes = await repo.successful_outcomes(ctx.cj_batch_id)
+        iteration = progress.current_iteration
+        if not outcomes:
+            progress = batch_state.close_iteration(
+                progress,
+                iteration=iteration,
+                now=utc_iso(now),
+                scores={},
+                max_score_change=None,
+                reliability=None,
+            )
+            decision = decide_after_scoring(
+                progress=progress,
+                config=ctx.config,
+                essay_count=len(essay_ids),
+                scored_essays=0,
+                max_score_change=None,
+                all_pairs_seen=False,
+            )
+            return progress, decision, None
+        scoring = score_comparisons(essay_ids, outcomes)
+        scores = scoring.scores()
+        previous = next(
+            (
+                it.scores
+                for it in reversed(progress.iterations)
+                if it.iteration < iteration and it.scores
+            ),
+            None,
+        )
+        change = (
+            max(abs(scores[e] - previous.get(e, 0.0)) for e in scores) if previous else None
+        )
+        progress = batch_state.close_iteration(
+            progress,
+            iteration=iteration,
+            now=utc_iso(now),
+            scores=scores,
+            max_score_change=change,
+            reliability=scoring.reliability,
+        )
+        await repo.store_scores(
+            ctx.cj_batch_id,
+            [
+                {
+                    "els_essay_id": e.essay_id,
+                    "score": e.score,
+                    "standard_error": e.standard_error,
+                    "comparison_count": e.comparison_count,
+                    "wins": e.wins,
+                    "losses": e.losses,
+                    "rank": e.rank,
+                }
+                for e in scoring.essays
+            ],
+        )
+        history = PairingHistory.from_pairs(await repo.planned_pairs(ctx.cj_batch_id))
+        decision = decide_after_scoring(
+            progress=progress,
+            config=ctx.config,
+            essay_count=len(essay_ids),
+            scored_essays=sum(1 for e in scoring.essays if e.comparison_count > 0),
+            max_score_change=change,
+            all_pairs_seen=all_pairs_seen(essay_ids, history),
+        )
+        log.info(
+            "iteration_scored",
+            cj_batch_id=ctx.cj_batch_id,
+            iteration=iteration,
+            comparisons_succeeded=progress.completed,
+            max_score_change=change,
+            reliability=scoring.reliability,
+            verdict=decision.verdict.value,
+            reason=decision.reason,
+        )
+        return progress, decision, scoring
+
+    # --- finishing -----------------------------------------------------------------------
+
+    async def _complete(
+        self,
+        repo: AssessmentRepository,
+        ctx: AssessmentContext,
+        state: CJBatchState,
+        progress: Progress,
+        scoring: ScoringResult,
+        decision: Decision,
+        *,
+        now: datetime,
+    ) -> None:
+        await repo.save_progress(state, progress, state="SCORING", now=now)
+        if not await repo.finish_state(ctx.cj_batch_id, state="COMPLETED", now=now):
+            return
+        await repo.finish_upload(ctx.cj_batch_id, status="COMPLETED", now=now)
+        rankings = [
+            RankingEntry(
+                els_essay_id=e.essay_id,
+                rank=e.rank,
+                score=round(e.score, 6),
+                standard_error=round(e.standard_error, 6),
+                comparison_count=e.comparison_count,
+                wins=e.wins,
+                losses=e.losses,
+            )
+            for e in scoring.essays
+        ]
+        failed_ids = [e.essay_id for e in scoring.essays if e.comparison_count == 0]
+        ok_ids = [e.essay_id for e in scoring.essays if e.comparison_count > 0]
+        attempts = await repo.count_attempts(ctx.cj_batch_id)
+        summary = ProcessingSummary(
+            total_essays=len(scoring.essays),
+            successful=len(ok_ids),
+            failed=len(failed_ids),
+            successful_essay_ids=ok_ids,
+            failed_essay_ids=failed_ids,
+            processing_time_seconds=round((now - ctx.started_at).total_seconds(), 3),
+            comparisons_requested=progress.submitted,
+            comparisons_succeeded=progress.completed,
+            comparisons_failed=progress.failed,
+            rounds=progress.current_iteration,
+            stop_reason=decision.reason,
+            reliability=None if scoring.reliability is None else round(scoring.reliability, 4),
+            comparison_attempts=attempts,
+            pool_statistics=progress.pool.statistics.to_json(),
+        )
+        event = CJAssessmentCompletedV1(
+            **outcome_header(
+                bos_batch_id=ctx.bos_batch_id,
+                stage="completed",
+                started_at=ctx.started_at,
+                finished_at=now,
+            ),
+            cj_assessment_job_id=str(ctx.cj_batch_id),
+            rankings=rankings,
+            processing_summary=summary,
+        )
+        topic = self._settings.topic_assessment_completed
+        envelope = envelope_json(
+            event_id=deterministic_event_id(topic, ctx.bos_batch_id),
+            event_type=topic,
+            correlation_id=ctx.correlation_id,
+            data=event,
+            now=now,
+        )
+        await repo.add_outbox(
+            [OutboxRow.of(envelope, topic, ctx.bos_batch_id)]
+        )
+        self._metrics.assessments.labels("completed").inc()
+        log.info(
+            "assessment_completed",
+            cj_batch_id=ctx.cj_batch_id,
+            bos_batch_id=ctx.bos_batch_id,
+            stop_reason=decision.reason,
+            iterations=progress.current_iteration,
+            comparisons_succeeded=progress.completed,
+            reliability=scoring.reliability,
+        )
+
+    async def _fail(
+        self,
+        repo: AssessmentRepository,
+        ctx: AssessmentContext,
+        state: CJBatchState,
+        progress: Progress,
+        error_code: str,
+        *,
+        now: datetime,
+        message: str | None = None,
+    ) -> None:
+        await repo.save_progress(state, progress, state="SCORING", now=now)
+        if not await repo.finish_state(ctx.cj_batch_id, state="FAILED", now=now):
+            return
+        settled = progress.completed + progress.failed
+        message = message or {
+            "NO_SCORABLE_ESSAYS": "no comparison succeeded, so no essay could be scored",
+            "LOW_SUCCESS_RATE": (
+                f"only {progress.completed} of {settled} settled comparisons succeeded; "
+                f"the minimum success rate is {ctx.config.min_success_rate:g}"
+            ),
+        }.get(error_code, error_code)
+        await repo.finish_upload(
+            ctx.cj_batch_id, status="FAILED", now=now, error_code=error_code, error_message=message
+        )
+        await self._write_failed_event(
+            repo,
+            bos_batch_id=ctx.bos_batch_id,
+            correlation_id=ctx.correlation_id,
+            cj_batch_id=ctx.cj_batch_id,
+            error_code=error_code,
+            error_message=message,
+            error_type="AssessmentFailed",
+            context={
+                "comparisons_requested": progress.submitted,
+                "comparisons_succeeded": progress.completed,
+                "comparisons_failed": progress.failed,
+                "comparisons_planned": progress.total,
+                "iterations": progress.current_iteration,
+            },
+            started_at=ctx.started_at,
+            now=now,
+        )
+        self._metrics.assessments.labels("failed").inc()
+        log.info(
+            "assessment_failed",
+            cj_batch_id=ctx.cj_batch_id,
+            bos_batch_id=ctx.bos_batch_id,
+            error_code=error_code,
+        )
+
+    async def fail_assessment(
+        self,
+        repo: AssessmentRepository,
+        ctx: AssessmentContext,
+        state: CJBatchState,
+        progress: Progress,
+        *,
+        error_code: str,
+        message: str,
+        now: datetime,
+    ) -> None:
+        await self._fail(repo, ctx, state, progress, error_code, now=now, message=message)
+
+    async def _write_failed_event(
+        self,
+        repo: AssessmentRepository,
+        *,
+        bos_batch_id: str,
+        correlation_id: str,
+        cj_batch_id: int,
+        error_code: str,
+        error_message: str,
+        error_type: str,
+        context: dict[str, Any],
+        started_at: datetime,
+        now: datetime,
+    ) -> None:
+        event = CJAssessmentFailedV1(
+            **outcome_header(
+                bos_batch_id=bos_batch_id,
+                stage="failed",
+                started_at=started_at,
+                finished_at=now,
+                error_info={
+                    "error_code": error_code,
+                    "error_message": error_message,
+                    "error_type": error_type,
+                    "context": context,
+                },
+            ),
+            cj_assessment_job_id=str(cj_batch_id),
+        )
+        topic = self._settings.topic_assessment_failed
+        envelope = envelope_json(
+            event_id=deterministic_event_id(topic, bos_batch_id),
+            event_type=topic,
+            correlation_id=correlation_id,
+            data=event,
+            now=now,
+        )
+        await repo.add_outbox([OutboxRow.of(envelope, topic, bos_batch_id)])
+
+
