@@ -14,14 +14,18 @@ from cj_assessment.batch_state import BatchKind, BatchStatus, Progress
 
 
 def retry_due(progress: Progress, config: BatchConfig) -> bool:
-    """Form retry batches when the pool is full enough, or when the current iteration has no
-    first attempts left outstanding (end-of-iteration fairness: flush whatever the size)."""
+    """Form retry batches when the pool is full enough; or, whatever its size, when the
+    current iteration has no first attempts left outstanding (end-of-iteration fairness) or
+    when all it still waits for are stragglers of batches past their threshold (otherwise a
+    few slow answers would hold the failed comparisons, and the iteration, hostage)."""
     if not progress.pool.entries:
         return False
     if len(progress.pool.entries) >= config.failed_comparison_retry_threshold:
         return True
     current = progress.current
-    return current is None or current.first_attempts_outstanding == 0
+    if current is None or current.first_attempts_outstanding == 0:
+        return True
+    return not progress.in_flight() and not progress.queued()
 
 
 def iteration_done(progress: Progress, config: BatchConfig) -> bool:

@@ -20,8 +20,10 @@ import numpy as np
 
 _RANDOM_CANDIDATES = 8
 _REPAIR_WORK_LIMIT = 400_000
+_SEVERE_IMBALANCE = 2
 
-Cost = tuple[int, int]
+Cost = tuple[int, int, int]
+_FREE: Cost = (0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -157,19 +159,42 @@ def _imbalance(plan: _Plan, essay: int) -> int:
 
 
 def _orientation_conflict(plan: _Plan, first: int, second: int) -> int:
-    """1 when both essays lean the same way equally, so one of them must lean further."""
+    """|A−B| when both essays lean the same way equally (one must lean further), else 0."""
     imbalance = _imbalance(plan, first)
-    return int(imbalance != 0 and imbalance == _imbalance(plan, second))
+    return abs(imbalance) if imbalance == _imbalance(plan, second) else 0
 
 
 def _cost(plan: _Plan, first: int, second: int) -> Cost:
-    return _pair_count(plan, first, second), _orientation_conflict(plan, first, second)
+    """(pushes an essay to |A−B| ≥ 3, prior plannings, pushes an essay to |A−B| = 2).
+
+    Compared lexicographically: repeats are avoided before mild orientation drift, but
+    not at the price of an essay leaning three or more showings one way.
+    """
+    conflict = _orientation_conflict(plan, first, second)
+    severe = int(conflict >= _SEVERE_IMBALANCE)
+    return severe, _pair_count(plan, first, second), int(conflict > 0) - severe
 
 
 def _least_compared(plan: _Plan, count: int, rng: np.random.Generator) -> list[int]:
-    """The ``count`` essays with the fewest comparisons, ties at random, shuffled."""
-    tie_breaks = rng.random(plan.size)
-    order = np.lexsort((tie_breaks, np.asarray(plan.comparison_counts)))
+    """The ``count`` essays with the fewest comparisons, shuffled.
+
+    Ties are broken at random within each A−B imbalance class, taking the classes in
+    turn, so the chosen essays lean both ways equally and can be paired without pushing
+    any of them further out of balance.
+    """
+    comparison_counts = np.asarray(plan.comparison_counts)
+    imbalances = np.asarray(plan.a_positions) - np.asarray(plan.b_positions)
+    shuffled = rng.permutation(plan.size)
+    by_class = shuffled[np.lexsort((np.arange(plan.size), comparison_counts[shuffled],
+                                    imbalances[shuffled]))]
+    class_rank = np.empty(plan.size, dtype=np.int64)
+    starts = np.ones(plan.size, dtype=bool)
+    starts[1:] = (np.diff(comparison_counts[by_class]) != 0) | (
+        np.diff(imbalances[by_class]) != 0
+    )
+    group_start = np.maximum.accumulate(np.where(starts, np.arange(plan.size), 0))
+    class_rank[by_class] = np.arange(plan.size) - group_start
+    order = np.lexsort((rng.random(plan.size), class_rank, comparison_counts))
     return [int(essay) for essay in rng.permutation(order[:count])]
 
 
@@ -199,18 +224,18 @@ def _choose_partner(plan: _Plan, essay: int, pool: list[int], draws: Iterator[fl
     unseen: int | None = None
     for _ in range(_RANDOM_CANDIDATES):
         position = int(next(draw) * len(pool))
-        if _pair_count(plan, essay, pool[position]) == 0:
-            if not _orientation_conflict(plan, essay, pool[position]):
-                return position
-            if unseen is None:
-                unseen = position
+        cost = _cost(plan, essay, pool[position])
+        if cost == _FREE:
+            return position
+        if unseen is None and cost[:2] == _FREE[:2]:
+            unseen = position
     if unseen is not None:
         return unseen
     start = int(next(draw) * len(pool))
     best_position = start
     best_cost = _cost(plan, essay, pool[start])
     for offset in range(1, len(pool)):
-        if best_cost == (0, 0):
+        if best_cost == _FREE:
             break
         position = (start + offset) % len(pool)
         cost = _cost(plan, essay, pool[position])
@@ -235,7 +260,7 @@ def _improve_by_swaps(
         for target in rng.permutation(len(pairs)).tolist():
             first, second = pairs[target]
             target_cost = _cost(plan, first, second)
-            if target_cost == (0, 0):
+            if target_cost == _FREE:
                 continue
             for other in range(len(pairs)):
                 work += 1
@@ -257,7 +282,7 @@ def _improve_by_swaps(
 
 
 def _add(left: Cost, right: Cost) -> Cost:
-    return left[0] + right[0], left[1] + right[1]
+    return left[0] + right[0], left[1] + right[1], left[2] + right[2]
 
 
 def _orient(

@@ -1,0 +1,185 @@
+"""One assessment end to end on the real broker and database: request -> comparisons ->
+Bradley-Terry -> exactly one completed event."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from cj_assessment.pipeline_client import request_envelope
+from cj_assessment.samples import SAMPLE_INSTRUCTIONS, load_sample_essays
+from cj_assessment.simulated_judge import latent_quality
+from tests.support.harness import provider_config, running_system, system_settings
+
+
+def _essays(n: int) -> dict[str, str]:
+    samples = list(load_sample_essays().values())
+    essays = {}
+    for i in range(n):
+        body = samples[i % len(samples)]
+        # Variants of the samples keep distinct texts (and so distinct latent qualities).
+        essays[f"essay-{i:03d}"] = body if i < len(samples) else f"{body}\n\nRevision {i}."
+    return essays
+
+
+async def test_twenty_essays_end_in_one_completed_event_ranking_every_essay(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    settings = system_settings(kafka_bootstrap, database_url)
+    essays = _essays(20)
+    async with running_system(settings, provider_config(settings)) as system:
+        await system.submit(
+            request_envelope(bos_batch_id="flow-20", essays=essays, instructions=SAMPLE_INSTRUCTIONS)
+        )
+        outcome = (await system.watcher.wait_for(["flow-20"], timeout=90, settle=1.0))["flow-20"]
+        assert len(system.watcher.outcomes_for("flow-20")) == 1
+
+    data = outcome["data"]
+    assert outcome["event_type"] == settings.topic_assessment_completed
+    assert data["status"] == "completed_successfully"
+    assert data["entity_ref"]["entity_id"] == data["entity_id"] == "flow-20"
+    ranked = [r["els_essay_id"] for r in data["rankings"]]
+    assert sorted(ranked) == sorted(essays)
+    assert [r["rank"] for r in data["rankings"]] == list(range(1, 21))
+    assert abs(sum(r["score"] for r in data["rankings"])) < 1e-3
+    summary = data["processing_summary"]
+    assert summary["total_essays"] == 20
+    assert summary["comparisons_succeeded"] <= summary["comparisons_requested"] <= 200
+    assert summary["stop_reason"] in {"stability", "budget", "all_pairs_compared"}
+    truth = [latent_quality(essays[e]) for e in ranked]
+    scores = [r["score"] for r in data["rankings"]]
+    rho = spearmanr(scores, truth).statistic
+    assert rho >= 0.8, rho
+    assert np.isfinite(summary["reliability"])
+
+
+async def test_duplicate_request_for_a_known_batch_creates_nothing_new(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    settings = system_settings(kafka_bootstrap, database_url)
+    essays = _essays(6)
+    async with running_system(settings, provider_config(settings)) as system:
+        first = request_envelope(bos_batch_id="dup-1", essays=essays)
+        again = request_envelope(bos_batch_id="dup-1", essays=essays, flat_entity=True)
+        redelivered = json.loads(json.dumps(first))
+        await system.submit(first, again, redelivered)
+        await system.watcher.wait_for(["dup-1"], timeout=60, settle=2.0)
+        assert len(system.watcher.outcomes_for("dup-1")) == 1
+        uploads = await system.rows("SELECT count(*) FROM cj_batch_uploads")
+        inbox = await system.rows(
+            "SELECT outcome, count(*) FROM cj_event_inbox WHERE topic = :t GROUP BY outcome",
+            t=settings.topic_assessment_requested,
+        )
+    assert uploads[0][0] == 1
+    assert dict(inbox) == {"handled": 1, "duplicate": 1}
+
+
+async def test_invalid_requests_each_end_in_one_failed_event(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    settings = system_settings(kafka_bootstrap, database_url)
+    essays = _essays(4)
+    cases = {
+        "bad-one-essay": request_envelope(bos_batch_id="bad-one-essay", essays={"a": "text"}),
+        "bad-override": request_envelope(
+            bos_batch_id="bad-override", essays=essays, batch_config_overrides={"batch_size": 500}
+        ),
+        "bad-empty": request_envelope(bos_batch_id="bad-empty", essays={"a": "x", "b": "  "}),
+        "bad-metadata-override": request_envelope(
+            bos_batch_id="bad-metadata-override",
+            essays=essays,
+            metadata={"batch_config_overrides": {"max_concurrent_batches": 9}},
+        ),
+    }
+    async with running_system(settings, provider=None) as system:
+        await system.submit(*cases.values())
+        outcomes = await system.watcher.wait_for(list(cases), timeout=60, settle=1.0)
+        for bos_batch_id in cases:
+            assert len(system.watcher.outcomes_for(bos_batch_id)) == 1
+    codes = {
+        b: o["data"]["system_metadata"]["error_info"]["error_code"] for b, o in outcomes.items()
+    }
+    assert codes == {
+        "bad-one-essay": "TOO_FEW_ESSAYS",
+        "bad-override": "INVALID_BATCH_CONFIG_OVERRIDE",
+        "bad-empty": "EMPTY_ESSAY_TEXT",
+        "bad-metadata-override": "INVALID_BATCH_CONFIG_OVERRIDE",
+    }
+    message = outcomes["bad-override"]["data"]["system_metadata"]["error_info"]["error_message"]
+    assert "batch_size" in message and "10-200" in message
+    for outcome in outcomes.values():
+        assert outcome["data"]["status"] == "failed_critically"
+        assert outcome["event_type"] == settings.topic_assessment_failed
+
+
+async def test_undecodable_record_goes_to_the_dead_letter_topic_and_the_partition_moves_on(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    settings = system_settings(kafka_bootstrap, database_url)
+    async with running_system(settings, provider_config(settings)) as system:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=False)
+        await producer.start()
+        try:
+            for partition in range(3):
+                await producer.send_and_wait(
+                    settings.topic_assessment_requested, b"\xff not json", partition=partition
+                )
+        finally:
+            await producer.stop()
+        await system.submit(request_envelope(bos_batch_id="after-poison", essays=_essays(4)))
+        await system.watcher.wait_for(["after-poison"], timeout=60)
+        dlt = AIOKafkaConsumer(
+            f"{settings.topic_assessment_requested}.dlt",
+            bootstrap_servers=kafka_bootstrap,
+            auto_offset_reset="earliest",
+            group_id="dlt-reader",
+        )
+        await dlt.start()
+        records = []
+        try:
+            for _ in range(40):
+                batch = await dlt.getmany(timeout_ms=250)
+                records += [r for rs in batch.values() for r in rs]
+                if len(records) >= 3:
+                    break
+        finally:
+            await dlt.stop()
+    assert len(records) == 3
+    headers = dict(records[0].headers)
+    assert headers["dlt.source.topic"].decode() == settings.topic_assessment_requested
+    assert headers["dlt.error.class"].decode() == "PoisonMessage"
+    assert records[0].value == b"\xff not json"
+
+
+async def test_serve_refuses_to_start_on_an_unmigrated_database(
+    kafka_bootstrap: str, postgres_server_url: str
+) -> None:
+    import uuid
+
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from cj_assessment.service import SchemaNotMigrated, serve
+
+    name = f"cj_empty_{uuid.uuid4().hex[:8]}"
+    admin = create_async_engine(
+        postgres_server_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT"
+    )
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        settings = system_settings(kafka_bootstrap, postgres_server_url.rsplit("/", 1)[0] + f"/{name}")
+        try:
+            await asyncio.wait_for(serve(settings), timeout=30)
+            raise AssertionError("serve started on an unmigrated database")
+        except SchemaNotMigrated as exc:
+            assert "cj-assessment migrate" in str(exc)
+    finally:
+        async with admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()

@@ -1,0 +1,296 @@
+from __future__ import annotations
+
+import math
+import time
+
+import choix
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from cj_assessment.pair_generation import PairingHistory, generate_pairs
+from cj_assessment.scoring_ranking import (
+    MAX_STANDARD_ERROR,
+    EssayScore,
+    ScoringResult,
+    scale_separation_reliability,
+    score_comparisons,
+)
+
+
+def _ids(n: int) -> list[str]:
+    return [f"essay-{k:04d}" for k in range(n)]
+
+
+def _simulate_outcomes(
+    ids: list[str],
+    abilities: np.ndarray,
+    rng: np.random.Generator,
+    comparisons_per_essay: int,
+) -> list[tuple[str, str]]:
+    """Judge rounds of random pairings with P(i beats j) = sigmoid(θ_i − θ_j)."""
+    index = {essay_id: k for k, essay_id in enumerate(ids)}
+    pairs = generate_pairs(
+        ids,
+        PairingHistory.empty(),
+        rng,
+        matchings=comparisons_per_essay,
+        max_pairs=len(ids) * comparisons_per_essay // 2,
+    )
+    outcomes = []
+    for essay_a, essay_b in pairs:
+        difference = abilities[index[essay_a]] - abilities[index[essay_b]]
+        a_wins = rng.random() < 1.0 / (1.0 + math.exp(-difference))
+        outcomes.append((essay_a, essay_b) if a_wins else (essay_b, essay_a))
+    return outcomes
+
+
+def _simulated_batch(
+    seed: int, n: int = 30, comparisons_per_essay: int = 15, spread: float = 1.5
+) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    rng = np.random.default_rng(seed)
+    ids = _ids(n)
+    abilities = rng.normal(0.0, spread, n)
+    return ids, abilities, _simulate_outcomes(ids, abilities, rng, comparisons_per_essay)
+
+
+def _by_id(result: ScoringResult) -> dict[str, EssayScore]:
+    return {essay.essay_id: essay for essay in result.essays}
+
+
+def test_scores_are_mean_centred_over_scored_essays() -> None:
+    ids, _, outcomes = _simulated_batch(seed=1)
+
+    result = score_comparisons(ids, outcomes)
+
+    assert sum(result.scores().values()) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_ranks_run_from_one_to_n_in_order_of_decreasing_score() -> None:
+    ids, _, outcomes = _simulated_batch(seed=2)
+
+    result = score_comparisons(ids, outcomes)
+
+    assert [essay.rank for essay in result.essays] == list(range(1, len(ids) + 1))
+    scores = [essay.score for essay in result.essays]
+    assert scores == sorted(scores, reverse=True)
+    assert sorted(result.scores()) == sorted(ids)
+
+
+def test_wins_losses_and_comparison_counts_are_tallied_per_essay() -> None:
+    outcomes = [("a", "b"), ("a", "c"), ("c", "b"), ("b", "a")]
+
+    essays = _by_id(score_comparisons(["a", "b", "c"], outcomes))
+
+    assert (essays["a"].wins, essays["a"].losses, essays["a"].comparison_count) == (2, 1, 3)
+    assert (essays["b"].wins, essays["b"].losses, essays["b"].comparison_count) == (1, 2, 3)
+    assert (essays["c"].wins, essays["c"].losses, essays["c"].comparison_count) == (1, 1, 2)
+
+
+def test_scores_match_choix_map_estimate_with_gaussian_prior() -> None:
+    ids, _, outcomes = _simulated_batch(seed=3, n=12, comparisons_per_essay=6)
+    index = {essay_id: k for k, essay_id in enumerate(ids)}
+    data = [(index[winner], index[loser]) for winner, loser in outcomes]
+
+    scores = score_comparisons(ids, outcomes, alpha=0.01).scores()
+    reference = choix.opt_pairwise(len(ids), data, alpha=0.01, tol=1e-12)
+
+    reference -= reference.mean()
+    assert [scores[essay_id] for essay_id in ids] == pytest.approx(reference.tolist(), abs=1e-6)
+
+
+def test_standard_errors_are_positive_and_finite() -> None:
+    ids, _, outcomes = _simulated_batch(seed=4)
+
+    result = score_comparisons(ids, outcomes)
+
+    for essay in result.essays:
+        assert 0.0 < essay.standard_error < MAX_STANDARD_ERROR
+        assert math.isfinite(essay.standard_error)
+
+
+def test_standard_errors_shrink_with_more_comparisons() -> None:
+    ids, _, outcomes = _simulated_batch(seed=5, comparisons_per_essay=8)
+
+    fewer = _by_id(score_comparisons(ids, outcomes))
+    more = _by_id(score_comparisons(ids, outcomes * 4))
+
+    for essay_id in ids:
+        assert more[essay_id].standard_error < fewer[essay_id].standard_error
+
+
+def test_sum_to_zero_standard_errors_are_not_inflated_by_the_prior() -> None:
+    ids, _, outcomes = _simulated_batch(seed=6, n=30, comparisons_per_essay=15, spread=0.5)
+
+    result = score_comparisons(ids, outcomes)
+
+    # 15 near-even comparisons give SE ≈ 1/sqrt(15 · 0.25) ≈ 0.52; an unprojected
+    # prior ridge would add 1/(n · 2α) ≈ 1.7 to every SE².
+    assert all(essay.standard_error < 0.75 for essay in result.essays)
+
+
+def test_essay_that_wins_every_comparison_stays_finite_and_ranks_first() -> None:
+    ids = ["champion", "b", "c", "d"]
+    outcomes = [("champion", "b"), ("champion", "c"), ("champion", "d")] * 3
+    outcomes += [("b", "c"), ("c", "d"), ("d", "b")]
+
+    result = score_comparisons(ids, outcomes)
+
+    top = result.essays[0]
+    assert top.essay_id == "champion"
+    assert top.rank == 1
+    assert math.isfinite(top.score) and top.score > 0
+    assert math.isfinite(top.standard_error) and top.standard_error <= MAX_STANDARD_ERROR
+    assert result.essays[-1].score > -top.score
+
+
+def test_essay_that_loses_every_comparison_stays_finite_and_ranks_last() -> None:
+    ids = ["a", "b", "c", "last"]
+    outcomes = [("a", "last"), ("b", "last"), ("c", "last"), ("a", "b"), ("b", "c"), ("c", "a")]
+
+    result = score_comparisons(ids, outcomes)
+
+    assert result.essays[-1].essay_id == "last"
+    assert math.isfinite(result.essays[-1].score)
+
+
+def test_same_input_gives_identical_result() -> None:
+    ids, _, outcomes = _simulated_batch(seed=7)
+
+    assert score_comparisons(ids, outcomes) == score_comparisons(ids, outcomes)
+
+
+def test_equal_scores_are_ranked_by_essay_id() -> None:
+    outcomes = [("b", "a"), ("a", "c"), ("c", "b")]
+
+    result = score_comparisons(["c", "b", "a"], outcomes)
+
+    assert [essay.essay_id for essay in result.essays] == ["a", "b", "c"]
+    assert all(essay.score == pytest.approx(0.0, abs=1e-12) for essay in result.essays)
+
+
+def test_reliability_lies_between_zero_and_one() -> None:
+    for seed in range(5):
+        ids, _, outcomes = _simulated_batch(seed=seed, comparisons_per_essay=10)
+
+        reliability = score_comparisons(ids, outcomes).reliability
+
+        assert reliability is not None
+        assert 0.0 <= reliability <= 1.0
+
+
+def test_reliability_rises_with_more_comparisons() -> None:
+    few, many = [], []
+    for seed in range(5):
+        ids, _, outcomes = _simulated_batch(seed=seed, comparisons_per_essay=20)
+        few.append(score_comparisons(ids, outcomes[: len(ids) * 4 // 2]).reliability)
+        many.append(score_comparisons(ids, outcomes).reliability)
+
+    assert np.mean(many) > np.mean(few) + 0.1
+    assert np.mean(many) > 0.75
+
+
+def test_reliability_is_none_with_fewer_than_three_scored_essays() -> None:
+    result = score_comparisons(["a", "b", "unscored"], [("a", "b"), ("a", "b")])
+
+    assert result.reliability is None
+
+
+def test_reliability_is_none_when_scores_have_no_spread() -> None:
+    assert scale_separation_reliability([0.0, 0.0, 0.0], [0.5, 0.5, 0.5]) is None
+
+
+def test_reliability_is_clipped_at_zero_when_errors_exceed_spread() -> None:
+    assert scale_separation_reliability([-0.1, 0.0, 0.1], [1.0, 1.0, 1.0]) == 0.0
+
+
+def test_essay_without_comparisons_gets_zero_score_capped_error_and_a_rank() -> None:
+    outcomes = [("a", "b"), ("b", "c"), ("c", "a")] * 2
+
+    result = score_comparisons(["a", "b", "c", "fresh"], outcomes)
+
+    fresh = _by_id(result)["fresh"]
+    assert fresh.score == 0.0
+    assert fresh.standard_error == MAX_STANDARD_ERROR
+    assert (fresh.comparison_count, fresh.wins, fresh.losses) == (0, 0, 0)
+    assert fresh.rank == 4
+    assert result.reliability is None
+
+
+def test_essay_without_comparisons_ranks_between_positive_and_negative_scores() -> None:
+    outcomes = [("a", "b"), ("a", "b"), ("b", "a")]
+
+    result = score_comparisons(["a", "b", "fresh"], outcomes)
+
+    assert [essay.essay_id for essay in result.essays] == ["a", "fresh", "b"]
+
+
+def test_disconnected_comparison_graph_gives_finite_capped_standard_errors() -> None:
+    outcomes = [("a", "b"), ("b", "c"), ("c", "a"), ("a", "b")]
+    outcomes += [("x", "y"), ("y", "z"), ("z", "x"), ("x", "z")]
+
+    result = score_comparisons(["a", "b", "c", "x", "y", "z"], outcomes)
+
+    for essay in result.essays:
+        assert math.isfinite(essay.score)
+        assert 0.0 < essay.standard_error <= MAX_STANDARD_ERROR
+    assert result.reliability is not None and 0.0 <= result.reliability <= 1.0
+
+
+def test_no_outcomes_raises_value_error() -> None:
+    with pytest.raises(ValueError):
+        score_comparisons(["a", "b"], [])
+
+
+def test_outcome_with_unknown_essay_raises_value_error() -> None:
+    with pytest.raises(ValueError):
+        score_comparisons(["a", "b"], [("a", "ghost")])
+
+
+def test_essay_compared_with_itself_raises_value_error() -> None:
+    with pytest.raises(ValueError):
+        score_comparisons(["a", "b"], [("a", "a")])
+
+
+def test_duplicate_essay_ids_raise_value_error() -> None:
+    with pytest.raises(ValueError):
+        score_comparisons(["a", "a", "b"], [("a", "b")])
+
+
+def test_non_positive_alpha_raises_value_error() -> None:
+    with pytest.raises(ValueError):
+        score_comparisons(["a", "b"], [("a", "b")], alpha=0.0)
+
+
+def test_simulated_judgements_recover_true_ranking() -> None:
+    correlations = []
+    for seed in range(20):
+        ids, abilities, outcomes = _simulated_batch(seed=1000 + seed)
+        scores = score_comparisons(ids, outcomes).scores()
+        correlation = spearmanr([scores[essay_id] for essay_id in ids], abilities).statistic
+        correlations.append(correlation)
+
+    assert float(np.median(correlations)) >= 0.88
+
+
+def test_two_thousand_essays_with_twenty_thousand_comparisons_score_quickly() -> None:
+    rng = np.random.default_rng(42)
+    n, m = 2000, 20_000
+    ids = _ids(n)
+    abilities = rng.normal(0.0, 1.5, n)
+    first = rng.integers(0, n, m)
+    second = (first + rng.integers(1, n, m)) % n
+    first_wins = rng.random(m) < 1.0 / (1.0 + np.exp(-(abilities[first] - abilities[second])))
+    outcomes = [
+        (ids[a], ids[b]) if won else (ids[b], ids[a])
+        for a, b, won in zip(first.tolist(), second.tolist(), first_wins.tolist(), strict=True)
+    ]
+
+    started = time.perf_counter()
+    result = score_comparisons(ids, outcomes)
+    elapsed = time.perf_counter() - started
+
+    assert elapsed < 5.0
+    assert result.reliability is not None and result.reliability > 0.7
+    scores = result.scores()
+    assert spearmanr([scores[essay_id] for essay_id in ids], abilities).statistic > 0.85
