@@ -205,7 +205,8 @@ def _store_result(
         attempt.status = AttemptStatus.SUCCEEDED.value
     else:
         attempt.status = (AttemptStatus.SUCCEEDED if succeeded else AttemptStatus.FAILED).value
-    attempt.completed_at = now
+    # First resolution time: a rescued timeout keeps the moment it was counted.
+    attempt.completed_at = attempt.completed_at or now
     if succeeded:
         attempt.winner = "essay_a" if result.winner == "Essay A" else "essay_b"
         attempt.confidence = result.confidence

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,7 +50,7 @@ def _check(field: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise _invalid(field, value, allowed)
         return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise _invalid(field, value, allowed)
     if kind is int and (isinstance(value, float) and not value.is_integer()):
         raise _invalid(field, value, allowed)
@@ -63,7 +64,7 @@ def _describe_range(field: str) -> str:
     if kind is bool:
         return "true or false"
     if high is None:
-        return f"> 0" if field == "stability_threshold" else f">= {low:g}"
+        return "> 0" if field == "stability_threshold" else f">= {low:g}"
     return f"{low:g}-{high:g}"
 
 

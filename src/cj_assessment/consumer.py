@@ -231,7 +231,7 @@ class EventConsumer:
             return await self._in_transaction(record, envelope, _duplicate)
         try:
             new = await self._accept(request, envelope, bos_batch_id, correlation_id)
-        except RequestRejected as rejected:
+        except RequestRejected:
             count = len(request.essays_for_cj)
 
             async def reject(repo: AssessmentRepository, now: datetime) -> str:

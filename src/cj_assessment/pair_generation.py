@@ -7,7 +7,9 @@ Essay A/Essay B imbalance lets both move back towards zero. A greedy pass finds 
 partners by sampling a few random candidates, so a round costs roughly linear time; a
 local search then swaps partners between two pairs whenever that lowers the number of
 prior plannings, which guarantees a repeat-free round whenever every participant still
-has unseen partners among at least half of the other participants.
+has unseen partners among at least half of the other participants (not counting partners
+that already lean the same way by two or more Essay A showings, since pairing those would
+push one of them to three).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ _RANDOM_CANDIDATES = 8
 _REPAIR_WORK_LIMIT = 400_000
 _SEVERE_IMBALANCE = 2
 
-Cost = tuple[int, int, int]
-_FREE: Cost = (0, 0, 0)
+_Cost = tuple[int, int, int]
+_FREE: _Cost = (0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ def _orientation_conflict(plan: _Plan, first: int, second: int) -> int:
     return abs(imbalance) if imbalance == _imbalance(plan, second) else 0
 
 
-def _cost(plan: _Plan, first: int, second: int) -> Cost:
+def _cost(plan: _Plan, first: int, second: int) -> _Cost:
     """(pushes an essay to |A−B| ≥ 3, prior plannings, pushes an essay to |A−B| = 2).
 
     Compared lexicographically: repeats are avoided before mild orientation drift, but
@@ -185,13 +187,12 @@ def _least_compared(plan: _Plan, count: int, rng: np.random.Generator) -> list[i
     comparison_counts = np.asarray(plan.comparison_counts)
     imbalances = np.asarray(plan.a_positions) - np.asarray(plan.b_positions)
     shuffled = rng.permutation(plan.size)
-    by_class = shuffled[np.lexsort((np.arange(plan.size), comparison_counts[shuffled],
-                                    imbalances[shuffled]))]
+    by_class = shuffled[
+        np.lexsort((np.arange(plan.size), comparison_counts[shuffled], imbalances[shuffled]))
+    ]
     class_rank = np.empty(plan.size, dtype=np.int64)
     starts = np.ones(plan.size, dtype=bool)
-    starts[1:] = (np.diff(comparison_counts[by_class]) != 0) | (
-        np.diff(imbalances[by_class]) != 0
-    )
+    starts[1:] = (np.diff(comparison_counts[by_class]) != 0) | (np.diff(imbalances[by_class]) != 0)
     group_start = np.maximum.accumulate(np.where(starts, np.arange(plan.size), 0))
     class_rank[by_class] = np.arange(plan.size) - group_start
     order = np.lexsort((rng.random(plan.size), class_rank, comparison_counts))
@@ -220,18 +221,18 @@ def _greedy_matching(
 
 
 def _choose_partner(plan: _Plan, essay: int, pool: list[int], draws: Iterator[float]) -> int:
-    draw = draws
-    unseen: int | None = None
+    """Position in ``pool`` of the partner for ``essay``."""
+    unseen_position: int | None = None
     for _ in range(_RANDOM_CANDIDATES):
-        position = int(next(draw) * len(pool))
+        position = int(next(draws) * len(pool))
         cost = _cost(plan, essay, pool[position])
         if cost == _FREE:
             return position
-        if unseen is None and cost[:2] == _FREE[:2]:
-            unseen = position
-    if unseen is not None:
-        return unseen
-    start = int(next(draw) * len(pool))
+        if unseen_position is None and cost[:2] == _FREE[:2]:
+            unseen_position = position
+    if unseen_position is not None:
+        return unseen_position
+    start = int(next(draws) * len(pool))
     best_position = start
     best_cost = _cost(plan, essay, pool[start])
     for offset in range(1, len(pool)):
@@ -244,10 +245,8 @@ def _choose_partner(plan: _Plan, essay: int, pool: list[int], draws: Iterator[fl
     return best_position
 
 
-def _improve_by_swaps(
-    plan: _Plan, pairs: list[tuple[int, int]], rng: np.random.Generator
-) -> None:
-    """Exchange partners between two pairs while that lowers (prior plannings, conflicts).
+def _improve_by_swaps(plan: _Plan, pairs: list[tuple[int, int]], rng: np.random.Generator) -> None:
+    """Exchange partners between two pairs while that lowers the summed pair costs.
 
     Stops at a local optimum or after a fixed amount of work, whichever comes first.
     """
@@ -281,13 +280,11 @@ def _improve_by_swaps(
                 break
 
 
-def _add(left: Cost, right: Cost) -> Cost:
+def _add(left: _Cost, right: _Cost) -> _Cost:
     return left[0] + right[0], left[1] + right[1], left[2] + right[2]
 
 
-def _orient(
-    plan: _Plan, first: int, second: int, rng: np.random.Generator
-) -> tuple[int, int]:
+def _orient(plan: _Plan, first: int, second: int, rng: np.random.Generator) -> tuple[int, int]:
     """Show as Essay A the essay with the lower A−B imbalance, then fewer A showings."""
     first_key = (_imbalance(plan, first), plan.a_positions[first])
     second_key = (_imbalance(plan, second), plan.a_positions[second])

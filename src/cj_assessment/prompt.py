@@ -19,7 +19,13 @@ def new_boundary_token() -> str:
 
 def sanitise_essay(text: str) -> str:
     """Remove anything that looks like a boundary marker so an essay cannot close its own block."""
-    return _MARKER_RE.sub("", text.replace("\x00", ""))
+    text = text.replace("\x00", "")
+    # Repeat until stable: removing an inner look-alike can join its neighbours into a new one.
+    while True:
+        cleaned = _MARKER_RE.sub("", text)
+        if cleaned == text:
+            return cleaned
+        text = cleaned
 
 
 def render_comparison_prompt(

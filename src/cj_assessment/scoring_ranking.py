@@ -169,7 +169,7 @@ def _aggregate_edges(winners: IntArray, losers: IntArray, n: int) -> _Edges:
         first=(codes // n).astype(np.intp),
         second=(codes % n).astype(np.intp),
         total=np.bincount(inverse).astype(float),
-        first_wins=np.bincount(inverse, weights=(winners == first).astype(float)),
+        first_wins=np.bincount(inverse, weights=(winners == first).astype(float)).astype(float),
     )
 
 
@@ -189,7 +189,8 @@ def _pair_information(edges: _Edges, theta: FloatArray) -> FloatArray:
 
 
 def _information_diagonal(edges: _Edges, weight: FloatArray, n: int) -> FloatArray:
-    return np.bincount(edges.first, weight, n) + np.bincount(edges.second, weight, n)
+    diagonal = np.bincount(edges.first, weight, n) + np.bincount(edges.second, weight, n)
+    return diagonal.astype(float, copy=False)
 
 
 def _dense_precision(edges: _Edges, theta: FloatArray, ridge: float) -> FloatArray:
@@ -283,9 +284,7 @@ def _standard_errors(edges: _Edges, theta: FloatArray, alpha: float) -> FloatArr
     covariance_diagonal = np.einsum("ij,ij->j", inverse_lower, inverse_lower)
     covariance_row_sums = linalg.cho_solve((lower, True), np.ones(n))
     variance = (
-        covariance_diagonal
-        - 2.0 * covariance_row_sums / n
-        + covariance_row_sums.sum() / (n * n)
+        covariance_diagonal - 2.0 * covariance_row_sums / n + covariance_row_sums.sum() / (n * n)
     )
     return np.minimum(np.sqrt(np.clip(variance, 0.0, None)), MAX_STANDARD_ERROR)
 

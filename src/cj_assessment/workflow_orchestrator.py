@@ -197,10 +197,6 @@ class WorkflowOrchestrator:
                 await repo.save_progress(state, progress, state="WAITING_CALLBACKS", now=now)
                 self._metrics.failed_pool_size.observe(len(progress.pool.entries))
                 return
-            if progress.pool.entries:
-                # End of iteration: every failed comparison gets its retry, whatever the pool size.
-                progress = await self._batches.plan_retries(repo, ctx, progress)
-                progress = await self._batches.release(repo, ctx, progress, now=now)
             progress, decision, scoring = await self._score_iteration(repo, ctx, progress, now=now)
             match decision.verdict:
                 case Verdict.COMPLETE:
@@ -211,6 +207,10 @@ class WorkflowOrchestrator:
                     await self._fail(repo, ctx, state, progress, decision.reason, now=now)
                     return
                 case Verdict.CONTINUE:
+                    if progress.pool.entries:
+                        # End of iteration: every failed comparison gets its retry, whatever
+                        # the pool size, ahead of the next iteration's first attempts.
+                        progress = await self._batches.plan_retries(repo, ctx, progress)
                     essay_ids = await repo.essay_ids(ctx.cj_batch_id)
                     progress = await self._plan_next_iteration(
                         repo,

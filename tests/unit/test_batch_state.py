@@ -41,9 +41,7 @@ from cj_assessment.failed_pool import FailedPool, PoolEntry, PoolStatistics
 NOW = "2026-01-01T12:00:00Z"
 BASE = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
-FAST = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _ids(prefix: str, n: int) -> list[str]:
@@ -565,9 +563,7 @@ class Simulation:
     def deliver(self, corr: str, *, succeeded: bool, timeout: bool = False) -> Disposition:
         attempt = self.attempts[corr]
         cid = attempt.comparison_id
-        siblings = [
-            (a.status, a.attempt) for a in self.attempts.values() if a.comparison_id == cid
-        ]
+        siblings = [(a.status, a.attempt) for a in self.attempts.values() if a.comparison_id == cid]
         resolved = comparison_resolved(siblings, self.config.max_retry_attempts)
         assert resolved == (cid in self.counted)
 
@@ -644,7 +640,9 @@ class Simulation:
         assert len(p.in_flight()) <= cfg.max_concurrent_batches
         assert p.total == sum(i.planned for i in p.iterations)
         assert p.submitted == sum(
-            b.size for b in p.batches if b.kind is BatchKind.FIRST and b.status is not BatchStatus.QUEUED
+            b.size
+            for b in p.batches
+            if b.kind is BatchKind.FIRST and b.status is not BatchStatus.QUEUED
         )
 
         for batch in p.batches:
@@ -678,7 +676,9 @@ class Simulation:
             cid = entry.comparison_id
             assert (entry.essay_a_id, entry.essay_b_id) == self.orientation[cid]
             assert cid not in self.counted
-            assert not any(a.comparison_id == cid and a.status in LIVE for a in self.attempts.values())
+            assert not any(
+                a.comparison_id == cid and a.status in LIVE for a in self.attempts.values()
+            )
 
         limit = cfg.max_retry_attempts + 1
         for cid in self.orientation:

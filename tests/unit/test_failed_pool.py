@@ -70,8 +70,8 @@ def test_discard_removes_only_that_comparison_and_keeps_statistics() -> None:
 
 def test_take_retry_batches_chunks_oldest_first_and_empties_the_pool() -> None:
     pool = FailedPool()
-    for cid, second in [("c5", 5), ("c1", 1), ("c7", 7), ("c3", 3), ("c2", 2), ("c6", 6), ("c4", 4)]:
-        pool = pool.add(_entry(cid, _at(second)))
+    for second in [5, 1, 7, 3, 2, 6, 4]:
+        pool = pool.add(_entry(f"c{second}", _at(second)))
     emptied, chunks = pool.take_retry_batches(3)
     assert [[e.comparison_id for e in chunk] for chunk in chunks] == [
         ["c1", "c2", "c3"],
@@ -135,8 +135,9 @@ def test_statistic_counters_are_cumulative() -> None:
 
 
 def test_statistics_round_trip_through_json() -> None:
-    stats = PoolStatistics(total_failed=9, retry_batches_sent=2, successful_retries=4,
-                           permanently_failed=1)
+    stats = PoolStatistics(
+        total_failed=9, retry_batches_sent=2, successful_retries=4, permanently_failed=1
+    )
     assert PoolStatistics.from_json(json.loads(json.dumps(stats.to_json()))) == stats
     assert set(stats.to_json()) == {
         "total_failed",

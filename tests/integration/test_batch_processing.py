@@ -1,0 +1,144 @@
+"""Batch processing on the real broker and database: submission batch sizes, concurrency,
+the failed pool, partial completion and stragglers."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from datetime import UTC, datetime
+
+from cj_assessment.pipeline_client import request_envelope, sleep_until
+from tests.integration.test_assessment_flow import _essays
+from tests.support.harness import provider_config, running_system, system_settings
+
+TAIL_SECONDS = 6.0
+NEVER = datetime.max.replace(tzinfo=UTC)
+
+
+async def test_sixty_essays_with_errors_and_stragglers_complete_once_within_batch_limits(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    settings = system_settings(
+        kafka_bootstrap,
+        database_url,
+        callback_wait_timeout_seconds=3.0,
+        batch_timeout_seconds=30.0,
+        enable_stability_checking=False,
+    )
+    provider = provider_config(
+        settings,
+        latency_median_ms=20,
+        latency_sigma=0.3,
+        error_rate=0.10,
+        tail_rate=0.10,
+        tail_factor=TAIL_SECONDS * 1000 / 20,
+        duplicate_rate=0.05,
+        drain_timeout_s=2.0,
+    )
+    essays = _essays(60)
+    overrides = {"batch_size": 25, "max_concurrent_batches": 2, "partial_completion_threshold": 0.85}
+    async with running_system(settings, provider) as system:
+        await system.submit(
+            request_envelope(bos_batch_id="batch-60", essays=essays, batch_config_overrides=overrides)
+        )
+        outcome = (await system.watcher.wait_for(["batch-60"], timeout=120))["batch-60"]
+        # Let every straggler arrive so that late results are recorded.
+        async def stragglers_recorded() -> bool:
+            await system.watcher.poll()
+            pending = "SELECT count(*) FROM cj_comparison_pairs WHERE status = 'in_flight'"
+            return (await system.rows(pending))[0][0] == 0
+
+        assert await sleep_until(stragglers_recorded, timeout=60)
+        assert len(system.watcher.outcomes_for("batch-60")) == 1
+        rows = await system.rows(
+            "SELECT comparison_id, essay_a_els_id, essay_b_els_id, iteration, attempt,"
+            " submission_batch_id, status, submitted_at, completed_at, is_late"
+            " FROM cj_comparison_pairs ORDER BY id"
+        )
+        finished_at = (await system.rows("SELECT completed_at FROM cj_batch_uploads"))[0][0]
+        state = (
+            await system.rows(
+                "SELECT total_comparisons, submitted_comparisons, completed_comparisons,"
+                " failed_comparisons, processing_metadata FROM cj_batch_states"
+            )
+        )[0]
+
+    data = outcome["data"]
+    summary = data["processing_summary"]
+    total, submitted, completed, failed, metadata = state
+    assert data["status"] == "completed_successfully"
+    assert sorted(r["els_essay_id"] for r in data["rankings"]) == sorted(essays)
+
+    # Every submission batch holds at most 25 comparisons.
+    batch_sizes = Counter(r.submission_batch_id for r in rows)
+    assert max(batch_sizes.values()) <= 25
+
+    # Never more than 2 batches in flight: a batch is in flight from its submission until
+    # 85% of its results are in.
+    by_batch: dict[object, list] = defaultdict(list)
+    for r in rows:
+        by_batch[r.submission_batch_id].append(r)
+    spans = []
+    for batch_rows in by_batch.values():
+        assert batch_rows[0].submitted_at is not None
+        done = sorted(r.completed_at for r in batch_rows if r.completed_at is not None)
+        needed = math.ceil(0.85 * len(batch_rows) - 1e-9)
+        end = done[needed - 1] if len(done) >= needed else NEVER
+        spans.append((batch_rows[0].submitted_at, end))
+    for start, _ in spans:
+        overlapping = sum(1 for s, e in spans if s <= start < e)
+        assert overlapping <= 2
+
+    # Retries repeat the pair and its orientation.
+    first = {r.comparison_id: r for r in rows if r.attempt == 1}
+    retries = [r for r in rows if r.attempt > 1]
+    assert retries, "the provider's errors should have produced retries"
+    for r in retries:
+        assert (r.essay_a_els_id, r.essay_b_els_id) == (
+            first[r.comparison_id].essay_a_els_id,
+            first[r.comparison_id].essay_b_els_id,
+        )
+
+    # Planned comparisons per essay differ by at most one.
+    planned: Counter[str] = Counter()
+    for r in first.values():
+        planned[r.essay_a_els_id] += 1
+        planned[r.essay_b_els_id] += 1
+    assert max(planned.values()) - min(planned.values()) <= 1
+
+    # Every planned comparison succeeded, failed for good, or was still outstanding when the
+    # assessment finished: no failure was left in the pool without its retry.
+    attempts_of: dict[object, list] = defaultdict(list)
+    for r in rows:
+        attempts_of[r.comparison_id].append(r)
+    final_pool = {e["comparison_id"]: e for e in metadata["failed_comparison_pool"]}
+    last_iteration_started = min(
+        r.submitted_at for r in rows if r.iteration == summary["rounds"] and r.attempt == 1
+    )
+    for comparison_id, attempts in attempts_of.items():
+        if any(a.status == "succeeded" and not a.is_late for a in attempts):
+            continue
+        last = max(attempts, key=lambda a: a.attempt)
+        permanently_failed = last.status in ("failed", "timed_out") and last.attempt > 3
+        outstanding_at_finish = last.completed_at is None or last.completed_at > finished_at
+        failed_in_final_iteration = (
+            str(comparison_id) in final_pool and last.completed_at >= last_iteration_started
+        )
+        assert permanently_failed or outstanding_at_finish or failed_in_final_iteration
+    assert all(b["submitted_at"] is not None for b in metadata["submission_batches"])
+
+    # It moved on without waiting for the slowest answers ...
+    assert summary["rounds"] >= 3
+    assert summary["processing_time_seconds"] < summary["rounds"] * TAIL_SECONDS
+    # ... whose results were recorded when they came.
+    assert not [r for r in rows if r.status == "in_flight"]
+    assert any(r.is_late or r.status == "superseded" for r in rows) or any(
+        r.completed_at > finished_at for r in rows if r.completed_at
+    )
+
+    # Cumulative counters never exceed their totals.
+    assert completed + failed <= submitted <= total
+    assert total == len(first)
+    stats = metadata["pool_statistics"]
+    assert stats["total_failed"] >= 1 and stats["retry_batches_sent"] >= 1
+    assert all(b["size"] <= 25 for b in metadata["submission_batches"])

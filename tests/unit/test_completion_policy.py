@@ -1,0 +1,293 @@
+"""When to retry, when an iteration is done, and what to decide after scoring."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from cj_assessment.batch_config import BatchConfig
+from cj_assessment.batch_state import (
+    IterationProgress,
+    Progress,
+    plan_iteration,
+    release_batches,
+)
+from cj_assessment.completion_policy import (
+    Decision,
+    Verdict,
+    decide_after_scoring,
+    first_iteration_size,
+    iteration_done,
+    retry_due,
+)
+from cj_assessment.failed_pool import FailedPool, PoolEntry
+
+NOW = "2026-01-01T12:00:00Z"
+
+
+def _config(**overrides: object) -> BatchConfig:
+    values: dict[str, object] = {
+        "batch_size": 50,
+        "max_concurrent_batches": 3,
+        "partial_completion_threshold": 0.85,
+        "enable_stability_checking": True,
+        "stability_threshold": 0.05,
+        "min_iterations_for_stability": 2,
+        "max_comparisons": 1000,
+        "matchings_per_iteration": 5,
+        "failed_comparison_retry_threshold": 20,
+        "max_retry_attempts": 3,
+        "min_success_rate": 0.8,
+    }
+    values.update(overrides)
+    return BatchConfig(**values)  # type: ignore[arg-type]
+
+
+def _entries(n: int) -> tuple[PoolEntry, ...]:
+    return tuple(
+        PoolEntry(
+            comparison_id=f"c{i}",
+            correlation_id=f"r{i}",
+            essay_a_id="a",
+            essay_b_id="b",
+            iteration=1,
+            failure_reason="error",
+            failed_at=NOW,
+            retry_count=0,
+            submission_batch_id="b0",
+        )
+        for i in range(n)
+    )
+
+
+def _sent_iteration(planned: int, *, batch_size: int = 50) -> Progress:
+    """An iteration of `planned` comparisons with all its batches released (an in-flight batch
+    per slot; the policy only looks at whether first batches are still queued)."""
+    batches = math.ceil(planned / batch_size)
+    progress, _ = plan_iteration(
+        Progress(),
+        iteration=1,
+        batch_ids=[f"b{i}" for i in range(batches)],
+        comparisons=planned,
+        batch_size=batch_size,
+    )
+    progress, _ = release_batches(progress, max_concurrent=batches, now=NOW)
+    assert progress.queued() == []
+    return progress
+
+
+def _with_current(progress: Progress, **changes: object) -> Progress:
+    current = progress.current
+    assert current is not None
+    return replace(progress, iterations=progress.iterations[:-1] + (replace(current, **changes),))
+
+
+# --- retry_due -------------------------------------------------------------------------------
+
+
+def test_retry_is_not_due_with_an_empty_pool() -> None:
+    progress = _with_current(_sent_iteration(20), first_attempts_outstanding=0)
+    assert not retry_due(progress, _config())
+    assert not retry_due(Progress(), _config())
+
+
+def test_retry_is_due_once_the_pool_reaches_the_threshold() -> None:
+    progress = _sent_iteration(100)  # first attempts still outstanding
+    config = _config(failed_comparison_retry_threshold=5)
+    assert not retry_due(replace(progress, pool=FailedPool(_entries(4))), config)
+    assert retry_due(replace(progress, pool=FailedPool(_entries(5))), config)
+    assert retry_due(replace(progress, pool=FailedPool(_entries(9))), config)
+
+
+@pytest.mark.parametrize("pool_size", [1, 2, 19])
+def test_retry_is_due_at_end_of_iteration_whatever_the_pool_size(pool_size: int) -> None:
+    progress = _with_current(_sent_iteration(100), first_attempts_outstanding=0)
+    config = _config(failed_comparison_retry_threshold=20)
+    assert retry_due(replace(progress, pool=FailedPool(_entries(pool_size))), config)
+
+
+def test_retry_waits_while_first_attempts_are_outstanding_below_threshold() -> None:
+    progress = _with_current(_sent_iteration(100), first_attempts_outstanding=1)
+    config = _config(failed_comparison_retry_threshold=20)
+    assert not retry_due(replace(progress, pool=FailedPool(_entries(19))), config)
+
+
+# --- iteration_done --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("planned", "needed"), [(20, 17), (47, 40), (100, 85)])
+def test_iteration_done_exactly_at_the_threshold_share_of_planned(
+    planned: int, needed: int
+) -> None:
+    progress = _sent_iteration(planned, batch_size=10)
+    config = _config(partial_completion_threshold=0.85)
+    below = _with_current(progress, succeeded=needed - 1)
+    assert not iteration_done(below, config)
+    at = _with_current(progress, succeeded=needed)
+    assert iteration_done(at, config)
+
+
+def test_iteration_done_counts_permanent_failures_as_resolved() -> None:
+    progress = _sent_iteration(20, batch_size=10)
+    config = _config(partial_completion_threshold=0.85)
+    assert iteration_done(_with_current(progress, succeeded=10, permanently_failed=7), config)
+    assert not iteration_done(_with_current(progress, succeeded=10, permanently_failed=6), config)
+
+
+def test_the_denominator_is_planned_not_first_attempts_answered() -> None:
+    # All first attempts answered, most of them failed and waiting in the pool: not done.
+    progress = _with_current(
+        _sent_iteration(20, batch_size=10), first_attempts_outstanding=0, succeeded=10
+    )
+    assert not iteration_done(progress, _config(partial_completion_threshold=0.85))
+
+
+def test_iteration_not_done_while_a_first_batch_is_still_queued() -> None:
+    progress, _ = plan_iteration(
+        Progress(), iteration=1, batch_ids=["b0", "b1"], comparisons=100, batch_size=50
+    )
+    progress, released = release_batches(progress, max_concurrent=1, now=NOW)
+    assert [b.id for b in released] == ["b0"]
+    config = _config(partial_completion_threshold=0.5)
+    resolved_half = _with_current(progress, succeeded=50)
+    assert not iteration_done(resolved_half, config)
+    sent_all, _ = release_batches(resolved_half, max_concurrent=2, now=NOW)
+    assert iteration_done(sent_all, config)
+
+
+def test_iteration_done_when_every_comparison_is_resolved() -> None:
+    progress = _with_current(_sent_iteration(47), succeeded=40, permanently_failed=7)
+    assert iteration_done(progress, _config(partial_completion_threshold=1.0))
+
+
+def test_threshold_one_waits_for_every_comparison() -> None:
+    progress = _sent_iteration(100)
+    config = _config(partial_completion_threshold=1.0)
+    assert not iteration_done(_with_current(progress, succeeded=99), config)
+    assert iteration_done(_with_current(progress, succeeded=99, permanently_failed=1), config)
+
+
+def test_a_closed_iteration_or_no_iteration_is_not_done_again() -> None:
+    progress = _with_current(_sent_iteration(20), succeeded=20, completed_at=NOW)
+    assert not iteration_done(progress, _config())
+    assert not iteration_done(Progress(), _config())
+
+
+# --- decide_after_scoring --------------------------------------------------------------------
+
+
+def _scored(
+    *,
+    total: int = 100,
+    completed: int = 90,
+    failed: int = 5,
+    iteration: int = 1,
+) -> Progress:
+    it = IterationProgress(
+        iteration=iteration, planned=total, first_attempts_outstanding=0, succeeded=completed
+    )
+    return Progress(
+        total=total,
+        submitted=total,
+        completed=completed,
+        failed=failed,
+        current_iteration=iteration,
+        iterations=(it,),
+    )
+
+
+def _decide(
+    progress: Progress,
+    config: BatchConfig | None = None,
+    *,
+    essays: int = 20,
+    scored: int = 20,
+    change: float | None = None,
+    all_pairs: bool = False,
+) -> Decision:
+    return decide_after_scoring(
+        progress=progress,
+        config=config or _config(),
+        essay_count=essays,
+        scored_essays=scored,
+        max_score_change=change,
+        all_pairs_seen=all_pairs,
+    )
+
+
+def test_fails_with_no_scorable_essays_when_nothing_succeeded() -> None:
+    decision = _decide(_scored(completed=0, failed=10), scored=0)
+    assert (decision.verdict, decision.reason) == (Verdict.FAIL, "NO_SCORABLE_ESSAYS")
+    decision = _decide(_scored(completed=0, failed=0), scored=20)
+    assert (decision.verdict, decision.reason) == (Verdict.FAIL, "NO_SCORABLE_ESSAYS")
+
+
+def test_fails_with_low_success_rate_below_the_minimum() -> None:
+    decision = _decide(_scored(completed=79, failed=21), _config(min_success_rate=0.8))
+    assert (decision.verdict, decision.reason) == (Verdict.FAIL, "LOW_SUCCESS_RATE")
+
+
+def test_a_success_rate_exactly_at_the_minimum_does_not_fail() -> None:
+    decision = _decide(_scored(completed=80, failed=20), _config(min_success_rate=0.8))
+    assert decision.verdict is Verdict.CONTINUE
+
+
+def test_stability_completes_only_from_min_iterations_on() -> None:
+    config = _config(min_iterations_for_stability=2, stability_threshold=0.05)
+    early = _decide(_scored(iteration=1), config, change=0.01)
+    assert early.verdict is Verdict.CONTINUE
+    on_time = _decide(_scored(iteration=2), config, change=0.01)
+    assert (on_time.verdict, on_time.reason) == (Verdict.COMPLETE, "stability")
+    later = _decide(_scored(iteration=5), config, change=0.01)
+    assert (later.verdict, later.reason) == (Verdict.COMPLETE, "stability")
+
+
+def test_stability_needs_a_change_below_the_threshold() -> None:
+    config = _config(stability_threshold=0.05)
+    assert _decide(_scored(iteration=3), config, change=0.05).verdict is Verdict.CONTINUE
+    assert _decide(_scored(iteration=3), config, change=None).verdict is Verdict.CONTINUE
+
+
+def test_stability_is_ignored_when_checking_is_disabled() -> None:
+    config = _config(enable_stability_checking=False)
+    decision = _decide(_scored(iteration=4), config, change=0.0)
+    assert decision.verdict is Verdict.CONTINUE
+
+
+@pytest.mark.parametrize("total", [1000, 1001])
+def test_completes_on_budget_when_total_reaches_max_comparisons(total: int) -> None:
+    decision = _decide(_scored(total=total, completed=900), _config(max_comparisons=1000))
+    assert (decision.verdict, decision.reason) == (Verdict.COMPLETE, "budget")
+
+
+def test_completes_when_all_pairs_are_compared() -> None:
+    decision = _decide(_scored(), all_pairs=True)
+    assert (decision.verdict, decision.reason) == (Verdict.COMPLETE, "all_pairs_compared")
+
+
+@pytest.mark.parametrize(
+    ("essays", "max_comparisons", "total", "expected"),
+    [
+        (25, 1000, 100, 60),  # 5 matchings x 12 pairs
+        (20, 1000, 100, 50),
+        (25, 130, 100, 30),  # the remaining budget is smaller
+        (3, 1000, 100, 5),
+    ],
+)
+def test_continues_with_the_smaller_of_budget_and_matchings(
+    essays: int, max_comparisons: int, total: int, expected: int
+) -> None:
+    decision = _decide(
+        _scored(total=total, completed=total - 5),
+        _config(max_comparisons=max_comparisons, matchings_per_iteration=5),
+        essays=essays,
+        scored=essays,
+    )
+    assert decision == Decision(Verdict.CONTINUE, "", expected)
+
+
+def test_first_iteration_size_is_matchings_capped_by_budget() -> None:
+    assert first_iteration_size(_config(max_comparisons=1000), 24) == 60
+    assert first_iteration_size(_config(max_comparisons=40), 24) == 40

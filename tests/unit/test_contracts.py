@@ -1,0 +1,489 @@
+"""The wire contract (CONTRACT.md §3-§8): the documented examples parse, and what the service
+emits has exactly the documented shape."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from cj_assessment.contracts import (
+    SOURCE_SERVICE,
+    CJAssessmentCompletedV1,
+    CJAssessmentFailedV1,
+    ComparisonRequestMetadata,
+    ELSCJAssessmentRequestV1,
+    EventEnvelope,
+    LLMComparisonRequestV1,
+    LLMComparisonResultV1,
+    LLMConfigOverrides,
+    ProcessingSummary,
+    RankingEntry,
+    deterministic_event_id,
+    envelope_json,
+    outcome_header,
+    utc_iso,
+)
+
+TS = "2026-01-01T12:00:00Z"
+TS_LATER = "2026-01-01T12:00:42Z"
+
+# --- the contract's examples, "..." filled in ---------------------------------------------------
+
+ENVELOPE_EXAMPLE: dict[str, Any] = {
+    "event_id": "7f1c2a52-5a3e-4d7e-9d3b-0b0a4c7f6a10",
+    "event_type": "huleedu.cj_assessment.completed.v1",
+    "event_timestamp": TS,
+    "source_service": "cj_assessment_service",
+    "schema_version": 1,
+    "correlation_id": "0f4b8f5e-2f7e-4b8e-8a3c-1d2e3f4a5b6c",
+    "data_schema_uri": None,
+    "data": {},
+    "metadata": {},
+}
+
+REQUEST_EXAMPLE: dict[str, Any] = {
+    "event_name": "els.cj_assessment.requested",
+    "entity_ref": {"entity_id": "bos-batch-42", "entity_type": "batch", "parent_id": None},
+    "timestamp": TS,
+    "system_metadata": {
+        "entity": {"entity_id": "bos-batch-42", "entity_type": "batch"},
+        "entity_id": "bos-batch-42",
+        "entity_type": "batch",
+        "processing_stage": "pending",
+        "event": "els.cj_assessment.requested",
+    },
+    "essays_for_cj": [
+        {"essay_id": "e1", "text_storage_id": "s1"},
+        {"essay_id": "e2", "text_storage_id": "s2", "text": "inline essay text"},
+    ],
+    "language": "en",
+    "course_code": "ENG5",
+    "essay_instructions": "Write about project-based learning.",
+    "llm_config_overrides": {
+        "model_override": None,
+        "temperature_override": None,
+        "max_tokens_override": None,
+        "provider_override": None,
+    },
+    "batch_config_overrides": {
+        "batch_size": 100,
+        "max_concurrent_batches": 2,
+        "partial_completion_threshold": 0.85,
+    },
+    "assignment_id": None,
+    "user_id": "teacher-7",
+    "org_id": None,
+}
+
+COMPARISON_REQUEST_EXAMPLE: dict[str, Any] = {
+    "correlation_id": "3b6f0c1e-8a53-4c1f-9a55-8f1f3c2d7e90",
+    "user_prompt": "full prompt; Essay A and Essay B are both inside it",
+    "callback_topic": "huleedu.llm_provider.comparison_result.v1",
+    "llm_config_overrides": {
+        "model_override": "gpt-4.1",
+        "temperature_override": 0.1,
+        "max_tokens_override": 512,
+        "provider_override": "openai",
+    },
+    "user_id": "teacher-7",
+    "metadata": {
+        "essay_a_id": "e1",
+        "essay_b_id": "e2",
+        "bos_batch_id": "bos-batch-42",
+        "cj_batch_id": "17",
+        "submission_batch_id": "9d0e1f2a-3b4c-4d5e-8f60-718293a4b5c6",
+        "comparison_iteration": 1,
+        "attempt": 1,
+        "cj_request_type": "cj_comparison",
+    },
+}
+
+RESULT_EXAMPLE: dict[str, Any] = {
+    "request_id": "provider queue id",
+    "correlation_id": "3b6f0c1e-8a53-4c1f-9a55-8f1f3c2d7e90",
+    "winner": "Essay A",
+    "justification": "short text (<= 500 chars)",
+    "confidence": 4.0,
+    "error_detail": None,
+    "provider": "openai",
+    "model": "gpt-4.1",
+    "response_time_ms": 1800,
+    "token_usage": {"prompt_tokens": 2100, "completion_tokens": 90, "total_tokens": 2190},
+    "cost_estimate": 0.0021,
+    "requested_at": TS,
+    "completed_at": TS_LATER,
+    "trace_id": None,
+    "request_metadata": {"essay_a_id": "e1", "essay_b_id": "e2", "bos_batch_id": "bos-batch-42"},
+}
+
+ERROR_DETAIL_EXAMPLE: dict[str, Any] = {
+    "error_code": "PROVIDER_TIMEOUT",
+    "message": "the provider did not answer",
+    "correlation_id": "3b6f0c1e-8a53-4c1f-9a55-8f1f3c2d7e90",
+    "timestamp": TS_LATER,
+    "service": "llm_provider_service",
+    "operation": "compare",
+    "details": {"retries": 3},
+}
+
+COMPLETED_EXAMPLE: dict[str, Any] = {
+    "event_name": "cj_assessment.completed",
+    "entity_ref": {"entity_id": "bos-batch-42", "entity_type": "batch", "parent_id": None},
+    "entity_id": "bos-batch-42",
+    "entity_type": "batch",
+    "parent_id": None,
+    "timestamp": TS_LATER,
+    "status": "completed_successfully",
+    "system_metadata": {
+        "entity": {"entity_id": "bos-batch-42", "entity_type": "batch"},
+        "entity_id": "bos-batch-42",
+        "entity_type": "batch",
+        "processing_stage": "completed",
+        "event": "cj_assessment.completed",
+        "started_at": TS,
+        "completed_at": TS_LATER,
+        "error_info": {},
+    },
+    "cj_assessment_job_id": "17",
+    "rankings": [
+        {
+            "els_essay_id": "e2",
+            "rank": 1,
+            "score": 1.42,
+            "standard_error": 0.31,
+            "comparison_count": 12,
+            "wins": 9,
+            "losses": 3,
+        }
+    ],
+    "processing_summary": {
+        "total_essays": 30,
+        "successful": 30,
+        "failed": 0,
+        "successful_essay_ids": ["e2"],
+        "failed_essay_ids": [],
+        "processing_time_seconds": 41.7,
+        "comparisons_requested": 190,
+        "comparisons_succeeded": 180,
+        "comparisons_failed": 10,
+        "rounds": 4,
+        "stop_reason": "stability",
+        "reliability": 0.91,
+    },
+}
+
+STARTED = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+FINISHED = STARTED + timedelta(seconds=42)
+
+
+# --- §3 envelope ---------------------------------------------------------------------------------
+
+
+def test_the_envelope_example_parses() -> None:
+    envelope = EventEnvelope.model_validate(ENVELOPE_EXAMPLE)
+    assert envelope.event_type == "huleedu.cj_assessment.completed.v1"
+    assert envelope.correlation_id == ENVELOPE_EXAMPLE["correlation_id"]
+    assert envelope.data == {}
+
+
+def test_an_envelope_without_metadata_and_with_any_event_type_is_accepted() -> None:
+    raw = {k: v for k, v in ENVELOPE_EXAMPLE.items() if k != "metadata"}
+    raw["event_type"] = "LLMComparisonResultV1"
+    raw["something_new"] = {"added": "later"}
+    envelope = EventEnvelope.model_validate(raw)
+    assert envelope.metadata is None
+    assert envelope.event_type == "LLMComparisonResultV1"
+
+
+def test_envelope_ids_given_as_uuids_become_strings() -> None:
+    raw = {**ENVELOPE_EXAMPLE, "event_id": uuid.UUID(int=1), "correlation_id": uuid.UUID(int=2)}
+    envelope = EventEnvelope.model_validate(raw)
+    assert envelope.event_id == str(uuid.UUID(int=1))
+    assert envelope.correlation_id == str(uuid.UUID(int=2))
+
+
+def test_envelope_json_emits_exactly_the_contract_keys() -> None:
+    event_id = deterministic_event_id("topic", "bos-batch-42")
+    data = LLMConfigOverrides(model_override="m")
+    envelope = envelope_json(
+        event_id=event_id,
+        event_type="huleedu.cj_assessment.completed.v1",
+        correlation_id="corr-1",
+        data=data,
+        now=FINISHED,
+    )
+    assert set(envelope) == set(ENVELOPE_EXAMPLE)
+    assert envelope["event_id"] == str(event_id)
+    assert envelope["event_type"] == "huleedu.cj_assessment.completed.v1"
+    assert envelope["event_timestamp"] == TS_LATER
+    assert envelope["source_service"] == SOURCE_SERVICE == "cj_assessment_service"
+    assert envelope["schema_version"] == 1
+    assert envelope["correlation_id"] == "corr-1"
+    assert envelope["data_schema_uri"] is None
+    assert envelope["data"] == data.model_dump(mode="json")
+    assert envelope["metadata"] == {}
+    # What it emits, it also accepts.
+    assert EventEnvelope.model_validate(envelope).event_id == str(event_id)
+
+
+def test_deterministic_event_id_is_stable_and_distinguishes_events() -> None:
+    first = deterministic_event_id("huleedu.cj_assessment.completed.v1", "bos-batch-42")
+    again = deterministic_event_id("huleedu.cj_assessment.completed.v1", "bos-batch-42")
+    other = deterministic_event_id("huleedu.cj_assessment.failed.v1", "bos-batch-42")
+    assert first == again
+    assert first != other
+    assert first.version == 5
+
+
+def test_utc_iso_renders_z_suffix_in_utc() -> None:
+    plus_two = datetime(2026, 1, 1, 16, 0, 0, tzinfo=timezone(timedelta(hours=2)))
+    assert utc_iso(plus_two) == "2026-01-01T14:00:00Z"
+
+
+# --- §4 assessment request -----------------------------------------------------------------------
+
+
+def test_the_request_example_with_entity_ref_parses() -> None:
+    request = ELSCJAssessmentRequestV1.model_validate(REQUEST_EXAMPLE)
+    assert request.bos_batch_id == "bos-batch-42"
+    assert [e.essay_id for e in request.essays_for_cj] == ["e1", "e2"]
+    assert request.essays_for_cj[0].text is None
+    assert request.essays_for_cj[0].text_storage_id == "s1"
+    assert request.essays_for_cj[1].text == "inline essay text"
+    assert request.batch_config_overrides == {
+        "batch_size": 100,
+        "max_concurrent_batches": 2,
+        "partial_completion_threshold": 0.85,
+    }
+    assert request.user_id == "teacher-7"
+
+
+def test_the_flat_entity_id_form_gives_the_same_bos_batch_id() -> None:
+    raw = copy.deepcopy(REQUEST_EXAMPLE)
+    del raw["entity_ref"]
+    raw.update({"entity_id": "bos-batch-42", "entity_type": "batch", "parent_id": None})
+    request = ELSCJAssessmentRequestV1.model_validate(raw)
+    assert request.bos_batch_id == "bos-batch-42"
+
+
+def test_a_minimal_request_is_accepted() -> None:
+    raw = {
+        "entity_id": "bos-batch-42",
+        "essays_for_cj": [{"essay_id": "e1", "text": "x"}, {"essay_id": "e2", "text": "y"}],
+    }
+    request = ELSCJAssessmentRequestV1.model_validate(raw)
+    assert request.bos_batch_id == "bos-batch-42"
+    assert request.batch_config_overrides is None
+    assert request.llm_config_overrides is None
+
+
+def test_unknown_request_fields_are_ignored() -> None:
+    raw = copy.deepcopy(REQUEST_EXAMPLE)
+    raw["brand_new_field"] = {"nested": [1, 2, 3]}
+    raw["entity_ref"]["extra"] = "x"
+    raw["essays_for_cj"][0]["word_count"] = 512
+    raw["llm_config_overrides"]["top_p"] = 0.3
+    request = ELSCJAssessmentRequestV1.model_validate(raw)
+    assert request.bos_batch_id == "bos-batch-42"
+    assert "brand_new_field" not in request.model_dump()
+    assert not hasattr(request.essays_for_cj[0], "word_count")
+
+
+def test_a_request_without_essays_is_invalid() -> None:
+    raw = {k: v for k, v in REQUEST_EXAMPLE.items() if k != "essays_for_cj"}
+    with pytest.raises(ValidationError):
+        ELSCJAssessmentRequestV1.model_validate(raw)
+
+
+# --- §5 comparison request -----------------------------------------------------------------------
+
+
+def test_comparison_request_dumps_exactly_the_contract_example() -> None:
+    example = COMPARISON_REQUEST_EXAMPLE
+    request = LLMComparisonRequestV1(
+        correlation_id=example["correlation_id"],
+        user_prompt=example["user_prompt"],
+        callback_topic=example["callback_topic"],
+        llm_config_overrides=LLMConfigOverrides(**example["llm_config_overrides"]),
+        user_id=example["user_id"],
+        metadata=ComparisonRequestMetadata(**example["metadata"]),
+    )
+    dumped = request.model_dump(mode="json")
+    assert dumped == example
+    assert set(dumped) == set(example)
+    assert set(dumped["metadata"]) == set(example["metadata"])
+    assert set(dumped["llm_config_overrides"]) == set(example["llm_config_overrides"])
+
+
+def test_comparison_request_refuses_fields_outside_the_contract() -> None:
+    with pytest.raises(ValidationError):
+        LLMComparisonRequestV1.model_validate({**COMPARISON_REQUEST_EXAMPLE, "extra": 1})
+    with pytest.raises(ValidationError):
+        ComparisonRequestMetadata.model_validate(
+            {**COMPARISON_REQUEST_EXAMPLE["metadata"], "cj_request_type": "something_else"}
+        )
+
+
+# --- §6 comparison result ------------------------------------------------------------------------
+
+
+def test_the_success_result_example_parses() -> None:
+    result = LLMComparisonResultV1.model_validate(RESULT_EXAMPLE)
+    assert result.winner == "Essay A"
+    assert result.confidence == 4.0
+    assert result.error_detail is None
+    assert result.token_usage is not None and result.token_usage.total_tokens == 2190
+    assert result.request_metadata == RESULT_EXAMPLE["request_metadata"]
+
+
+def test_the_error_result_form_parses() -> None:
+    raw = {
+        **RESULT_EXAMPLE,
+        "winner": None,
+        "justification": None,
+        "confidence": None,
+        "error_detail": ERROR_DETAIL_EXAMPLE,
+    }
+    result = LLMComparisonResultV1.model_validate(raw)
+    assert result.winner is None
+    assert result.error_detail is not None
+    assert result.error_detail.error_code == "PROVIDER_TIMEOUT"
+    assert result.error_detail.details == {"retries": 3}
+
+
+def test_a_result_with_both_winner_and_error_is_invalid() -> None:
+    with pytest.raises(ValidationError):
+        LLMComparisonResultV1.model_validate(
+            {**RESULT_EXAMPLE, "error_detail": ERROR_DETAIL_EXAMPLE}
+        )
+
+
+def test_a_result_with_neither_winner_nor_error_is_invalid() -> None:
+    with pytest.raises(ValidationError):
+        LLMComparisonResultV1.model_validate({**RESULT_EXAMPLE, "winner": None})
+
+
+@pytest.mark.parametrize("winner", ["essay_a", "A", "Essay C", ""])
+def test_a_winner_outside_essay_a_or_b_is_invalid(winner: str) -> None:
+    with pytest.raises(ValidationError):
+        LLMComparisonResultV1.model_validate({**RESULT_EXAMPLE, "winner": winner})
+
+
+@pytest.mark.parametrize("confidence", [0.5, 5.5])
+def test_a_confidence_outside_one_to_five_is_invalid(confidence: float) -> None:
+    with pytest.raises(ValidationError):
+        LLMComparisonResultV1.model_validate({**RESULT_EXAMPLE, "confidence": confidence})
+
+
+def test_unknown_result_fields_are_ignored() -> None:
+    result = LLMComparisonResultV1.model_validate({**RESULT_EXAMPLE, "new_field": "x"})
+    assert result.winner == "Essay A"
+
+
+# --- §7 completed and §8 failed ------------------------------------------------------------------
+
+
+def _completed() -> CJAssessmentCompletedV1:
+    ranking = COMPLETED_EXAMPLE["rankings"][0]
+    summary = COMPLETED_EXAMPLE["processing_summary"]
+    return CJAssessmentCompletedV1(
+        **outcome_header(
+            bos_batch_id="bos-batch-42",
+            stage="completed",
+            started_at=STARTED,
+            finished_at=FINISHED,
+        ),
+        cj_assessment_job_id="17",
+        rankings=[RankingEntry(**ranking)],
+        processing_summary=ProcessingSummary(**summary),
+    )
+
+
+def test_completed_event_has_exactly_the_contract_keys() -> None:
+    dumped = _completed().model_dump(mode="json")
+    example = COMPLETED_EXAMPLE
+    assert set(dumped) == set(example)
+    assert set(dumped["system_metadata"]) == set(example["system_metadata"])
+    assert set(dumped["entity_ref"]) == set(example["entity_ref"])
+    assert set(dumped["rankings"][0]) == set(example["rankings"][0])
+    assert set(dumped["processing_summary"]) >= set(example["processing_summary"])
+
+
+def test_completed_event_matches_the_contract_example_values() -> None:
+    assert _completed().model_dump(mode="json") == COMPLETED_EXAMPLE
+
+
+def test_completed_event_carries_both_entity_shapes() -> None:
+    dumped = _completed().model_dump(mode="json")
+    assert dumped["entity_ref"] == {
+        "entity_id": "bos-batch-42",
+        "entity_type": "batch",
+        "parent_id": None,
+    }
+    assert (dumped["entity_id"], dumped["entity_type"], dumped["parent_id"]) == (
+        "bos-batch-42",
+        "batch",
+        None,
+    )
+    assert dumped["event_name"] == "cj_assessment.completed"
+    assert dumped["status"] == "completed_successfully"
+    assert dumped["system_metadata"]["processing_stage"] == "completed"
+    assert dumped["system_metadata"]["event"] == "cj_assessment.completed"
+
+
+def test_completed_event_summary_may_carry_extra_figures() -> None:
+    summary = {**COMPLETED_EXAMPLE["processing_summary"], "position_bias_share_a": 0.52}
+    dumped = ProcessingSummary(**summary).model_dump(mode="json")
+    assert dumped["position_bias_share_a"] == 0.52
+
+
+def test_failed_event_has_status_stage_and_error_info() -> None:
+    error_info = {
+        "error_code": "LOW_SUCCESS_RATE",
+        "error_message": "too few comparisons succeeded",
+        "error_type": "AssessmentFailed",
+        "context": {"completed": 3, "failed": 7},
+    }
+    event = CJAssessmentFailedV1(
+        **outcome_header(
+            bos_batch_id="bos-batch-42",
+            stage="failed",
+            started_at=None,
+            finished_at=FINISHED,
+            error_info=error_info,
+        ),
+        cj_assessment_job_id="17",
+    )
+    dumped = event.model_dump(mode="json")
+    assert dumped["event_name"] == "cj_assessment.failed"
+    assert dumped["status"] == "failed_critically"
+    assert dumped["system_metadata"]["processing_stage"] == "failed"
+    assert dumped["system_metadata"]["event"] == "cj_assessment.failed"
+    assert set(dumped["system_metadata"]["error_info"]) == {
+        "error_code",
+        "error_message",
+        "error_type",
+        "context",
+    }
+    assert dumped["system_metadata"]["error_info"] == error_info
+    header_keys = set(COMPLETED_EXAMPLE) - {"rankings", "processing_summary"}
+    assert set(dumped) == header_keys
+    assert dumped["entity_ref"]["entity_id"] == dumped["entity_id"] == "bos-batch-42"
+    assert dumped["system_metadata"]["started_at"] is None
+    assert dumped["timestamp"] == TS_LATER
+
+
+def test_emitted_outcome_models_refuse_unknown_fields() -> None:
+    with pytest.raises(ValidationError):
+        CJAssessmentFailedV1(
+            **outcome_header(
+                bos_batch_id="b", stage="failed", started_at=None, finished_at=FINISHED
+            ),
+            cj_assessment_job_id="1",
+            surprise=True,
+        )

@@ -1,0 +1,322 @@
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cj_assessment.pair_generation import PairingHistory, all_pairs_seen, generate_pairs
+
+UNLIMITED = 10**9
+
+Pair = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Call:
+    history: list[Pair]
+    pairs: list[Pair]
+    matchings: int
+    max_pairs: int
+
+
+def _ids(n: int) -> list[str]:
+    return [f"essay-{k:03d}" for k in range(n)]
+
+
+def _run_calls(n: int, calls: list[tuple[int, int]], seed: int) -> list[Call]:
+    """Feed each call's output into the next call's history, as the service does."""
+    ids = _ids(n)
+    rng = np.random.default_rng(seed)
+    planned: list[Pair] = []
+    results = []
+    for matchings, max_pairs in calls:
+        pairs = generate_pairs(
+            ids,
+            PairingHistory.from_pairs(planned),
+            rng,
+            matchings=matchings,
+            max_pairs=max_pairs,
+        )
+        results.append(Call(list(planned), pairs, matchings, max_pairs))
+        planned += pairs
+    return results
+
+
+def _rounds(n: int, pairs: list[Pair]) -> list[list[Pair]]:
+    size = n // 2
+    return [pairs[start : start + size] for start in range(0, len(pairs), size)]
+
+
+def _imbalance(history: PairingHistory, essay_id: str) -> int:
+    return history.a_positions.get(essay_id, 0) - history.b_positions.get(essay_id, 0)
+
+
+def _count(history: PairingHistory, first: str, second: str) -> int:
+    return history.pair_counts.get(frozenset((first, second)), 0)
+
+
+essay_counts = st.integers(min_value=2, max_value=60)
+call_plans = st.lists(
+    st.tuples(
+        st.integers(min_value=1, max_value=6),
+        st.one_of(st.just(UNLIMITED), st.integers(min_value=1, max_value=80)),
+    ),
+    min_size=1,
+    max_size=4,
+)
+seeds = st.integers(min_value=0, max_value=2**32 - 1)
+property_settings = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@property_settings
+@given(n=essay_counts, calls=call_plans, seed=seeds)
+def test_each_round_is_a_matching_with_every_essay_at_most_once(
+    n: int, calls: list[tuple[int, int]], seed: int
+) -> None:
+    for call in _run_calls(n, calls, seed):
+        rounds = _rounds(n, call.pairs)
+        assert len(rounds) <= call.matchings
+        for round_pairs in rounds:
+            essays = [essay for pair in round_pairs for essay in pair]
+            assert len(essays) == len(set(essays))
+            assert all(essay_a != essay_b for essay_a, essay_b in round_pairs)
+
+
+@property_settings
+@given(n=essay_counts, calls=call_plans, seed=seeds)
+def test_returns_full_rounds_until_max_pairs_and_never_more(
+    n: int, calls: list[tuple[int, int]], seed: int
+) -> None:
+    for call in _run_calls(n, calls, seed):
+        assert len(call.pairs) == min(call.max_pairs, call.matchings * (n // 2))
+
+
+@property_settings
+@given(n=essay_counts, calls=call_plans, seed=seeds)
+def test_comparison_counts_differ_by_at_most_one_after_every_call(
+    n: int, calls: list[tuple[int, int]], seed: int
+) -> None:
+    ids = _ids(n)
+    for call in _run_calls(n, calls, seed):
+        history = PairingHistory.from_pairs(call.history + call.pairs)
+        counts = [history.comparison_counts.get(essay_id, 0) for essay_id in ids]
+        assert max(counts) - min(counts) <= 1
+
+
+@property_settings
+@given(n=essay_counts, calls=call_plans, seed=seeds)
+def test_essay_a_and_essay_b_showings_stay_balanced(
+    n: int, calls: list[tuple[int, int]], seed: int
+) -> None:
+    ids = _ids(n)
+    for call in _run_calls(n, calls, seed):
+        history = PairingHistory.from_pairs(call.history + call.pairs)
+        assert all(abs(_imbalance(history, essay_id)) <= 2 for essay_id in ids)
+
+
+@property_settings
+@given(n=essay_counts, calls=call_plans, seed=seeds)
+def test_no_repeated_pair_while_each_essay_has_unseen_partners_in_half_the_round(
+    n: int, calls: list[tuple[int, int]], seed: int
+) -> None:
+    """A round repeats no pair whenever every participant could still meet at least half
+    of the other participants for the first time (a partner that leans the same way by
+    two or more Essay A showings does not count, as pairing them would unbalance one)."""
+    for call in _run_calls(n, calls, seed):
+        planned = list(call.history)
+        for round_pairs in _rounds(n, call.pairs):
+            before = PairingHistory.from_pairs(planned)
+            participants = [essay for pair in round_pairs for essay in pair]
+
+            def usable(first: str, second: str, before: PairingHistory = before) -> bool:
+                lean = _imbalance(before, first)
+                same_heavy_lean = abs(lean) >= 2 and lean == _imbalance(before, second)
+                return _count(before, first, second) == 0 and not same_heavy_lean
+
+            if all(
+                2 * sum(usable(essay, other) for other in participants if other != essay)
+                >= len(participants)
+                for essay in participants
+            ):
+                assert all(_count(before, *pair) == 0 for pair in round_pairs)
+            planned += round_pairs
+
+
+@property_settings
+@given(n=essay_counts, calls=call_plans, seed=seeds)
+def test_repeated_pair_cannot_be_swapped_for_less_repeated_pairs(
+    n: int, calls: list[tuple[int, int]], seed: int
+) -> None:
+    for call in _run_calls(n, calls, seed):
+        planned = list(call.history)
+        for round_pairs in _rounds(n, call.pairs):
+            before = PairingHistory.from_pairs(planned)
+            for (a, b), (c, d) in itertools.permutations(round_pairs, 2):
+                if _count(before, a, b) == 0:
+                    continue
+                if any(abs(_imbalance(before, essay)) >= 2 for essay in (a, b, c, d)):
+                    continue
+                current = _count(before, a, b) + _count(before, c, d)
+                assert _count(before, a, c) + _count(before, b, d) >= current
+                assert _count(before, a, d) + _count(before, b, c) >= current
+            planned += round_pairs
+
+
+@property_settings
+@given(n=st.integers(min_value=1, max_value=30).map(lambda k: 2 * k + 1), seed=seeds)
+def test_odd_essay_count_sits_out_an_essay_with_the_most_comparisons(n: int, seed: int) -> None:
+    ids = _ids(n)
+    (call,) = _run_calls(n, [(6, UNLIMITED)], seed)
+    planned: list[Pair] = []
+    for round_pairs in _rounds(n, call.pairs):
+        before = PairingHistory.from_pairs(planned)
+        (sitter,) = set(ids) - {essay for pair in round_pairs for essay in pair}
+        counts = {essay_id: before.comparison_counts.get(essay_id, 0) for essay_id in ids}
+        assert counts[sitter] == max(counts.values())
+        planned += round_pairs
+
+
+@property_settings
+@given(n=essay_counts, calls=call_plans, seed=seeds)
+def test_same_seed_and_history_give_same_pairs(
+    n: int, calls: list[tuple[int, int]], seed: int
+) -> None:
+    assert _run_calls(n, calls, seed) == _run_calls(n, calls, seed)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(min_value=2, max_value=12), seed=seeds)
+def test_still_returns_full_rounds_after_every_pair_has_been_seen(n: int, seed: int) -> None:
+    ids = _ids(n)
+    round_robin = list(itertools.combinations(ids, 2))
+    history = PairingHistory.from_pairs(round_robin)
+    assert all_pairs_seen(ids, history)
+
+    pairs = generate_pairs(
+        ids, history, np.random.default_rng(seed), matchings=3, max_pairs=UNLIMITED
+    )
+
+    assert len(pairs) == 3 * (n // 2)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_prefers_least_repeated_pairs_once_every_pair_has_been_seen(seed: int) -> None:
+    ids = ["a", "b", "c", "d"]
+    history = PairingHistory.from_pairs(list(itertools.combinations(ids, 2)) + [("a", "b")] * 3)
+
+    pairs = generate_pairs(ids, history, np.random.default_rng(seed), matchings=1, max_pairs=2)
+
+    assert frozenset("ab") not in {frozenset(pair) for pair in pairs}
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_rounds_from_empty_history_repeat_nothing_while_partners_are_plentiful(
+    seed: int,
+) -> None:
+    ids = _ids(40)
+
+    pairs = generate_pairs(
+        ids, PairingHistory.empty(), np.random.default_rng(seed), matchings=15, max_pairs=UNLIMITED
+    )
+
+    assert len({frozenset(pair) for pair in pairs}) == len(pairs) == 15 * 20
+
+
+def test_max_pairs_cutting_a_round_short_serves_least_compared_essays_first() -> None:
+    ids = _ids(10)
+    history = PairingHistory.from_pairs([("essay-000", "essay-001"), ("essay-002", "essay-003")])
+
+    pairs = generate_pairs(ids, history, np.random.default_rng(0), matchings=1, max_pairs=3)
+
+    chosen = {essay for pair in pairs for essay in pair}
+    assert chosen == set(ids[4:])
+
+
+def test_essay_behind_on_a_showings_is_shown_as_essay_a() -> None:
+    history = PairingHistory.from_pairs([("x", "y"), ("x", "z")])
+
+    pairs = generate_pairs(["x", "y"], history, np.random.default_rng(0), matchings=1, max_pairs=1)
+
+    assert pairs == [("y", "x")]
+
+
+@pytest.mark.parametrize(
+    ("ids", "max_pairs", "matchings"),
+    [(["a", "b"], 0, 1), (["a", "b"], -3, 1), (["a"], 5, 1), ([], 5, 1), (["a", "b"], 5, 0)],
+)
+def test_returns_no_pairs_without_budget_rounds_or_two_essays(
+    ids: list[str], max_pairs: int, matchings: int
+) -> None:
+    pairs = generate_pairs(
+        ids,
+        PairingHistory.empty(),
+        np.random.default_rng(0),
+        matchings=matchings,
+        max_pairs=max_pairs,
+    )
+
+    assert pairs == []
+
+
+def test_duplicate_essay_ids_raise_value_error() -> None:
+    with pytest.raises(ValueError):
+        generate_pairs(
+            ["a", "a", "b"],
+            PairingHistory.empty(),
+            np.random.default_rng(0),
+            matchings=1,
+            max_pairs=5,
+        )
+
+
+def test_history_counts_pairs_positions_and_comparisons() -> None:
+    history = PairingHistory.from_pairs([("a", "b"), ("b", "a"), ("a", "c")])
+
+    assert history.pair_counts == {frozenset("ab"): 2, frozenset("ac"): 1}
+    assert history.a_positions == {"a": 2, "b": 1}
+    assert history.b_positions == {"b": 1, "a": 1, "c": 1}
+    assert history.comparison_counts == {"a": 3, "b": 2, "c": 1}
+
+
+def test_empty_history_has_no_counts() -> None:
+    history = PairingHistory.empty()
+
+    assert not history.pair_counts and not history.comparison_counts
+    assert not history.a_positions and not history.b_positions
+
+
+def test_history_rejects_an_essay_paired_with_itself() -> None:
+    with pytest.raises(ValueError):
+        PairingHistory.from_pairs([("a", "a")])
+
+
+def test_all_pairs_seen_only_when_every_pair_of_listed_essays_was_planned() -> None:
+    ids = ["a", "b", "c"]
+
+    assert not all_pairs_seen(ids, PairingHistory.from_pairs([("a", "b"), ("b", "c")]))
+    assert all_pairs_seen(ids, PairingHistory.from_pairs([("a", "b"), ("b", "c"), ("c", "a")]))
+    assert all_pairs_seen(["a", "b"], PairingHistory.from_pairs([("a", "b"), ("c", "a")]))
+
+
+def test_two_thousand_essays_get_five_full_matchings() -> None:
+    ids = _ids(2000)
+    history = PairingHistory.from_pairs(
+        generate_pairs(
+            ids, PairingHistory.empty(), np.random.default_rng(1), matchings=5, max_pairs=UNLIMITED
+        )
+    )
+
+    pairs = generate_pairs(ids, history, np.random.default_rng(2), matchings=5, max_pairs=UNLIMITED)
+    assert len(pairs) == 5 * 1000
+    for round_pairs in _rounds(2000, pairs):
+        assert len({essay for pair in round_pairs for essay in pair}) == 2000
+    unordered = Counter(frozenset(pair) for pair in pairs)
+    assert all(history.pair_counts.get(pair, 0) == 0 for pair in unordered)
+    assert max(unordered.values()) == 1
