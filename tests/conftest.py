@@ -70,7 +70,9 @@ async def database_url(postgres_server_url: str) -> AsyncIterator[str]:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("CJ_TEST_KAFKA_BOOTSTRAP_SERVERS"):
         return
-    skip = pytest.mark.skip(reason="needs a real Apache Kafka broker (CJ_TEST_KAFKA_BOOTSTRAP_SERVERS)")
+    skip = pytest.mark.skip(
+        reason="needs a real Apache Kafka broker (CJ_TEST_KAFKA_BOOTSTRAP_SERVERS)"
+    )
     for item in items:
         if "real_kafka" in item.keywords:
             item.add_marker(skip)

@@ -15,9 +15,7 @@ class EssayInput:
     text: str | None
 
 
-def check_essay_list(
-    request: ELSCJAssessmentRequestV1, *, max_essays: int
-) -> list[EssayInput]:
+def check_essay_list(request: ELSCJAssessmentRequestV1, *, max_essays: int) -> list[EssayInput]:
     essays = request.essays_for_cj
     if len(essays) < 2:
         raise RequestRejected(

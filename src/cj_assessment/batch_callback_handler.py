@@ -155,14 +155,20 @@ class BatchCallbackHandler:
         )
         attempt.is_late = True
         self._metrics.late_results.inc()
-        log.info("late_result_stored", cj_batch_id=attempt.cj_batch_id, comparison_id=str(attempt.comparison_id))
+        log.info(
+            "late_result_stored",
+            cj_batch_id=attempt.cj_batch_id,
+            comparison_id=str(attempt.comparison_id),
+        )
         return ResultOutcome.LATE
 
     def _count(
         self, attempt: CJComparisonPair, disposition: Disposition, reason: str | None, now: datetime
     ) -> None:
         if attempt.submitted_at is not None:
-            self._metrics.callback_latency.observe(max(0.0, (now - attempt.submitted_at).total_seconds()))
+            self._metrics.callback_latency.observe(
+                max(0.0, (now - attempt.submitted_at).total_seconds())
+            )
         match disposition:
             case Disposition.SUCCEEDED | Disposition.RESCUED:
                 self._metrics.comparisons_succeeded.inc()

@@ -313,7 +313,9 @@ def record_outcome(
     retries_sent = attempt.attempt - 1
     if retries_sent >= max_retry_attempts:
         it = progress.iteration(attempt.iteration)
-        progress = _with_iteration(progress, replace(it, permanently_failed=it.permanently_failed + 1))
+        progress = _with_iteration(
+            progress, replace(it, permanently_failed=it.permanently_failed + 1)
+        )
         pool = progress.pool.count_failure().count_permanent_failure()
         return replace(progress, failed=progress.failed + 1, pool=pool), (
             Disposition.PERMANENTLY_FAILED

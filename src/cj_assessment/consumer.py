@@ -138,7 +138,9 @@ class EventConsumer:
                         kind = PermanentError
                     else:
                         kind = TransientError
-                    log.exception("record_failed_unexpectedly", topic=record.topic, offset=record.offset)
+                    log.exception(
+                        "record_failed_unexpectedly", topic=record.topic, offset=record.offset
+                    )
                 if kind is PermanentError:
                     await self._dead_letter(record, exc)
                     return True
@@ -231,7 +233,8 @@ class EventConsumer:
             return await self._in_transaction(record, envelope, _duplicate)
         try:
             new = await self._accept(request, envelope, bos_batch_id, correlation_id)
-        except RequestRejected:
+        except RequestRejected as exc:
+            rejected = exc
             count = len(request.essays_for_cj)
 
             async def reject(repo: AssessmentRepository, now: datetime) -> str:
@@ -273,8 +276,10 @@ class EventConsumer:
         )
         texts = []
         for essay in essays:
-            text = essay.text if essay.text is not None else await self._content.fetch(
-                essay.essay_id, essay.text_storage_id or ""
+            text = (
+                essay.text
+                if essay.text is not None
+                else await self._content.fetch(essay.essay_id, essay.text_storage_id or "")
             )
             texts.append(
                 (
@@ -283,7 +288,9 @@ class EventConsumer:
                     check_essay_text(essay.essay_id, text, max_chars=s.max_essay_chars),
                 )
             )
-        overrides = (request.llm_config_overrides.model_dump() if request.llm_config_overrides else {})
+        overrides = (
+            request.llm_config_overrides.model_dump() if request.llm_config_overrides else {}
+        )
         llm = {
             "model_override": overrides.get("model_override") or s.llm_default_model,
             "temperature_override": overrides.get("temperature_override")

@@ -44,9 +44,7 @@ class HttpContentClient:
                         break
             except (aiohttp.ClientError, TimeoutError) as exc:
                 reason = type(exc).__name__
-            log.warning(
-                "content_fetch_retry", essay_id=essay_id, attempt=attempt, reason=reason
-            )
+            log.warning("content_fetch_retry", essay_id=essay_id, attempt=attempt, reason=reason)
             if attempt < self._attempts:
                 await asyncio.sleep(0.2 * 2 ** (attempt - 1))
         raise ContentUnavailable(essay_id, reason)

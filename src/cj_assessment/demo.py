@@ -67,7 +67,11 @@ async def run_demo(*, timeout: float = 120.0) -> int:
         await watcher.start()
         await publish(
             settings,
-            [request_envelope(bos_batch_id=bos_batch_id, essays=essays, instructions=SAMPLE_INSTRUCTIONS)],
+            [
+                request_envelope(
+                    bos_batch_id=bos_batch_id, essays=essays, instructions=SAMPLE_INSTRUCTIONS
+                )
+            ],
         )
         print(
             f"submitted {len(essays)} sample essays as {bos_batch_id} "

@@ -16,18 +16,24 @@ class Metrics:
             registry=r,
         )
         self.dead_letters = Counter(
-            "cj_dead_letters_total", "Records sent to a dead-letter topic", ["topic", "reason"],
+            "cj_dead_letters_total",
+            "Records sent to a dead-letter topic",
+            ["topic", "reason"],
             registry=r,
         )
         self.transient_retries = Counter(
-            "cj_transient_retries_total", "Records retried after a transient error", ["topic"],
+            "cj_transient_retries_total",
+            "Records retried after a transient error",
+            ["topic"],
             registry=r,
         )
         self.submission_batches = Counter(
             "cj_submission_batches_total", "Submission batches sent", ["kind"], registry=r
         )
         self.comparisons_requested = Counter(
-            "cj_comparisons_requested_total", "Comparison requests sent (attempts)", ["kind"],
+            "cj_comparisons_requested_total",
+            "Comparison requests sent (attempts)",
+            ["kind"],
             registry=r,
         )
         self.comparisons_succeeded = Counter(
@@ -79,12 +85,12 @@ class Metrics:
             "cj_late_results_total", "Results for finished assessments", registry=r
         )
         self.monitor_actions = Counter(
-            "cj_monitor_actions_total", "Actions of the stuck-assessment monitor", ["action"],
+            "cj_monitor_actions_total",
+            "Actions of the stuck-assessment monitor",
+            ["action"],
             registry=r,
         )
-        self.outbox_backlog = Gauge(
-            "cj_outbox_backlog", "Unpublished outbox rows", registry=r
-        )
+        self.outbox_backlog = Gauge("cj_outbox_backlog", "Unpublished outbox rows", registry=r)
         self.outbox_oldest_age = Gauge(
             "cj_outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row", registry=r
         )

@@ -25,6 +25,15 @@ from cj_assessment.workflow_orchestrator import WorkflowOrchestrator, context_of
 log = structlog.get_logger(__name__)
 
 CLAIM_LIMIT = 50
+STATES = (
+    "INITIALIZING",
+    "GENERATING_PAIRS",
+    "WAITING_CALLBACKS",
+    "SCORING",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+)
 
 
 class StuckAssessmentMonitor:
@@ -72,6 +81,10 @@ class StuckAssessmentMonitor:
             idle = await AssessmentRepository(session).states_idle_since(idle_since, CLAIM_LIMIT)
         for cj_batch_id in idle:
             actions += await self._drive_idle(cj_batch_id, now)
+        async with self._sessions() as session:
+            counts = await AssessmentRepository(session).count_by_state()
+        for state in STATES:
+            self._metrics.assessments_by_state.labels(state).set(counts.get(state, 0))
         return actions
 
     async def _time_out(

@@ -23,10 +23,10 @@ _CLAIM = text(
     "SELECT id, topic, message_key, payload FROM cj_event_outbox"
     " WHERE published_at IS NULL ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
 )
-_MARK = text("UPDATE cj_event_outbox SET published_at = :now WHERE id = ANY(CAST(:ids AS bigint[]))")
-_BACKLOG = text(
-    "SELECT count(*), min(created_at) FROM cj_event_outbox WHERE published_at IS NULL"
+_MARK = text(
+    "UPDATE cj_event_outbox SET published_at = :now WHERE id = ANY(CAST(:ids AS bigint[]))"
 )
+_BACKLOG = text("SELECT count(*), min(created_at) FROM cj_event_outbox WHERE published_at IS NULL")
 
 
 class OutboxRelay:

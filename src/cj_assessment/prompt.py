@@ -8,7 +8,8 @@ import secrets
 
 _MARKER_RE = re.compile(r"<<<\s*/?\s*ESSAY[^>]*>>>", re.IGNORECASE)
 _BOUNDARY_RE = re.compile(
-    r"<<<ESSAY (?P<label>[AB]) (?P<token>[0-9a-f]{16})>>>\n(?P<body>.*?)\n<<</ESSAY (?P=label) (?P=token)>>>",
+    r"<<<ESSAY (?P<label>[AB]) (?P<token>[0-9a-f]{16})>>>\n(?P<body>.*?)\n"
+    r"<<</ESSAY (?P=label) (?P=token)>>>",
     re.DOTALL,
 )
 

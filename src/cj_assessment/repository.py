@@ -62,7 +62,11 @@ class AssessmentRepository:
         stmt = (
             insert(InboxRecord)
             .values(
-                event_id=event_id, topic=topic, partition=partition, offset=offset, outcome="handled"
+                event_id=event_id,
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                outcome="handled",
             )
             .on_conflict_do_nothing(index_elements=[InboxRecord.event_id])
             .returning(InboxRecord.event_id)
@@ -79,7 +83,12 @@ class AssessmentRepository:
             return
         stmt = insert(OutboxMessage).values(
             [
-                {"event_id": r.event_id, "topic": r.topic, "message_key": r.key, "payload": r.payload}
+                {
+                    "event_id": r.event_id,
+                    "topic": r.topic,
+                    "message_key": r.key,
+                    "payload": r.payload,
+                }
                 for r in rows
             ]
         )
@@ -199,7 +208,9 @@ class AssessmentRepository:
         )
         await self.session.flush()
 
-    async def lock_state(self, cj_batch_id: int, *, skip_locked: bool = False) -> CJBatchState | None:
+    async def lock_state(
+        self, cj_batch_id: int, *, skip_locked: bool = False
+    ) -> CJBatchState | None:
         stmt = (
             select(CJBatchState)
             .where(CJBatchState.cj_batch_id == cj_batch_id)
@@ -251,6 +262,10 @@ class AssessmentRepository:
             .with_for_update(skip_locked=True)
         )
         return list((await self.session.execute(stmt)).scalars())
+
+    async def count_by_state(self) -> dict[str, int]:
+        stmt = select(CJBatchState.state, func.count()).group_by(CJBatchState.state)
+        return {row[0]: int(row[1]) for row in (await self.session.execute(stmt)).all()}
 
     async def assessments_with_overdue_attempts(self, moment: datetime, limit: int) -> list[int]:
         stmt = (
@@ -333,7 +348,9 @@ class AssessmentRepository:
     async def successful_outcomes(self, cj_batch_id: int) -> list[tuple[str, str]]:
         """(winner, loser) of every comparison answered with a winner."""
         stmt = select(
-            CJComparisonPair.essay_a_els_id, CJComparisonPair.essay_b_els_id, CJComparisonPair.winner
+            CJComparisonPair.essay_a_els_id,
+            CJComparisonPair.essay_b_els_id,
+            CJComparisonPair.winner,
         ).where(
             CJComparisonPair.cj_batch_id == cj_batch_id,
             CJComparisonPair.status == AttemptStatus.SUCCEEDED.value,
@@ -346,5 +363,7 @@ class AssessmentRepository:
         return int((await self.session.execute(stmt)).scalar_one())
 
     async def store_unmatched(self, correlation_id: str, reason: str, payload: str) -> None:
-        self.session.add(UnmatchedResult(correlation_id=correlation_id, reason=reason, payload=payload))
+        self.session.add(
+            UnmatchedResult(correlation_id=correlation_id, reason=reason, payload=payload)
+        )
         await self.session.flush()

@@ -65,7 +65,9 @@ class Settings(BaseSettings):
     failed_comparison_retry_threshold: int = Field(
         20, ge=1, description="Retryable pool entries that trigger a retry batch"
     )
-    max_retry_attempts: int = Field(3, ge=0, description="Retries before a comparison fails for good")
+    max_retry_attempts: int = Field(
+        3, ge=0, description="Retries before a comparison fails for good"
+    )
     min_success_rate: float = Field(
         0.8, ge=0.0, le=1.0, description="Successful share below which an assessment fails"
     )
@@ -95,7 +97,9 @@ class Settings(BaseSettings):
     # LLM defaults forwarded to the provider
     llm_default_provider: str | None = Field(None, description="Provider when not overridden")
     llm_default_model: str | None = Field(None, description="Model when not overridden")
-    llm_default_temperature: float | None = Field(0.1, description="Temperature when not overridden")
+    llm_default_temperature: float | None = Field(
+        0.1, description="Temperature when not overridden"
+    )
     llm_default_max_tokens: int | None = Field(512, description="Max tokens when not overridden")
 
     # Operations

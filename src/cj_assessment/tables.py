@@ -166,7 +166,9 @@ class OutboxMessage(Base):
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
-        Index("ix_cj_event_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
+        Index(
+            "ix_cj_event_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")
+        ),
     )
 
 

@@ -78,7 +78,9 @@ class ServiceProvider(Provider):
         return WorkflowOrchestrator(settings, batches, metrics)
 
     @provide
-    def callbacks(self, orchestrator: WorkflowOrchestrator, metrics: Metrics) -> BatchCallbackHandler:
+    def callbacks(
+        self, orchestrator: WorkflowOrchestrator, metrics: Metrics
+    ) -> BatchCallbackHandler:
         return BatchCallbackHandler(orchestrator, metrics)
 
     @provide
@@ -111,8 +113,15 @@ class ServiceProvider(Provider):
         clock: Clock,
     ) -> EventConsumer:
         return EventConsumer(
-            settings, sessions, orchestrator, callbacks, content, producer, metrics,
-            on_commit=relay.notify, clock=clock,
+            settings,
+            sessions,
+            orchestrator,
+            callbacks,
+            content,
+            producer,
+            metrics,
+            on_commit=relay.notify,
+            clock=clock,
         )
 
     @provide

@@ -283,9 +283,7 @@ class WorkflowOrchestrator:
             ),
             None,
         )
-        change = (
-            max(abs(scores[e] - previous.get(e, 0.0)) for e in scores) if previous else None
-        )
+        change = max(abs(scores[e] - previous.get(e, 0.0)) for e in scores) if previous else None
         progress = batch_state.close_iteration(
             progress,
             iteration=iteration,
@@ -397,9 +395,7 @@ class WorkflowOrchestrator:
             data=event,
             now=now,
         )
-        await repo.add_outbox(
-            [OutboxRow.of(envelope, topic, ctx.bos_batch_id)]
-        )
+        await repo.add_outbox([OutboxRow.of(envelope, topic, ctx.bos_batch_id)])
         self._metrics.assessments.labels("completed").inc()
         log.info(
             "assessment_completed",
@@ -513,5 +509,3 @@ class WorkflowOrchestrator:
             now=now,
         )
         await repo.add_outbox([OutboxRow.of(envelope, topic, bos_batch_id)])
-
-

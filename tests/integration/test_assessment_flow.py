@@ -32,7 +32,9 @@ async def test_twenty_essays_end_in_one_completed_event_ranking_every_essay(
     essays = _essays(20)
     async with running_system(settings, provider_config(settings)) as system:
         await system.submit(
-            request_envelope(bos_batch_id="flow-20", essays=essays, instructions=SAMPLE_INSTRUCTIONS)
+            request_envelope(
+                bos_batch_id="flow-20", essays=essays, instructions=SAMPLE_INSTRUCTIONS
+            )
         )
         outcome = (await system.watcher.wait_for(["flow-20"], timeout=90, settle=1.0))["flow-20"]
         assert len(system.watcher.outcomes_for("flow-20")) == 1
@@ -173,7 +175,9 @@ async def test_serve_refuses_to_start_on_an_unmigrated_database(
     async with admin.connect() as conn:
         await conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        settings = system_settings(kafka_bootstrap, postgres_server_url.rsplit("/", 1)[0] + f"/{name}")
+        settings = system_settings(
+            kafka_bootstrap, postgres_server_url.rsplit("/", 1)[0] + f"/{name}"
+        )
         try:
             await asyncio.wait_for(serve(settings), timeout=30)
             raise AssertionError("serve started on an unmigrated database")

@@ -36,12 +36,19 @@ async def test_sixty_essays_with_errors_and_stragglers_complete_once_within_batc
         drain_timeout_s=2.0,
     )
     essays = _essays(60)
-    overrides = {"batch_size": 25, "max_concurrent_batches": 2, "partial_completion_threshold": 0.85}
+    overrides = {
+        "batch_size": 25,
+        "max_concurrent_batches": 2,
+        "partial_completion_threshold": 0.85,
+    }
     async with running_system(settings, provider) as system:
         await system.submit(
-            request_envelope(bos_batch_id="batch-60", essays=essays, batch_config_overrides=overrides)
+            request_envelope(
+                bos_batch_id="batch-60", essays=essays, batch_config_overrides=overrides
+            )
         )
         outcome = (await system.watcher.wait_for(["batch-60"], timeout=120))["batch-60"]
+
         # Let every straggler arrive so that late results are recorded.
         async def stragglers_recorded() -> bool:
             await system.watcher.poll()

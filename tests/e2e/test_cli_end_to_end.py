@@ -1,0 +1,123 @@
+"""Through the command line, as an operator runs it: `migrate`, `serve` and `provider` as
+separate processes, `submit --wait` as the pipeline."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from scipy.stats import spearmanr
+
+from cj_assessment.embedded import free_port
+from cj_assessment.pipeline_client import OutcomeWatcher
+from cj_assessment.samples import load_sample_essays
+from cj_assessment.simulated_judge import latent_quality
+from tests.support.harness import system_settings
+
+CLI = [sys.executable, "-m", "cj_assessment.cli"]
+
+
+def _env(settings) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CJ_")}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"CJ_{name.upper()}"] = (
+                str(value).lower() if isinstance(value, bool) else str(value)
+            )
+    env["CJ_PROVIDER_LATENCY_MEDIAN_MS"] = "20"
+    env["CJ_PROVIDER_SEED"] = "5"
+    env["CJ_PROVIDER_GROUP_ID"] = f"{settings.kafka_consumer_group}-provider"
+    return env
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def _wait_http(port: int, path: str, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as response:
+                return int(response.status)
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{path} did not answer on port {port}")
+
+
+@pytest.mark.slow
+async def test_cli_ranks_twenty_essays_once_through_separate_processes(
+    kafka_bootstrap: str, database_url: str, tmp_path: Path
+) -> None:
+    settings = system_settings(kafka_bootstrap, database_url, http_port=free_port())
+    env = _env(settings)
+    essays = dict(list(load_sample_essays().items())[:20])
+    folder = tmp_path / "essays"
+    folder.mkdir()
+    for essay_id, body in essays.items():
+        (folder / f"{essay_id}.txt").write_text(body, encoding="utf-8")
+
+    migrated = subprocess.run([*CLI, "migrate"], env=env, capture_output=True, timeout=60)
+    assert migrated.returncode == 0, migrated.stderr.decode()
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    serve = subprocess.Popen(
+        [*CLI, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=(logs / "serve.log").open("w")
+    )
+    provider = subprocess.Popen(
+        [*CLI, "provider", "--backend", "simulated"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(logs / "provider.log").open("w"),
+    )
+    watcher = OutcomeWatcher(settings)
+    await watcher.start()
+    try:
+        assert _wait_http(settings.http_port, "/healthz", 30) == 200
+        assert _wait_http(settings.http_port, "/readyz", 30) == 200
+        submitted = subprocess.run(
+            [*CLI, "submit", str(folder), "--batch-id", "cli-e2e", "--wait", "--timeout", "120"],
+            env=env,
+            capture_output=True,
+            timeout=180,
+        )
+        assert submitted.returncode == 0, submitted.stderr.decode()[-2000:]
+        printed = submitted.stdout.decode()
+        assert "reliability" in printed and "cli-e2e" in printed
+
+        outcomes = await watcher.wait_for(["cli-e2e"], timeout=30, settle=2.0)
+        assert len(watcher.outcomes_for("cli-e2e")) == 1
+        metrics = _get(f"http://127.0.0.1:{settings.http_port}/metrics")
+        assert 'cj_assessments_total{outcome="completed"} 1.0' in metrics
+        assert "cj_comparisons_succeeded_total" in metrics
+    finally:
+        await watcher.stop()
+        for process in (serve, provider):
+            process.send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=40) for p in (serve, provider)]
+    assert codes == [0, 0], [(logs / f).read_text()[-2000:] for f in ("serve.log", "provider.log")]
+
+    data = outcomes["cli-e2e"]["data"]
+    ranked = [r["els_essay_id"] for r in data["rankings"]]
+    assert sorted(ranked) == sorted(essays)
+    assert len(ranked) == len(set(ranked)) == 20
+    rho = spearmanr(
+        [r["score"] for r in data["rankings"]], [latent_quality(essays[e]) for e in ranked]
+    ).statistic
+    assert rho >= 0.8, rho
+    serve_log = (logs / "serve.log").read_text()
+    for body in essays.values():
+        assert body[:60] not in serve_log
+
+
+def test_cli_is_installed_as_a_console_script() -> None:
+    assert shutil.which("cj-assessment") or Path(sys.executable).with_name("cj-assessment").exists()
