@@ -1,0 +1,100 @@
+"""Essay text from the Content Service, and the monitor driving assessments nobody answers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from cj_assessment.embedded import free_port
+from cj_assessment.pipeline_client import request_envelope
+from tests.integration.test_assessment_flow import _essays
+from tests.support.harness import provider_config, running_system, system_settings
+
+
+@pytest.fixture
+async def content_service() -> AsyncIterator[tuple[str, dict[str, str]]]:
+    store: dict[str, str] = {}
+
+    async def get(request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        if key not in store:
+            return web.Response(status=404)
+        return web.Response(text=store[key])
+
+    app = web.Application()
+    app.router.add_get("/v1/content/{key}", get)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/v1/content", store
+    finally:
+        await runner.cleanup()
+
+
+def _by_reference(envelope: dict, drop_text: set[str]) -> dict:
+    for essay in envelope["data"]["essays_for_cj"]:
+        if essay["essay_id"] in drop_text:
+            essay.pop("text")
+    return envelope
+
+
+async def test_essays_without_inline_text_are_fetched_and_a_missing_one_fails_naming_it(
+    kafka_bootstrap: str, database_url: str, content_service: tuple[str, dict[str, str]]
+) -> None:
+    url, store = content_service
+    settings = system_settings(
+        kafka_bootstrap, database_url, content_service_url=url, content_fetch_attempts=2
+    )
+    essays = _essays(6)
+    for essay_id, body in essays.items():
+        store[f"inline-{essay_id}"] = body
+    fetched = _by_reference(request_envelope(bos_batch_id="fetched", essays=essays), set(essays))
+    missing = _by_reference(
+        request_envelope(bos_batch_id="missing", essays={**essays, "ghost": "x"}), {"ghost"}
+    )
+    async with running_system(settings, provider_config(settings)) as system:
+        await system.submit(fetched, missing)
+        outcomes = await system.watcher.wait_for(["fetched", "missing"], timeout=60)
+        stored = await system.rows(
+            "SELECT e.els_essay_id, e.assessment_input_text FROM cj_processed_essays e"
+            " JOIN cj_batch_uploads u ON u.id = e.cj_batch_id WHERE u.bos_batch_id = 'fetched'"
+        )
+    assert outcomes["fetched"]["data"]["status"] == "completed_successfully"
+    assert dict(stored) == essays
+    info = outcomes["missing"]["data"]["system_metadata"]["error_info"]
+    assert info["error_code"] == "CONTENT_UNAVAILABLE"
+    assert "ghost" in info["error_message"] and info["context"]["essay_id"] == "ghost"
+
+
+async def test_monitor_times_out_unanswered_comparisons_and_fails_the_assessment_clearly(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    settings = system_settings(
+        kafka_bootstrap,
+        database_url,
+        callback_wait_timeout_seconds=0.5,
+        batch_timeout_seconds=2.0,
+        monitor_interval_seconds=0.3,
+        max_retry_attempts=1,
+    )
+    async with running_system(settings, provider=None) as system:
+        await system.submit(request_envelope(bos_batch_id="unanswered", essays=_essays(6)))
+        outcome = (await system.watcher.wait_for(["unanswered"], timeout=60, settle=1.0))[
+            "unanswered"
+        ]
+        assert len(system.watcher.outcomes_for("unanswered")) == 1
+        attempts = await system.rows(
+            "SELECT attempt, status, error_code FROM cj_comparison_pairs ORDER BY id"
+        )
+    info = outcome["data"]["system_metadata"]["error_info"]
+    assert info["error_code"] == "NO_SCORABLE_ESSAYS"
+    assert info["context"]["comparisons_succeeded"] == 0
+    first = [a for a in attempts if a.attempt == 1]
+    retries = [a for a in attempts if a.attempt == 2]
+    assert first and len(retries) == len(first)
+    assert {a.status for a in attempts} == {"timed_out"}
+    assert {a.error_code for a in attempts} == {"TIMEOUT"}
