@@ -29,7 +29,13 @@ class ResultOutcome(StrEnum):
     INTEGRITY = "integrity"
 
 
-def _attempt_view(row: CJComparisonPair, resolved: bool) -> AttemptView:
+async def _attempt_view(
+    repo: AssessmentRepository, row: CJComparisonPair, max_retry_attempts: int
+) -> AttemptView:
+    siblings = await repo.sibling_attempts(row.comparison_id)
+    resolved = batch_state.comparison_resolved(
+        [(AttemptStatus(status), number) for status, number in siblings], max_retry_attempts
+    )
     return AttemptView(
         comparison_id=str(row.comparison_id),
         correlation_id=str(row.request_correlation_id),
@@ -81,13 +87,9 @@ class BatchCallbackHandler:
         reason = "integrity" if mismatch else (None if succeeded else _error_reason(result))
         upload = await repo.upload(attempt.cj_batch_id)
         ctx = context_of(upload, state)
-        siblings = await repo.sibling_attempts(attempt.comparison_id)
-        resolved = batch_state.comparison_resolved(
-            [(AttemptStatus(s), n) for s, n in siblings], ctx.config.max_retry_attempts
-        )
         progress, disposition = batch_state.record_outcome(
             progress_of(state),
-            _attempt_view(attempt, resolved),
+            await _attempt_view(repo, attempt, ctx.config.max_retry_attempts),
             succeeded=succeeded,
             failure_reason=reason,
             now=utc_iso(now),
@@ -117,13 +119,9 @@ class BatchCallbackHandler:
         progress = progress_of(state)
         timed_out = 0
         for attempt in attempts:
-            siblings = await repo.sibling_attempts(attempt.comparison_id)
-            resolved = batch_state.comparison_resolved(
-                [(AttemptStatus(s), n) for s, n in siblings], ctx.config.max_retry_attempts
-            )
             progress, disposition = batch_state.record_outcome(
                 progress,
-                _attempt_view(attempt, resolved),
+                await _attempt_view(repo, attempt, ctx.config.max_retry_attempts),
                 succeeded=False,
                 failure_reason="timeout",
                 now=utc_iso(now),
