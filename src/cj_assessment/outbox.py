@@ -8,6 +8,7 @@ event id, which consumers deduplicate."""
 from __future__ import annotations
 
 import asyncio
+import os
 from datetime import UTC, datetime
 
 import structlog
@@ -38,6 +39,7 @@ class OutboxRelay:
         *,
         batch_size: int,
         poll_interval: float,
+        kill_after_ack: bool = False,
     ) -> None:
         self._sessions = sessions
         self._producer = producer
@@ -45,6 +47,7 @@ class OutboxRelay:
         self._batch_size = batch_size
         self._poll_interval = poll_interval
         self._wake = asyncio.Event()
+        self._kill_after_ack = kill_after_ack
 
     def notify(self) -> None:
         """A handler committed outbox rows: publish without waiting for the next poll."""
@@ -85,6 +88,9 @@ class OutboxRelay:
                 for _, topic, key, payload in rows
             ]
             await asyncio.gather(*futures)
+            if self._kill_after_ack:
+                log.warning("fault_hook_exit", rows=len(rows))
+                os._exit(18)
             await session.execute(
                 _MARK, {"ids": [row[0] for row in rows], "now": datetime.now(UTC)}
             )

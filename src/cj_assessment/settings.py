@@ -108,3 +108,6 @@ class Settings(BaseSettings):
     fault_kill_after_db_commit: bool = Field(
         False, description="Test hook: exit abruptly after a handler's commit, before the offset"
     )
+    fault_kill_after_relay_ack: bool = Field(
+        False, description="Test hook: exit abruptly after the broker acked, before marking rows"
+    )

@@ -97,6 +97,7 @@ class ServiceProvider(Provider):
             metrics,
             batch_size=settings.outbox_batch_size,
             poll_interval=settings.outbox_poll_interval_seconds,
+            kill_after_ack=settings.fault_kill_after_relay_ack,
         )
 
     @provide

@@ -8,6 +8,7 @@ assessment's state row is locked; finishing is a compare-and-set on that row."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -61,6 +62,13 @@ class NewAssessment:
     assignment_id: str | None
     user_id: str | None
     org_id: str | None
+
+
+def hashed_user(user_id: str | None) -> str | None:
+    """User ids are personal data: logs carry a short one-way hash instead."""
+    if not user_id:
+        return None
+    return hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:12]
 
 
 def context_of(upload: CJBatchUpload, state: CJBatchState) -> AssessmentContext:
@@ -126,6 +134,7 @@ class WorkflowOrchestrator:
             cj_batch_id=cj_batch_id,
             bos_batch_id=new.bos_batch_id,
             essays=len(new.essays),
+            user=hashed_user(new.user_id),
             effective_config=new.config.to_json(),
         )
         self._metrics.assessments_started.inc()

@@ -86,7 +86,7 @@ async def running_system(
     stop = asyncio.Event()
     watcher = OutcomeWatcher(settings)
     await watcher.start()
-    engine = create_async_engine(settings.database_url)
+    engine = create_async_engine(settings.database_url, pool_pre_ping=True)
     system = RunningSystem(settings, watcher, engine)
     for i in range(instances):
         instance = settings if i == 0 else settings.model_copy(update={"http_port": free_port()})

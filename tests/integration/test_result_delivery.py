@@ -1,0 +1,195 @@
+"""Effectively-once handling of what the broker and the provider actually deliver: repeats,
+repeats under new event ids, shuffling, unknown correlation ids, late results, poison records,
+and a database that goes away for ten seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from cj_assessment.database import migrate
+from cj_assessment.embedded import EmbeddedPostgres
+from cj_assessment.pipeline_client import request_envelope, sleep_until
+from tests.integration.test_assessment_flow import _essays
+from tests.support.harness import provider_config, running_system, system_settings
+from tests.support.replaying_judge import ReplayingJudge
+
+SENTINEL = "SENTINEL-c0ffee-7f3a"
+
+
+async def _read_all(bootstrap: str, topic: str, expected: int, timeout: float = 15) -> list:
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        group_id=f"reader-{uuid.uuid4().hex[:6]}",
+    )
+    await consumer.start()
+    records: list = []
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            batch = await consumer.getmany(timeout_ms=250)
+            records += [r for rs in batch.values() for r in rs]
+            if len(records) >= expected:
+                await asyncio.sleep(0.5)
+                batch = await consumer.getmany(timeout_ms=250)
+                records += [r for rs in batch.values() for r in rs]
+                break
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def test_repeated_shuffled_unknown_and_late_results_change_nothing_twice(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    settings = system_settings(kafka_bootstrap, database_url)
+    judge = ReplayingJudge(settings)
+    stop_judge = asyncio.Event()
+    async with running_system(settings, provider=None) as system:
+        judge_task = asyncio.create_task(judge.run(stop_judge))
+        await system.submit(request_envelope(bos_batch_id="replayed", essays=_essays(16)))
+        await system.watcher.wait_for(["replayed"], timeout=90)
+        late = await judge.release_held_back()
+        # Everything delivered again after the end, under new event ids.
+        await judge.send([{**e, "event_id": str(uuid.uuid4())} for e in judge.delivered])
+
+        async def all_handled() -> bool:
+            await system.watcher.poll()
+            handled = await system.rows(
+                "SELECT count(*) FROM cj_event_inbox WHERE topic = :t",
+                t=settings.topic_llm_comparison_result,
+            )
+            return handled[0][0] >= 3 * len(judge.delivered) + late + judge.unknown_sent
+
+        assert await sleep_until(all_handled, timeout=60)
+        stop_judge.set()
+        await judge_task
+        await judge.close()
+        events = system.watcher.outcomes_for("replayed")
+        state = (await system.rows("SELECT completed_comparisons FROM cj_batch_states"))[0][0]
+        succeeded = await system.rows(
+            "SELECT count(*) FROM cj_comparison_pairs WHERE status = 'succeeded' AND NOT is_late"
+        )
+        late_rows = await system.rows("SELECT count(*) FROM cj_comparison_pairs WHERE is_late")
+        orphans = await system.rows("SELECT count(*) FROM cj_unmatched_results")
+        outcomes = dict(
+            await system.rows(
+                "SELECT outcome, count(*) FROM cj_event_inbox WHERE topic = :t GROUP BY outcome",
+                t=settings.topic_llm_comparison_result,
+            )
+        )
+    assert late > 0
+    assert len(events) == 1
+    summary = events[0]["data"]["processing_summary"]
+    assert state == succeeded[0][0] == summary["comparisons_succeeded"]
+    assert orphans[0][0] == judge.unknown_sent == outcomes["orphan"]
+    assert late_rows[0][0] == outcomes["late"] >= late
+    # Of each answer's two event ids the first to arrive is handled and the other is a
+    # duplicate, so is the whole replay after the end; repeats under the same event id never
+    # reach a handler (the inbox holds each event id once).
+    assert outcomes["duplicate"] == 2 * len(judge.delivered)
+    assert outcomes["handled"] + outcomes["late"] == len(judge.delivered) + late
+
+
+async def test_poison_records_on_both_topics_are_dead_lettered_and_the_next_record_handled(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    settings = system_settings(kafka_bootstrap, database_url)
+    valid_request = request_envelope(bos_batch_id="after-poison", essays=_essays(4))
+    wrong_request = request_envelope(bos_batch_id="wrong", essays=_essays(2))
+    wrong_request["data"]["essays_for_cj"] = f"{SENTINEL} not a list"
+    nul_request = request_envelope(bos_batch_id=f"nul\u0000{SENTINEL}", essays=_essays(2))
+    wrong_result = {
+        "event_id": str(uuid.uuid4()),
+        "event_type": "LLMComparisonResultV1",
+        "data": {"correlation_id": str(uuid.uuid4()), "winner": f"Essay C {SENTINEL}"},
+    }
+    nul_result = {
+        "event_id": str(uuid.uuid4()),
+        "event_type": "LLMComparisonResultV1",
+        "data": {"correlation_id": f"x\u0000{SENTINEL}", "winner": "Essay A"},
+    }
+    poison = [
+        f"not json {SENTINEL}".encode(),
+        b"{}",
+    ]
+    per_topic = {
+        settings.topic_assessment_requested: [*poison, *map(_json, (wrong_request, nul_request))],
+        settings.topic_llm_comparison_result: [*poison, *map(_json, (wrong_result, nul_result))],
+    }
+    async with running_system(settings, provider_config(settings)) as system:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=False)
+        await producer.start()
+        try:
+            for topic, values in per_topic.items():
+                for value in values:
+                    await producer.send_and_wait(topic, value, key=b"poison")
+        finally:
+            await producer.stop()
+        await system.submit(valid_request)
+        outcome = (await system.watcher.wait_for(["after-poison"], timeout=60))["after-poison"]
+        system.check_alive()
+        dead = {
+            topic: await _read_all(kafka_bootstrap, f"{topic}.dlt", len(values))
+            for topic, values in per_topic.items()
+        }
+    assert outcome["data"]["status"] == "completed_successfully"
+    for topic, values in per_topic.items():
+        records = dead[topic]
+        assert sorted(r.value for r in records) == sorted(values)
+        for record in records:
+            headers = dict(record.headers)
+            assert headers["dlt.source.topic"].decode() == topic
+            assert int(headers["dlt.source.offset"]) >= 0
+            assert record.key == b"poison"
+            assert all(SENTINEL.encode() not in v for v in headers.values())
+
+
+async def test_database_away_for_ten_seconds_loses_nothing_and_the_assessment_completes(
+    kafka_bootstrap: str,
+) -> None:
+    postgres = EmbeddedPostgres().start()
+    try:
+        await asyncio.to_thread(migrate, postgres.url)
+        settings = system_settings(kafka_bootstrap, postgres.url)
+        provider = provider_config(settings, latency_median_ms=150)
+        async with running_system(settings, provider) as system:
+            await system.submit(request_envelope(bos_batch_id="outage", essays=_essays(30)))
+
+            async def underway() -> bool:
+                done = await system.rows(
+                    "SELECT count(*) FROM cj_comparison_pairs WHERE status = 'succeeded'"
+                )
+                return done[0][0] >= 20
+
+            assert await sleep_until(underway, timeout=60)
+            postgres.pause()
+            await asyncio.sleep(10)
+            postgres.resume()
+            outcome = (await system.watcher.wait_for(["outage"], timeout=120, settle=1.0))["outage"]
+            assert len(system.watcher.outcomes_for("outage")) == 1
+            system.check_alive()
+            dead = [
+                await _read_all(kafka_bootstrap, f"{topic}.dlt", 1, timeout=3)
+                for topic in (
+                    settings.topic_assessment_requested,
+                    settings.topic_llm_comparison_result,
+                )
+            ]
+            succeeded = await system.rows(
+                "SELECT count(*) FROM cj_comparison_pairs WHERE status = 'succeeded'"
+            )
+    finally:
+        postgres.stop()
+    assert outcome["data"]["status"] == "completed_successfully"
+    assert dead == [[], []]
+    assert outcome["data"]["processing_summary"]["comparisons_succeeded"] <= succeeded[0][0]
+
+
+def _json(value: dict) -> bytes:
+    return json.dumps(value).encode()
