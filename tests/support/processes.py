@@ -29,6 +29,7 @@ def environment(settings: Settings, **extra: str) -> dict[str, str]:
 class CliProcess:
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
+        self.env = env
         self._handle = log.open("a")
         self.process = subprocess.Popen(
             [*CLI, *args], env=env, stdout=self._handle, stderr=subprocess.STDOUT
