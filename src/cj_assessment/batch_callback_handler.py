@@ -1,10 +1,11 @@
-"""batch_callback_handler: records one comparison result (or timeout) and calls back into the
+"""batch_callback_handler: records comparison results (or timeouts) and calls back into the
 orchestrator. Results arrive unkeyed, out of order, more than once, late, or for comparisons we
 never sent; each case ends in a stored, counted outcome."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
 
@@ -29,12 +30,12 @@ class ResultOutcome(StrEnum):
     INTEGRITY = "integrity"
 
 
-async def _attempt_view(
-    repo: AssessmentRepository, row: CJComparisonPair, max_retry_attempts: int
+def _attempt_view(
+    row: CJComparisonPair, siblings: dict[int, str], max_retry_attempts: int
 ) -> AttemptView:
-    siblings = await repo.sibling_attempts(row.comparison_id)
     resolved = batch_state.comparison_resolved(
-        [(AttemptStatus(status), number) for status, number in siblings], max_retry_attempts
+        [(AttemptStatus(status), number) for number, status in siblings.items()],
+        max_retry_attempts,
     )
     return AttemptView(
         comparison_id=str(row.comparison_id),
@@ -49,60 +50,93 @@ async def _attempt_view(
     )
 
 
+def _correlation_uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
 class BatchCallbackHandler:
     def __init__(self, orchestrator: WorkflowOrchestrator, metrics: Metrics) -> None:
         self._orchestrator = orchestrator
         self._metrics = metrics
 
-    async def handle_result(
+    async def handle_results(
         self,
         repo: AssessmentRepository,
-        result: LLMComparisonResultV1,
+        results: Sequence[tuple[LLMComparisonResultV1, str]],
         *,
-        raw_payload: str,
         now: datetime,
-    ) -> ResultOutcome:
-        try:
-            correlation_id = uuid.UUID(result.correlation_id)
-        except ValueError:
-            correlation_id = None
-        attempt = await repo.attempt_by_correlation(correlation_id) if correlation_id else None
-        if attempt is None:
-            await repo.store_unmatched(result.correlation_id, "unknown_correlation_id", raw_payload)
-            self._metrics.unmatched_results.labels("unknown_correlation_id").inc()
-            log.warning("result_unmatched", correlation_id=result.correlation_id)
-            return ResultOutcome.ORPHAN
-
-        state = await repo.lock_state(attempt.cj_batch_id)
-        assert state is not None
-        # Re-read under the lock: a concurrent handler may have resolved this attempt.
-        attempt = await repo.attempt_by_correlation(attempt.request_correlation_id)
-        assert attempt is not None
-
-        if state.state in TERMINAL_STATES:
-            return self._store_late(attempt, result, now)
-
-        mismatch = _contradicts_pair(attempt, result)
-        succeeded = result.winner is not None and not mismatch
-        reason = "integrity" if mismatch else (None if succeeded else _error_reason(result))
-        upload = await repo.upload(attempt.cj_batch_id)
-        ctx = context_of(upload, state)
-        progress, disposition = batch_state.record_outcome(
-            progress_of(state),
-            await _attempt_view(repo, attempt, ctx.config.max_retry_attempts),
-            succeeded=succeeded,
-            failure_reason=reason,
-            now=utc_iso(now),
-            max_retry_attempts=ctx.config.max_retry_attempts,
-            threshold=ctx.config.partial_completion_threshold,
+    ) -> list[ResultOutcome]:
+        """Record (result, raw payload) pairs of one poll in the caller's transaction: each
+        assessment is locked once, takes its results in arrival order, and is advanced once."""
+        outcomes: list[ResultOutcome | None] = [None] * len(results)
+        wanted = {i: _correlation_uuid(r.correlation_id) for i, (r, _) in enumerate(results)}
+        owners = await repo.owners_of([c for c in wanted.values() if c is not None])
+        unmatched = [i for i, c in wanted.items() if c is None or c not in owners]
+        await repo.store_unmatched(
+            [
+                (results[i][0].correlation_id, "unknown_correlation_id", results[i][1])
+                for i in unmatched
+            ]
         )
-        if disposition is Disposition.DUPLICATE:
-            return ResultOutcome.DUPLICATE
+        for i in unmatched:
+            outcomes[i] = ResultOutcome.ORPHAN
+            self._metrics.unmatched_results.labels("unknown_correlation_id").inc()
+            log.warning("result_unmatched", correlation_id=results[i][0].correlation_id)
 
-        _store_result(attempt, result, now, disposition=disposition, integrity_failure=mismatch)
-        self._count(attempt, disposition, reason, now)
-        await self._orchestrator.advance(repo, ctx, state, progress, now=now)
-        return ResultOutcome.INTEGRITY if mismatch else ResultOutcome.HANDLED
+        states = await repo.lock_states(list(set(owners.values())))
+        # Read the attempts only under the locks: a concurrent handler may have resolved them.
+        attempts = await repo.attempts_by_correlation(list(owners))
+        siblings = await repo.sibling_attempts([a.comparison_id for a in attempts.values()])
+        uploads = await repo.uploads(list(states))
+        by_assessment: dict[int, list[int]] = {}
+        for i, correlation in wanted.items():
+            if outcomes[i] is None and correlation is not None:
+                by_assessment.setdefault(owners[correlation], []).append(i)
+
+        for cj_batch_id in sorted(by_assessment):
+            state = states[cj_batch_id]
+            indices = by_assessment[cj_batch_id]
+            if state.state in TERMINAL_STATES:
+                for i in indices:
+                    attempt = attempts[wanted[i]]  # type: ignore[index]
+                    outcomes[i] = self._store_late(attempt, results[i][0], now)
+                continue
+            ctx = context_of(uploads[cj_batch_id], state)
+            progress = progress_of(state)
+            changed = False
+            for i in indices:
+                result = results[i][0]
+                attempt = attempts[wanted[i]]  # type: ignore[index]
+                mismatch = _contradicts_pair(attempt, result)
+                succeeded = result.winner is not None and not mismatch
+                reason = "integrity" if mismatch else (None if succeeded else _error_reason(result))
+                progress, disposition = batch_state.record_outcome(
+                    progress,
+                    _attempt_view(
+                        attempt, siblings[attempt.comparison_id], ctx.config.max_retry_attempts
+                    ),
+                    succeeded=succeeded,
+                    failure_reason=reason,
+                    now=utc_iso(now),
+                    max_retry_attempts=ctx.config.max_retry_attempts,
+                    threshold=ctx.config.partial_completion_threshold,
+                )
+                if disposition is Disposition.DUPLICATE:
+                    outcomes[i] = ResultOutcome.DUPLICATE
+                    continue
+                _store_result(
+                    attempt, result, now, disposition=disposition, integrity_failure=mismatch
+                )
+                siblings[attempt.comparison_id][attempt.attempt] = attempt.status
+                self._count(attempt, disposition, reason, now)
+                changed = True
+                outcomes[i] = ResultOutcome.INTEGRITY if mismatch else ResultOutcome.HANDLED
+            if changed:
+                await self._orchestrator.advance(repo, ctx, state, progress, now=now)
+        return [o if o is not None else ResultOutcome.DUPLICATE for o in outcomes]
 
     async def time_out(
         self, repo: AssessmentRepository, attempts: list[CJComparisonPair], *, now: datetime
@@ -117,11 +151,14 @@ class BatchCallbackHandler:
         upload = await repo.upload(state.cj_batch_id)
         ctx = context_of(upload, state)
         progress = progress_of(state)
+        siblings = await repo.sibling_attempts([a.comparison_id for a in attempts])
         timed_out = 0
         for attempt in attempts:
             progress, disposition = batch_state.record_outcome(
                 progress,
-                await _attempt_view(repo, attempt, ctx.config.max_retry_attempts),
+                _attempt_view(
+                    attempt, siblings[attempt.comparison_id], ctx.config.max_retry_attempts
+                ),
                 succeeded=False,
                 failure_reason="timeout",
                 now=utc_iso(now),
@@ -134,6 +171,7 @@ class BatchCallbackHandler:
             attempt.completed_at = now
             attempt.winner = "error"
             attempt.error_code = "TIMEOUT"
+            siblings[attempt.comparison_id][attempt.attempt] = attempt.status
             self._count(attempt, disposition, "timeout", now)
             timed_out += 1
         await self._orchestrator.advance(repo, ctx, state, progress, now=now)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from pydantic import ValidationError
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -28,7 +29,7 @@ from cj_assessment.content import ContentClient
 from cj_assessment.contracts import ELSCJAssessmentRequestV1, EventEnvelope, LLMComparisonResultV1
 from cj_assessment.errors import PermanentError, PoisonMessage, RequestRejected, TransientError
 from cj_assessment.metrics import Metrics
-from cj_assessment.repository import AssessmentRepository
+from cj_assessment.repository import AssessmentRepository, InboxEntry
 from cj_assessment.settings import Settings
 from cj_assessment.workflow_orchestrator import NewAssessment, WorkflowOrchestrator
 
@@ -81,13 +82,24 @@ def _classify_database_error(exc: DBAPIError) -> type[TransientError] | type[Per
     return None
 
 
+class _Stopped:
+    """The service stopped while a transient failure was being retried."""
+
+
 class _RebalanceListener(ConsumerRebalanceListener):
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        commit: Callable[[AIOKafkaConsumer, set[TopicPartition]], Awaitable[None]],
+        consumer: AIOKafkaConsumer,
+    ) -> None:
         self._metrics = metrics
+        self._commit = commit
+        self._consumer = consumer
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        # Offsets are committed record by record after each transaction, so nothing handled is
-        # left uncommitted when partitions move.
+        # Commit what was handled on these partitions before another instance takes them.
+        await self._commit(self._consumer, set(revoked))
         self._metrics.rebalances.labels("revoked").inc()
         log.info("partitions_revoked", partitions=len(revoked))
 
@@ -118,6 +130,7 @@ class EventConsumer:
         self._metrics = metrics
         self._on_commit = on_commit
         self._clock = clock
+        self._handled: dict[TopicPartition, int] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self._settings
@@ -131,53 +144,133 @@ class EventConsumer:
         await consumer.start()
         consumer.subscribe(
             [s.topic_assessment_requested, s.topic_llm_comparison_result],
-            listener=_RebalanceListener(self._metrics),
+            listener=_RebalanceListener(self._metrics, self._commit_handled, consumer),
         )
         try:
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=500)
-                for tp, records in batch.items():
-                    for record in records:
-                        if not await self._process_with_retry(record, stop):
-                            return  # stopping in the middle of a transient retry: not committed
-                        await consumer.commit({tp: record.offset + 1})
+                assigned = consumer.assignment()
+                records = [r for tp, rs in batch.items() if tp in assigned for r in rs]
+                if not records:
+                    continue
+                if not await self._process_poll(records, stop):
+                    return  # stopping during a transient retry: the rest is redelivered
+                await self._commit_handled(consumer)
         finally:
+            await self._commit_handled(consumer)
             await consumer.stop()
 
-    async def _process_with_retry(self, record: Any, stop: asyncio.Event) -> bool:
+    async def _commit_handled(
+        self, consumer: AIOKafkaConsumer, only: set[TopicPartition] | None = None
+    ) -> None:
+        """Commit each partition's offset past its last handled record ({tp: offset + 1})."""
+        offsets = {
+            tp: offset
+            for tp, offset in self._handled.items()
+            if (only is None or tp in only) and tp in consumer.assignment()
+        }
+        for tp in offsets:
+            del self._handled[tp]
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The partitions moved on; the new owner re-reads these records and its inbox
+            # recognises them as handled.
+            log.warning("offset_commit_skipped", error_class=type(exc).__name__)
+
+    def _mark_handled(self, records: Sequence[Any]) -> None:
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            self._handled[tp] = max(self._handled.get(tp, 0), record.offset + 1)
+
+    async def _process_poll(self, records: list[Any], stop: asyncio.Event) -> bool:
+        results_topic = self._settings.topic_llm_comparison_result
+        results = [r for r in records if r.topic == results_topic]
+        for record in (r for r in records if r.topic != results_topic):
+            if not await self._process_one(record, stop):
+                return False
+        if not results:
+            return True
+        if not self._settings.consumer_batch_transactions:
+            for record in results:
+                if not await self._process_one(record, stop):
+                    return False
+            return True
+        decoded = []
+        for record in results:
+            try:
+                decoded.append((record, _decode_envelope(record.value)))
+            except PoisonMessage as exc:
+                await self._dead_letter(record, exc)
+                self._mark_handled([record])
+        if not decoded:
+            return True
+        outcome = await self._attempt(
+            lambda: self._handle_results(decoded), stop, [r for r, _ in decoded]
+        )
+        if outcome is _Stopped:
+            return False
+        if isinstance(outcome, BaseException):
+            # One record of the poll cannot be stored: one transaction per record, so that only
+            # it is dead-lettered.
+            for record, _ in decoded:
+                if not await self._process_one(record, stop):
+                    return False
+        else:
+            self._mark_handled([r for r, _ in decoded])
+        return True
+
+    async def _process_one(self, record: Any, stop: asyncio.Event) -> bool:
+        outcome = await self._attempt(lambda: self._process_record(record), stop, [record])
+        if outcome is _Stopped:
+            return False
+        if isinstance(outcome, BaseException):
+            await self._dead_letter(record, outcome)
+        self._mark_handled([record])
+        return True
+
+    async def _attempt(
+        self, work: Callable[[], Awaitable[None]], stop: asyncio.Event, records: list[Any]
+    ) -> object:
+        """Run `work` until it succeeds (None), fails for good (the exception), or the service
+        stops during a transient retry (_Stopped)."""
         delay = 0.1
         unknown_failures = 0
         while True:
             try:
-                outcome = await self._process(record)
-                self._metrics.records.labels(record.topic, outcome).inc()
-                return True
+                await work()
+                return None
             except Exception as exc:  # noqa: BLE001 - every failure ends in retry or dead letter
                 kind = classify(exc)
                 if kind is None:
                     unknown_failures += 1
-                    if unknown_failures >= MAX_UNKNOWN_ERROR_ATTEMPTS:
-                        kind = PermanentError
-                    else:
-                        kind = TransientError
+                    kind = (
+                        PermanentError
+                        if unknown_failures >= MAX_UNKNOWN_ERROR_ATTEMPTS
+                        else TransientError
+                    )
                     log.exception(
-                        "record_failed_unexpectedly", topic=record.topic, offset=record.offset
+                        "records_failed_unexpectedly",
+                        topic=records[0].topic,
+                        first_offset=records[0].offset,
+                        records=len(records),
                     )
                 if kind is PermanentError:
-                    await self._dead_letter(record, exc)
-                    return True
-                self._metrics.transient_retries.labels(record.topic).inc()
+                    return exc
+                self._metrics.transient_retries.labels(records[0].topic).inc(len(records))
                 log.warning(
-                    "record_retry",
-                    topic=record.topic,
-                    partition=record.partition,
-                    offset=record.offset,
+                    "records_retry",
+                    topic=records[0].topic,
+                    first_offset=records[0].offset,
+                    records=len(records),
                     error_class=type(exc).__name__,
                     delay_seconds=delay,
                 )
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=delay)
-                    return False
+                    return _Stopped
                 except TimeoutError:
                     delay = min(delay * 2, 10.0)
 
@@ -205,21 +298,63 @@ class EventConsumer:
             error=message,
         )
 
-    async def _process(self, record: Any) -> str:
+    async def _process_record(self, record: Any) -> None:
         envelope = _decode_envelope(record.value)
         if record.topic == self._settings.topic_llm_comparison_result:
-            result = _parse(LLMComparisonResultV1, envelope.data)
-            return await self._in_transaction(
-                record,
-                envelope,
-                lambda repo, now: self._callbacks.handle_result(
-                    repo, result, raw_payload=record.value.decode("utf-8", "replace"), now=now
-                ),
-            )
+            await self._handle_results([(record, envelope)])
+            return
         if record.topic == self._settings.topic_assessment_requested:
             request = _parse(ELSCJAssessmentRequestV1, envelope.data)
-            return await self._handle_request(record, envelope, request)
+            outcome = await self._handle_request(record, envelope, request)
+            self._metrics.records.labels(record.topic, outcome).inc()
+            return
         raise PoisonMessage(f"no handler for topic {record.topic}")
+
+    async def _handle_results(self, decoded: list[tuple[Any, EventEnvelope]]) -> None:
+        parsed = [(record, env, _parse(LLMComparisonResultV1, env.data)) for record, env in decoded]
+        started = time.perf_counter()
+        outcomes: dict[int, str] = {}
+        async with self._sessions() as session, session.begin():
+            repo = AssessmentRepository(session)
+            claimed = await repo.claim_inbox(
+                [InboxEntry(env.event_id, r.topic, r.partition, r.offset) for r, env, _ in parsed]
+            )
+            fresh = []
+            for index, (_, env, result) in enumerate(parsed):
+                if env.event_id in claimed:
+                    claimed.discard(env.event_id)  # a repeat within this poll is a duplicate
+                    fresh.append((index, env.event_id, result))
+                else:
+                    outcomes[index] = "duplicate"
+            handled = await self._callbacks.handle_results(
+                repo,
+                [(result, parsed[i][0].value.decode("utf-8", "replace")) for i, _, result in fresh],
+                now=self._clock(),
+            )
+            for (index, _, _), outcome in zip(fresh, handled, strict=True):
+                outcomes[index] = outcome.value
+            await repo.set_inbox_outcomes(
+                {
+                    event_id: outcomes[index]
+                    for index, event_id, _ in fresh
+                    if outcomes[index] != "handled"
+                }
+            )
+        self._after_commit(parsed[0][0] if parsed else None)
+        for index, (record, _, _) in enumerate(parsed):
+            self._metrics.records.labels(record.topic, outcomes[index]).inc()
+        if parsed:
+            self._metrics.callback_processing.observe((time.perf_counter() - started) / len(parsed))
+
+    def _after_commit(self, record: Any | None) -> None:
+        self._on_commit()
+        if self._settings.fault_kill_after_db_commit:
+            log.warning(
+                "fault_hook_exit",
+                topic=getattr(record, "topic", None),
+                offset=getattr(record, "offset", None),
+            )
+            os._exit(17)
 
     async def _in_transaction(
         self,
@@ -229,17 +364,13 @@ class EventConsumer:
     ) -> str:
         async with self._sessions() as session, session.begin():
             repo = AssessmentRepository(session)
-            if not await repo.claim_inbox(
-                envelope.event_id, record.topic, record.partition, record.offset
-            ):
+            entry = InboxEntry(envelope.event_id, record.topic, record.partition, record.offset)
+            if not await repo.claim_inbox([entry]):
                 return "duplicate"
             outcome = str(await work(repo, self._clock()))
             if outcome != "handled":
-                await repo.set_inbox_outcome(envelope.event_id, outcome)
-        self._on_commit()
-        if self._settings.fault_kill_after_db_commit:
-            log.warning("fault_hook_exit", topic=record.topic, offset=record.offset)
-            os._exit(17)
+                await repo.set_inbox_outcomes({envelope.event_id: outcome})
+        self._after_commit(record)
         return outcome
 
     async def _handle_request(

@@ -39,6 +39,14 @@ class NewAttempt:
 
 
 @dataclass(frozen=True)
+class InboxEntry:
+    event_id: str
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
 class OutboxRow:
     event_id: uuid.UUID
     topic: str
@@ -57,25 +65,39 @@ class AssessmentRepository:
 
     # --- inbox / outbox -------------------------------------------------------------------
 
-    async def claim_inbox(self, event_id: str, topic: str, partition: int, offset: int) -> bool:
-        """Record a consumed event id; False when it was handled before."""
+    async def claim_inbox(self, entries: Sequence[InboxEntry]) -> set[str]:
+        """Record consumed event ids; returns those not handled before (first occurrence)."""
+        if not entries:
+            return set()
         stmt = (
             insert(InboxRecord)
             .values(
-                event_id=event_id,
-                topic=topic,
-                partition=partition,
-                offset=offset,
-                outcome="handled",
+                [
+                    {
+                        "event_id": e.event_id,
+                        "topic": e.topic,
+                        "partition": e.partition,
+                        "offset": e.offset,
+                        "outcome": "handled",
+                    }
+                    for e in entries
+                ]
             )
             .on_conflict_do_nothing(index_elements=[InboxRecord.event_id])
             .returning(InboxRecord.event_id)
         )
-        return (await self.session.execute(stmt)).scalar_one_or_none() is not None
+        return set((await self.session.execute(stmt)).scalars())
 
-    async def set_inbox_outcome(self, event_id: str, outcome: str) -> None:
+    async def set_inbox_outcomes(self, outcomes: dict[str, str]) -> None:
+        if not outcomes:
+            return
         await self.session.execute(
-            update(InboxRecord).where(InboxRecord.event_id == event_id).values(outcome=outcome)
+            text(
+                "UPDATE cj_event_inbox AS i SET outcome = v.outcome"
+                " FROM unnest(CAST(:ids AS text[]), CAST(:outcomes AS text[]))"
+                " AS v(event_id, outcome) WHERE i.event_id = v.event_id"
+            ),
+            {"ids": list(outcomes), "outcomes": list(outcomes.values())},
         )
 
     async def add_outbox(self, rows: Sequence[OutboxRow]) -> None:
@@ -109,6 +131,10 @@ class AssessmentRepository:
             .returning(CJBatchUpload.id)
         )
         return (await self.session.execute(stmt)).scalar_one_or_none()
+
+    async def uploads(self, cj_batch_ids: Sequence[int]) -> dict[int, CJBatchUpload]:
+        stmt = select(CJBatchUpload).where(CJBatchUpload.id.in_(list(cj_batch_ids)))
+        return {u.id: u for u in (await self.session.execute(stmt)).scalars()}
 
     async def upload(self, cj_batch_id: int) -> CJBatchUpload:
         return (
@@ -219,6 +245,18 @@ class AssessmentRepository:
         )
         return (await self.session.execute(stmt)).scalar_one_or_none()
 
+    async def lock_states(self, cj_batch_ids: Sequence[int]) -> dict[int, CJBatchState]:
+        """Lock several assessments' state rows, always in id order so that concurrent
+        handlers cannot deadlock."""
+        stmt = (
+            select(CJBatchState)
+            .where(CJBatchState.cj_batch_id.in_(sorted(set(cj_batch_ids))))
+            .order_by(CJBatchState.cj_batch_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        return {s.cj_batch_id: s for s in (await self.session.execute(stmt)).scalars()}
+
     async def save_progress(
         self, row: CJBatchState, progress: Progress, *, state: str, now: datetime
     ) -> None:
@@ -317,19 +355,35 @@ class AssessmentRepository:
         rows = list((await self.session.execute(stmt)).scalars())
         return sorted(rows, key=lambda r: r.id)
 
-    async def attempt_by_correlation(self, correlation_id: uuid.UUID) -> CJComparisonPair | None:
+    async def owners_of(self, correlation_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int]:
+        """The assessment each attempt belongs to (read before locking the assessments)."""
+        stmt = select(CJComparisonPair.request_correlation_id, CJComparisonPair.cj_batch_id).where(
+            CJComparisonPair.request_correlation_id.in_(list(correlation_ids))
+        )
+        return {row[0]: row[1] for row in (await self.session.execute(stmt)).all()}
+
+    async def attempts_by_correlation(
+        self, correlation_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, CJComparisonPair]:
         stmt = (
             select(CJComparisonPair)
-            .where(CJComparisonPair.request_correlation_id == correlation_id)
+            .where(CJComparisonPair.request_correlation_id.in_(list(correlation_ids)))
             .execution_options(populate_existing=True)
         )
-        return (await self.session.execute(stmt)).scalar_one_or_none()
+        rows = (await self.session.execute(stmt)).scalars()
+        return {row.request_correlation_id: row for row in rows}
 
-    async def sibling_attempts(self, comparison_id: uuid.UUID) -> list[tuple[str, int]]:
-        stmt = select(CJComparisonPair.status, CJComparisonPair.attempt).where(
-            CJComparisonPair.comparison_id == comparison_id
-        )
-        return [(r[0], r[1]) for r in (await self.session.execute(stmt)).all()]
+    async def sibling_attempts(
+        self, comparison_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, dict[int, str]]:
+        """Every attempt of these comparisons: comparison id -> {attempt number: status}."""
+        stmt = select(
+            CJComparisonPair.comparison_id, CJComparisonPair.attempt, CJComparisonPair.status
+        ).where(CJComparisonPair.comparison_id.in_(list(set(comparison_ids))))
+        siblings: dict[uuid.UUID, dict[int, str]] = {}
+        for comparison_id, attempt, status in (await self.session.execute(stmt)).all():
+            siblings.setdefault(comparison_id, {})[attempt] = status
+        return siblings
 
     async def overdue_attempts(self, cj_batch_id: int, moment: datetime) -> list[CJComparisonPair]:
         stmt = select(CJComparisonPair).where(
@@ -362,8 +416,10 @@ class AssessmentRepository:
         stmt = select(func.count()).where(CJComparisonPair.cj_batch_id == cj_batch_id)
         return int((await self.session.execute(stmt)).scalar_one())
 
-    async def store_unmatched(self, correlation_id: str, reason: str, payload: str) -> None:
-        self.session.add(
-            UnmatchedResult(correlation_id=correlation_id, reason=reason, payload=payload)
-        )
-        await self.session.flush()
+    async def store_unmatched(self, rows: Sequence[tuple[str, str, str]]) -> None:
+        """(correlation id, reason, raw payload) of results that match nothing we sent."""
+        if rows:
+            await self.session.execute(
+                insert(UnmatchedResult),
+                [{"correlation_id": c, "reason": r, "payload": p} for c, r, p in rows],
+            )

@@ -22,7 +22,10 @@ class Settings(BaseSettings):
     kafka_topic_partitions: int = Field(
         6, ge=1, description="Partitions for topics the service creates when missing"
     )
-    kafka_max_poll_records: int = Field(200, ge=1, description="Records fetched per poll")
+    kafka_max_poll_records: int = Field(500, ge=1, description="Records fetched per poll")
+    consumer_batch_transactions: bool = Field(
+        True, description="Handle a poll's results in one transaction (false: one per record)"
+    )
 
     # Topics (CONTRACT §2)
     topic_assessment_requested: str = "huleedu.els.cj_assessment.requested.v1"
