@@ -16,11 +16,15 @@ untimed warm-up call; the first call in a process also pays BLAS/LAPACK start-up
 from __future__ import annotations
 
 import inspect
+import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,8 +42,10 @@ def _timed(fn: Callable[[], Any], repeats: int) -> float | None:
     try:
         fn()
     except Exception as exc:  # noqa: BLE001 - an internal that changed shape is reported n/a
-        print(f"    skipped {getattr(fn, '__name__', fn)}: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
+        print(
+            f"    skipped {getattr(fn, '__name__', fn)}: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
         return None
     samples = []
     for _ in range(repeats):
@@ -74,7 +80,7 @@ def _judgements(
     return out
 
 
-def measure(n: int, repeats: int) -> dict[str, float | None]:
+def measure(n: int, repeats: int, *, only_score: bool = False) -> dict[str, float | None]:
     ids = [f"essay-{i:05d}" for i in range(n)]
     rng = np.random.default_rng(n)
     ability = dict(zip(ids, rng.normal(0.0, 1.0, n), strict=True))
@@ -90,22 +96,16 @@ def measure(n: int, repeats: int) -> dict[str, float | None]:
 
     row: dict[str, float | None] = {"comparisons": float(len(outcomes))}
     row["score"] = _timed(lambda: scoring_ranking.score_comparisons(ids, outcomes), repeats)
+    if only_score:
+        return row
     if hasattr(scoring_ranking, "score_judgements"):
         row["judgements"] = _timed(
             lambda: scoring_ranking.score_judgements(ids, judgements), repeats
         )
     row.update(_components(ids, outcomes, repeats))
-    row["history"] = _timed(
-        lambda: pair_generation.PairingHistory.from_pairs(planned), repeats
-    )
-    row["seen"] = _timed(
-        lambda: pair_generation.all_pairs_seen(
-            ids, pair_generation.PairingHistory.from_pairs(planned)
-        ),
-        repeats,
-    )
-    if row["seen"] is not None and row["history"] is not None:
-        row["seen"] = max(0.0, row["seen"] - row["history"])
+    row["history"] = _timed(lambda: pair_generation.PairingHistory.from_pairs(planned), repeats)
+    full_history = pair_generation.PairingHistory.from_pairs(planned)
+    row["seen"] = _timed(lambda: pair_generation.all_pairs_seen(ids, full_history), repeats)
     kwargs: dict[str, Any] = {"matchings": MATCHINGS, "max_pairs": per_iteration}
     if "scores" in inspect.signature(pair_generation.generate_pairs).parameters:
         scores = scoring_ranking.score_comparisons(ids, outcomes).scores()
@@ -117,8 +117,13 @@ def measure(n: int, repeats: int) -> dict[str, float | None]:
         ),
         repeats,
     )
-    parts = [row.get("score"), row.get("history"), row.get("history"), row.get("seen"),
-             row.get("generate")]
+    parts = [
+        row.get("score"),
+        row.get("history"),
+        row.get("history"),
+        row.get("seen"),
+        row.get("generate"),
+    ]
     row["total"] = None if any(p is None for p in parts) else sum(parts)  # type: ignore[misc]
     return row
 
@@ -141,8 +146,10 @@ def _components(
         posterior = sr._posterior(edges, raw, ridge=ridge, fit_bias=False)
         guess = max(float(np.var(raw.theta) - np.mean(posterior.theta_variance)), 0.1)
     except Exception as exc:  # noqa: BLE001
-        print(f"    scoring internals changed ({type(exc).__name__}: {exc}); "
-              "fit/SE split n/a", file=sys.stderr)
+        print(
+            f"    scoring internals changed ({type(exc).__name__}: {exc}); fit/SE split n/a",
+            file=sys.stderr,
+        )
         return {"fit": None, "se": None, "bayes": None}
     return {
         "fit": _timed(lambda: sr._fit(edges, n, ridge=ridge, fit_bias=False), repeats),
@@ -155,6 +162,7 @@ def _components(
 
 COLUMNS = [
     ("score", "score_comparisons"),
+    ("score1", "ditto 1 BLAS thr"),
     ("fit", "BT fit"),
     ("se", "SEs"),
     ("bayes", "EB reliab."),
@@ -164,6 +172,7 @@ COLUMNS = [
     ("seen", "all_pairs_seen"),
     ("total", "per iteration"),
 ]
+BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _cell(value: float | None) -> str:
@@ -172,19 +181,31 @@ def _cell(value: float | None) -> str:
     return f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
+def _growth(a: float | None, b: float | None, factor: float) -> str:
+    if a is None or b is None or a <= 0 or b <= 0:
+        return "n/a"
+    return f"x{b / a:.1f} (k={math.log(b / a) / math.log(factor):.2f})"
+
+
 def report(rows: dict[int, dict[str, float | None]], repeats: int) -> str:
     adaptive = any(r.get("adaptive") for r in rows.values())
+    blas = ", ".join(f"{k}={os.environ[k]}" for k in BLAS_ENV if k in os.environ)
     lines = [
         "Scoring and pairing cost per iteration (pure computation, no I/O), median ms of "
-        f"{repeats} repeats.",
+        f"{repeats} repeats (fewer at 2,000 essays).",
         f"Scoring: {COMPARISONS_PER_ESSAY} x essays comparisons (the default budget, the last "
         "iteration's scoring); judgements from Bradley-Terry with N(0,1) abilities.",
         f"Pairing: iteration 4 of 4, {MATCHINGS} matchings, 3 iterations of history"
         + (" (adaptive: scores passed)." if adaptive else "."),
-        "score_comparisons = what the orchestrator calls = BT fit + SEs + EB reliability + "
-        "bookkeeping; score_judgements = the position-bias-aware variant (not on the service "
-        "path); history = PairingHistory.from_pairs (built twice per iteration); per iteration "
-        "= score_comparisons + 2 x history + all_pairs_seen + generate_pairs.",
+        "score_comparisons = what the orchestrator calls (BT fit + SEs + empirical-Bayes "
+        "reliability + bookkeeping),",
+        "  with this process's BLAS threads ("
+        + (blas or "OpenBLAS default: one per core")
+        + ") and, as baseline, in a child process with OPENBLAS_NUM_THREADS=1;",
+        "score_judgements = the position-bias-aware variant (not on the service path); "
+        "history = PairingHistory.from_pairs",
+        "  (built twice per iteration); per iteration = score_comparisons + 2 x history + "
+        "all_pairs_seen + generate_pairs.",
         "",
         f"{'essays':>6} {'compars':>7} "
         + " ".join(f"{title:>{max(len(title), 8)}}" for _, title in COLUMNS),
@@ -194,30 +215,59 @@ def report(rows: dict[int, dict[str, float | None]], repeats: int) -> str:
             f"{n:>6} {int(row['comparisons'] or 0):>7} "
             + " ".join(f"{_cell(row.get(key)):>{max(len(title), 8)}}" for key, title in COLUMNS)
         )
-    lines += ["", "Growth (time ratio per step in essays; exponent k of time ~ essays^k):"]
+    lines += ["", "Growth (time ratio per step in essays; k: time ~ essays^k):"]
     sizes = list(rows)
     for small, large in zip(sizes, sizes[1:], strict=False):
         factor = large / small
-        cells = []
-        for key, title in COLUMNS:
-            a, b = rows[small].get(key), rows[large].get(key)
-            if a is None or b is None or a <= 0:
-                cell = "n/a"
-            else:
-                cell = f"x{b / a:.1f} (k={math.log(b / a) / math.log(factor):.2f})"
-            cells.append(f"{title} {cell}")
-        lines.append(f"  {small:>4} -> {large:<4} (x{factor:g} essays): " + "; ".join(cells))
+        cells = [
+            f"{title} {_growth(rows[small].get(key), rows[large].get(key), factor)}"
+            for key, title in COLUMNS
+        ]
+        lines.append(f"  {small:>4} -> {large:<4} (x{factor:g} essays):")
+        for i in range(0, len(cells), 4):
+            lines.append("      " + "; ".join(cells[i : i + 4]))
     return "\n".join(lines)
 
 
-def run(quick: bool = False) -> str:
+def _repeats(n: int, quick: bool) -> int:
     repeats = 3 if quick else 7
+    return repeats if n < 2000 else max(2, repeats // 2)
+
+
+def _single_thread_scores(quick: bool) -> dict[int, float | None]:
+    """score_comparisons in a child process limited to one BLAS thread."""
+    env = {**os.environ, **{k: "1" for k in BLAS_ENV}}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    args = [sys.executable, "-m", "benchmarks.scoring_cost", "--worker"]
+    if quick:
+        args.append("--quick")
+    done = subprocess.run(args, env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        print(f"    single-thread baseline failed: {done.stderr[-500:]}", file=sys.stderr)
+        return {}
+    return {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+
+def run(quick: bool = False) -> str:
     rows: dict[int, dict[str, float | None]] = {}
     for n in SIZES:
         print(f"  scoring: {n} essays", file=sys.stderr, flush=True)
-        rows[n] = measure(n, repeats if n < 2000 else max(3, repeats // 2))
-    return report(rows, repeats)
+        rows[n] = measure(n, _repeats(n, quick))
+    print("  scoring: baseline with one BLAS thread", file=sys.stderr, flush=True)
+    single = _single_thread_scores(quick)
+    for n in SIZES:
+        rows[n]["score1"] = single.get(n)
+    return report(rows, 3 if quick else 7)
+
+
+def _worker(quick: bool) -> None:
+    scores = {n: measure(n, _repeats(n, quick), only_score=True)["score"] for n in SIZES}
+    print(json.dumps(scores))
 
 
 if __name__ == "__main__":
-    print(run("--quick" in sys.argv))
+    if "--worker" in sys.argv:
+        _worker("--quick" in sys.argv)
+    else:
+        print(run("--quick" in sys.argv))

@@ -352,9 +352,7 @@ async def running_system(
                 system.tasks.append(asyncio.create_task(serve(instance, stop), name=f"serve-{i}"))
             if provider is not None:
                 system.provider = TimedProvider(_provider_config(settings, provider))
-                system.tasks.append(
-                    asyncio.create_task(system.provider.run(stop), name="provider")
-                )
+                system.tasks.append(asyncio.create_task(system.provider.run(stop), name="provider"))
             if warm_up and provider is not None:
                 await system.warm_up()
             yield system

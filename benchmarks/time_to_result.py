@@ -244,15 +244,15 @@ async def _analyse(system: BenchSystem, plan: Plan, bos: str, outcome: Any) -> R
         t=settings.topic_llm_comparison_request,
     )
     published = {cid: at for cid, at in outbox if at is not None}
-    created = (
-        await system.rows("SELECT created_at FROM cj_batch_uploads WHERE id = :cj", cj=cj)
-    )[0][0]
+    created = (await system.rows("SELECT created_at FROM cj_batch_uploads WHERE id = :cj", cj=cj))[
+        0
+    ][0]
 
     iterations = sorted(metadata.get("iterations", []), key=lambda it: it["iteration"])
     firsts = [a for a in attempts if a[2] == 1]
-    digest = hashlib.sha256(
-        repr(sorted((a[1], a[6], a[7]) for a in firsts)).encode()
-    ).hexdigest()[:12]
+    digest = hashlib.sha256(repr(sorted((a[1], a[6], a[7]) for a in firsts)).encode()).hexdigest()[
+        :12
+    ]
 
     # Lower bound and ideal times, per iteration.
     quantile = latency_quantile(threshold)
@@ -352,9 +352,7 @@ async def _analyse(system: BenchSystem, plan: Plan, bos: str, outcome: Any) -> R
     first_recv_all = min(
         (provider.received[a[0]] for a in firsts if a[0] in provider.received), default=None
     )
-    start = (
-        (first_recv_all - system.submitted_at[bos]).total_seconds() if first_recv_all else None
-    )
+    start = (first_recv_all - system.submitted_at[bos]).total_seconds() if first_recv_all else None
     end = (
         (outcome.seen_at - last_closing_published).total_seconds()
         if last_closing_published
@@ -423,8 +421,7 @@ def report(results: list[RunResult], quick: bool, elapsed: float) -> str:
             f"{r.plan.essays:>6} {r.plan.workflow:<8} {r.plan.repeat:>3} {r.iterations:>5} "
             f"{r.comparisons:>7} {r.wall:>7.2f} {_f(r.lower_bound):>7} "
             f"{r.expected_ideal:>8.2f} {_f(r.realised_ideal):>6} {_f(ratio_lb):>7} "
-            f"{_f(ratio_id):>10} {r.pairs_digest:>12}"
-            + ("" if r.completed else "  FAILED")
+            f"{_f(ratio_id):>10} {r.pairs_digest:>12}" + ("" if r.completed else "  FAILED")
         )
 
     lines += [

@@ -153,9 +153,13 @@ class EventConsumer:
                 records = [r for tp, rs in batch.items() if tp in assigned for r in rs]
                 if not records:
                     continue
+                fetched = time.perf_counter()
                 if not await self._process_poll(records, stop):
                     return  # stopping during a transient retry: the rest is redelivered
                 await self._commit_handled(consumer)
+                waited = time.perf_counter() - fetched
+                for _ in records:
+                    self._metrics.consume_to_commit.observe(waited)
         finally:
             await self._commit_handled(consumer)
             await consumer.stop()

@@ -78,6 +78,12 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r,
         )
+        self.consume_to_commit = Histogram(
+            "cj_consume_to_commit_seconds",
+            "Record fetched from the broker to its offset committed",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
         self.unmatched_results = Counter(
             "cj_unmatched_results_total", "Results matching no comparison", ["reason"], registry=r
         )

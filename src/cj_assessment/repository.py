@@ -69,24 +69,23 @@ class AssessmentRepository:
         """Record consumed event ids; returns those not handled before (first occurrence)."""
         if not entries:
             return set()
+        # One cached statement run as executemany: no per-poll compilation of a VALUES list.
         stmt = (
             insert(InboxRecord)
-            .values(
-                [
-                    {
-                        "event_id": e.event_id,
-                        "topic": e.topic,
-                        "partition": e.partition,
-                        "offset": e.offset,
-                        "outcome": "handled",
-                    }
-                    for e in entries
-                ]
-            )
             .on_conflict_do_nothing(index_elements=[InboxRecord.event_id])
             .returning(InboxRecord.event_id)
         )
-        return set((await self.session.execute(stmt)).scalars())
+        rows = [
+            {
+                "event_id": e.event_id,
+                "topic": e.topic,
+                "partition": e.partition,
+                "offset": e.offset,
+                "outcome": "handled",
+            }
+            for e in entries
+        ]
+        return set((await self.session.execute(stmt, rows)).scalars())
 
     async def set_inbox_outcomes(self, outcomes: dict[str, str]) -> None:
         if not outcomes:
@@ -103,7 +102,9 @@ class AssessmentRepository:
     async def add_outbox(self, rows: Sequence[OutboxRow]) -> None:
         if not rows:
             return
-        stmt = insert(OutboxMessage).values(
+        stmt = insert(OutboxMessage).on_conflict_do_nothing(index_elements=["event_id"])
+        await self.session.execute(
+            stmt,
             [
                 {
                     "event_id": r.event_id,
@@ -112,9 +113,8 @@ class AssessmentRepository:
                     "payload": r.payload,
                 }
                 for r in rows
-            ]
+            ],
         )
-        await self.session.execute(stmt.on_conflict_do_nothing(index_elements=["event_id"]))
 
     # --- uploads and essays ---------------------------------------------------------------
 

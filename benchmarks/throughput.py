@@ -1,0 +1,296 @@
+"""Benchmark 1 of issue 5: result throughput of one `serve` instance.
+
+Protocol. A `cj-assessment serve` child process (the measured instance) and a fresh database.
+`assessments` requests of 20 essays are submitted; once every first-iteration comparison
+request is published, the results of all of them (a simulated verdict each) are pre-loaded in
+one burst onto the result topic. Measured: results consumed, persisted and their offsets
+committed per second (the inbox holds one row per handled result; offsets are committed right
+after each transaction). The same burst is then run against the same service with
+`CJ_CONSUMER_BATCH_TRANSACTIONS=false` (one transaction per record): the baseline. Finally the
+batched service gets results at about half its measured rate for a few seconds, and the p99 of
+`cj_consume_to_commit_seconds` (fetched from the broker -> offset committed) is read off its
+/metrics.
+
+Iteration completions are part of the work: every assessment's first iteration closes on
+these results, so each burst also scores 20-essay assessments and plans their next
+iterations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaProducer
+
+from benchmarks.system import (
+    _scenario_settings,
+    fresh_database,
+    infrastructure,
+    make_essays,
+)
+from cj_assessment.embedded import free_port
+from cj_assessment.pipeline_client import make_producer, request_envelope
+from cj_assessment.settings import Settings
+from cj_assessment.topics import ensure_topics, service_topics
+
+ESSAYS = 20
+
+
+def _environment(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CJ_")}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"CJ_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    env.update(extra)
+    return env
+
+
+def _get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return response.read().decode()
+
+
+async def _wait_http(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            await asyncio.to_thread(_get, port, "/healthz")
+            return
+        except OSError:
+            await asyncio.sleep(0.2)
+    raise TimeoutError("service did not start")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _result(payload: dict[str, Any], rng: np.random.Generator) -> bytes:
+    data = payload["data"]
+    meta = data["metadata"]
+    return json.dumps(
+        {
+            "event_id": str(uuid.uuid4()),
+            "event_type": "LLMComparisonResultV1",
+            "event_timestamp": "2026-01-01T12:00:00Z",
+            "source_service": "llm_provider_service",
+            "schema_version": 1,
+            "correlation_id": payload["correlation_id"],
+            "data": {
+                "request_id": str(uuid.uuid4()),
+                "correlation_id": data["correlation_id"],
+                "winner": "Essay A" if rng.random() < 0.5 else "Essay B",
+                "justification": "Clearer argument and better organisation.",
+                "confidence": 3.0,
+                "error_detail": None,
+                "provider": "bench",
+                "model": "bench",
+                "response_time_ms": 10,
+                "token_usage": {"prompt_tokens": 900, "completion_tokens": 40, "total_tokens": 940},
+                "cost_estimate": 0.0004,
+                "request_metadata": {
+                    "essay_a_id": meta["essay_a_id"],
+                    "essay_b_id": meta["essay_b_id"],
+                    "bos_batch_id": meta["bos_batch_id"],
+                },
+            },
+            "metadata": {},
+        }
+    ).encode()
+
+
+async def _rows(engine: Any, sql: str, **params: Any) -> list[Any]:
+    from sqlalchemy import text
+
+    async with engine.connect() as conn:
+        return list((await conn.execute(text(sql), params)).all())
+
+
+async def _count_handled(engine: Any, topic: str) -> int:
+    rows = await _rows(engine, "SELECT count(*) FROM cj_event_inbox WHERE topic = :t", t=topic)
+    return int(rows[0][0])
+
+
+async def _scenario(assessments: int, *, batched: bool, half_load_seconds: float) -> dict:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    infra = await asyncio.to_thread(infrastructure)
+    async with fresh_database(infra.postgres_url) as database_url:
+        settings = _scenario_settings(
+            infra,
+            database_url,
+            {"http_port": free_port(), "monitor_interval_seconds": 30.0, "log_level": "WARNING"},
+        )
+        await ensure_topics(settings.kafka_bootstrap_servers, service_topics(settings), 3)
+        env = _environment(settings, CJ_CONSUMER_BATCH_TRANSACTIONS=str(batched).lower())
+        service = subprocess.Popen(
+            [sys.executable, "-m", "cj_assessment.cli", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        engine = create_async_engine(database_url)
+        producer: AIOKafkaProducer = make_producer(settings)
+        await producer.start()
+        try:
+            await _wait_http(settings.http_port)
+            essays = make_essays(ESSAYS)
+            for i in range(assessments):
+                envelope = request_envelope(bos_batch_id=f"tp-{i}", essays=essays)
+                await producer.send(
+                    settings.topic_assessment_requested,
+                    json.dumps(envelope).encode(),
+                    key=f"tp-{i}".encode(),
+                )
+            await producer.flush()
+            topic = settings.topic_llm_comparison_request
+            expected = assessments * (ESSAYS // 2) * settings.matchings_per_iteration
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                published = await _rows(
+                    engine,
+                    "SELECT count(*) FROM cj_event_outbox WHERE topic = :t"
+                    " AND published_at IS NOT NULL",
+                    t=topic,
+                )
+                if published[0][0] >= expected:
+                    break
+                await asyncio.sleep(0.5)
+            payloads = [
+                json.loads(row[0])
+                for row in await _rows(
+                    engine, "SELECT payload FROM cj_event_outbox WHERE topic = :t", t=topic
+                )
+            ]
+            rng = np.random.default_rng(1)
+            results = [_result(p, rng) for p in payloads]
+            results_topic = settings.topic_llm_comparison_result
+            cpu_before = _cpu_seconds(service.pid)
+            started = time.monotonic()
+            for value in results:
+                await producer.send(results_topic, value)
+            await producer.flush()
+            produced = time.monotonic() - started
+            while await _count_handled(engine, results_topic) < len(results):
+                await asyncio.sleep(0.05)
+            elapsed = time.monotonic() - started
+            cpu = _cpu_seconds(service.pid) - cpu_before
+            rate = len(results) / elapsed
+            p99 = None
+            if half_load_seconds > 0:
+                p99 = await _half_load_p99(
+                    settings, producer, engine, payloads, rng, rate / 2, half_load_seconds
+                )
+            return {
+                "batched": batched,
+                "results": len(results),
+                "seconds": elapsed,
+                "produce_seconds": produced,
+                "rate": rate,
+                "service_cpu_share": cpu / elapsed,
+                "p99": p99,
+            }
+        finally:
+            await producer.stop()
+            await engine.dispose()
+            service.send_signal(signal.SIGTERM)
+            try:
+                service.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                service.kill()
+
+
+async def _half_load_p99(
+    settings: Settings,
+    producer: AIOKafkaProducer,
+    engine: Any,
+    payloads: list[dict],
+    rng: np.random.Generator,
+    rate: float,
+    seconds: float,
+) -> float | None:
+    """Results (repeats under new event ids: fully handled, recognised as duplicates) at
+    `rate` per second; p99 of consume -> commit from the service's histogram."""
+    before = _histogram(_get(settings.http_port, "/metrics"))
+    interval = 0.05
+    per_tick = max(1, int(rate * interval))
+    ticks = int(seconds / interval)
+    results_topic = settings.topic_llm_comparison_result
+    index = 0
+    start = time.monotonic()
+    for tick in range(ticks):
+        for _ in range(per_tick):
+            await producer.send(results_topic, _result(payloads[index % len(payloads)], rng))
+            index += 1
+        await asyncio.sleep(max(0.0, start + (tick + 1) * interval - time.monotonic()))
+    await producer.flush()
+    await asyncio.sleep(2)
+    after = _histogram(_get(settings.http_port, "/metrics"))
+    counts = {le: after[le] - before.get(le, 0.0) for le in after}
+    total = counts.get(float("inf"), 0.0)
+    if total <= 0:
+        return None
+    for le in sorted(counts):
+        if counts[le] >= 0.99 * total:
+            return le
+    return None
+
+
+def _histogram(metrics: str) -> dict[float, float]:
+    buckets: dict[float, float] = {}
+    for match in re.finditer(
+        r'cj_consume_to_commit_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)', metrics
+    ):
+        le = float("inf") if match.group(1) == "+Inf" else float(match.group(1))
+        buckets[le] = float(match.group(2))
+    return buckets
+
+
+def run(quick: bool = False) -> str:
+    assessments = 100 if quick else 300
+    return asyncio.run(_run(assessments, quick))
+
+
+async def _run(assessments: int, quick: bool) -> str:
+    batched = await _scenario(assessments, batched=True, half_load_seconds=4 if quick else 8)
+    baseline = await _scenario(assessments, batched=False, half_load_seconds=0)
+    lines = [
+        f"Result throughput of one serve instance ({assessments} assessments x {ESSAYS} essays,"
+        f" {batched['results']} results pre-loaded in one burst)",
+        "",
+        f"{'handling':<34} {'results/s':>10} {'seconds':>8} {'service CPU':>12}",
+    ]
+    for label, row in (
+        ("one transaction per poll (default)", batched),
+        ("one transaction per record (base)", baseline),
+    ):
+        lines.append(
+            f"{label:<34} {row['rate']:>10.0f} {row['seconds']:>8.2f}"
+            f" {row['service_cpu_share']:>11.0%}"
+        )
+    lines.append("")
+    lines.append(f"speed-up over the baseline: {batched['rate'] / baseline['rate']:.1f}x")
+    p99 = batched["p99"]
+    lines.append(
+        "p99 consume -> offset commit at half the measured rate: "
+        + ("n/a" if p99 is None else f"<= {p99 * 1000:.0f} ms (histogram bucket bound)")
+    )
+    target = "PASS" if batched["rate"] >= 10_000 else ("PARTIAL" if batched["rate"] >= 5_000 else "FAIL")
+    lines.append(f"target >= 10,000 results/s (never below 5,000): {target}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(run(quick="--quick" in sys.argv))
