@@ -7,6 +7,7 @@ import asyncio
 import json
 
 import numpy as np
+import pytest
 from scipy.stats import spearmanr
 
 from cj_assessment.pipeline_client import request_envelope
@@ -187,3 +188,16 @@ async def test_serve_refuses_to_start_on_an_unmigrated_database(
         async with admin.connect() as conn:
             await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         await admin.dispose()
+
+
+@pytest.mark.real_kafka
+async def test_with_an_idempotent_producer_on_real_kafka_an_assessment_completes_once(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    settings = system_settings(kafka_bootstrap, database_url, kafka_enable_idempotence=True)
+    async with running_system(
+        settings, provider_config(settings, enable_idempotence=True)
+    ) as system:
+        await system.submit(request_envelope(bos_batch_id="idempotent", essays=_essays(10)))
+        await system.watcher.wait_for(["idempotent"], timeout=90, settle=1.0)
+        assert len(system.watcher.outcomes_for("idempotent")) == 1
