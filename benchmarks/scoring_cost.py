@@ -16,19 +16,17 @@ untimed warm-up call; the first call in a process also pays BLAS/LAPACK start-up
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks.blas import describe, limited_blas_threads
 from cj_assessment import pair_generation, scoring_ranking
 
 SIZES = (20, 100, 500, 2000)
@@ -199,9 +197,9 @@ def report(rows: dict[int, dict[str, float | None]], repeats: int) -> str:
         + (" (adaptive: scores passed)." if adaptive else "."),
         "score_comparisons = what the orchestrator calls (BT fit + SEs + empirical-Bayes "
         "reliability + bookkeeping),",
-        "  with this process's BLAS threads ("
-        + (blas or "OpenBLAS default: one per core")
-        + ") and, as baseline, in a child process with OPENBLAS_NUM_THREADS=1;",
+        f"  with this process's BLAS threads ({describe()}"
+        + (f"; {blas}" if blas else "")
+        + "); 'ditto 1 BLAS thr' = the same call limited to one BLAS thread (baseline);",
         "score_judgements = the position-bias-aware variant (not on the service path); "
         "history = PairingHistory.from_pairs",
         "  (built twice per iteration); per iteration = score_comparisons + 2 x history + "
@@ -234,40 +232,16 @@ def _repeats(n: int, quick: bool) -> int:
     return repeats if n < 2000 else max(2, repeats // 2)
 
 
-def _single_thread_scores(quick: bool) -> dict[int, float | None]:
-    """score_comparisons in a child process limited to one BLAS thread."""
-    env = {**os.environ, **{k: "1" for k in BLAS_ENV}}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    args = [sys.executable, "-m", "benchmarks.scoring_cost", "--worker"]
-    if quick:
-        args.append("--quick")
-    done = subprocess.run(args, env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    if done.returncode != 0:
-        print(f"    single-thread baseline failed: {done.stderr[-500:]}", file=sys.stderr)
-        return {}
-    return {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
-
-
 def run(quick: bool = False) -> str:
     rows: dict[int, dict[str, float | None]] = {}
     for n in SIZES:
         print(f"  scoring: {n} essays", file=sys.stderr, flush=True)
         rows[n] = measure(n, _repeats(n, quick))
-    print("  scoring: baseline with one BLAS thread", file=sys.stderr, flush=True)
-    single = _single_thread_scores(quick)
-    for n in SIZES:
-        rows[n]["score1"] = single.get(n)
+        with limited_blas_threads(1) as limited:
+            single = measure(n, _repeats(n, quick), only_score=True) if limited else {}
+        rows[n]["score1"] = single.get("score")
     return report(rows, 3 if quick else 7)
 
 
-def _worker(quick: bool) -> None:
-    scores = {n: measure(n, _repeats(n, quick), only_score=True)["score"] for n in SIZES}
-    print(json.dumps(scores))
-
-
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        _worker("--quick" in sys.argv)
-    else:
-        print(run("--quick" in sys.argv))
+    print(run("--quick" in sys.argv))

@@ -39,12 +39,12 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -61,6 +61,7 @@ __all__ = [
     "BenchSystem",
     "Outcome",
     "TimedProvider",
+    "consumer_fetch_max_wait",
     "infrastructure",
     "make_essays",
     "running_system",
@@ -314,9 +315,30 @@ def _provider_config(settings: Settings, overrides: Mapping[str, Any]) -> Provid
         enable_idempotence=False,
         group_id=f"cj-bench-provider-{uuid.uuid4().hex[:8]}",
         seed=11,
-        drain_timeout_s=5.0,
+        drain_timeout_s=1.0,  # answers still running at the end of a scenario are dropped
     )
     return replace(config, **dict(overrides))
+
+
+@contextlib.contextmanager
+def consumer_fetch_max_wait(ms: int | None) -> Iterator[None]:
+    """What-if knob: every `AIOKafkaConsumer` created meanwhile (service, provider, watcher)
+    defaults to `fetch_max_wait_ms=ms` instead of aiokafka's 500. The service has no setting
+    for it; this measures what one would change. None leaves everything as it is."""
+    if ms is None:
+        yield
+        return
+    original = AIOKafkaConsumer.__init__
+
+    def patched(self: AIOKafkaConsumer, *topics: str, **kwargs: Any) -> None:
+        kwargs.setdefault("fetch_max_wait_ms", ms)
+        original(self, *topics, **kwargs)
+
+    AIOKafkaConsumer.__init__ = patched  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        AIOKafkaConsumer.__init__ = original  # type: ignore[method-assign]
 
 
 @contextlib.asynccontextmanager
@@ -325,48 +347,61 @@ async def running_system(
     provider: Mapping[str, Any] | None = None,
     instances: int = 1,
     warm_up: bool = True,
+    consumer_fetch_max_wait_ms: int | None = None,
     **settings_overrides: Any,
 ) -> AsyncIterator[BenchSystem]:
     """A fresh scenario: database, topics, `instances` service instances, the provider.
 
     With `warm_up` (the default, needs a provider) one tiny assessment runs first; see
-    `BenchSystem.warm_up`."""
+    `BenchSystem.warm_up`. `consumer_fetch_max_wait_ms`: see `consumer_fetch_max_wait`."""
     infra = await asyncio.to_thread(infrastructure)
-    async with fresh_database(infra.postgres_url) as database_url:
-        settings = _scenario_settings(infra, database_url, settings_overrides)
-        await ensure_topics(
-            settings.kafka_bootstrap_servers, service_topics(settings), TOPIC_PARTITIONS
-        )
-        stop = asyncio.Event()
-        watcher = OutcomeWatcher(settings)
-        await watcher.start()
-        producer = make_producer(settings)
-        await producer.start()
-        engine = create_async_engine(settings.database_url, pool_pre_ping=True)
-        system = BenchSystem(settings, engine, watcher, producer)
-        try:
-            for i in range(instances):
-                instance = (
-                    settings if i == 0 else settings.model_copy(update={"http_port": free_port()})
-                )
-                system.tasks.append(asyncio.create_task(serve(instance, stop), name=f"serve-{i}"))
-            if provider is not None:
-                system.provider = TimedProvider(_provider_config(settings, provider))
-                system.tasks.append(asyncio.create_task(system.provider.run(stop), name="provider"))
-            if warm_up and provider is not None:
-                await system.warm_up()
-            yield system
-            system.check_alive()
-        finally:
-            stop.set()
-            for task in system.tasks:
+    with consumer_fetch_max_wait(consumer_fetch_max_wait_ms):
+        async with fresh_database(infra.postgres_url) as database_url:
+            settings = _scenario_settings(infra, database_url, settings_overrides)
+            await ensure_topics(
+                settings.kafka_bootstrap_servers, service_topics(settings), TOPIC_PARTITIONS
+            )
+            stop = asyncio.Event()
+            watcher = OutcomeWatcher(settings)
+            producer = make_producer(settings)
+            await producer.start()
+            engine = create_async_engine(settings.database_url, pool_pre_ping=True)
+            system = BenchSystem(settings, engine, watcher, producer)
+            # The watcher's start() waits for its group join (seconds): overlap it with the
+            # service's and the provider's joins.
+            watcher_started = asyncio.create_task(watcher.start())
+            try:
+                for i in range(instances):
+                    instance = (
+                        settings
+                        if i == 0
+                        else settings.model_copy(update={"http_port": free_port()})
+                    )
+                    system.tasks.append(
+                        asyncio.create_task(serve(instance, stop), name=f"serve-{i}")
+                    )
+                if provider is not None:
+                    system.provider = TimedProvider(_provider_config(settings, provider))
+                    system.tasks.append(
+                        asyncio.create_task(system.provider.run(stop), name="provider")
+                    )
+                await watcher_started
+                if warm_up and provider is not None:
+                    await system.warm_up()
+                yield system
+                system.check_alive()
+            finally:
+                stop.set()
+                for task in system.tasks:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(task, timeout=20)
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(task, timeout=20)
-            await watcher.stop()
-            await producer.stop()
-            await engine.dispose()
-            if infra.external_kafka:
-                await _delete_topics(settings)
+                    await watcher_started
+                    await watcher.stop()
+                await producer.stop()
+                await engine.dispose()
+                if infra.external_kafka:
+                    await _delete_topics(settings)
 
 
 async def _delete_topics(settings: Settings) -> None:

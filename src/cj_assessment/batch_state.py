@@ -15,7 +15,7 @@ failed those that exhausted their retries.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -54,7 +54,9 @@ class SubmissionBatch:
     failures: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow on purpose: fields are plain values, and asdict's deep copy is the hot spot
+        # of storing progress once per assessment per poll.
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SubmissionBatch:
@@ -81,7 +83,9 @@ class IterationProgress:
         return self.succeeded + self.permanently_failed
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow on purpose: fields are plain values, and asdict's deep copy is the hot spot
+        # of storing progress once per assessment per poll.
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> IterationProgress:

@@ -26,7 +26,11 @@ from cj_assessment.assessment_request import check_essay_list, check_essay_text
 from cj_assessment.batch_callback_handler import BatchCallbackHandler
 from cj_assessment.batch_config import merge_override_sources, resolve_batch_config
 from cj_assessment.content import ContentClient
-from cj_assessment.contracts import ELSCJAssessmentRequestV1, EventEnvelope, LLMComparisonResultV1
+from cj_assessment.contracts import (
+    ComparisonResultEnvelope,
+    ELSCJAssessmentRequestV1,
+    EventEnvelope,
+)
 from cj_assessment.errors import PermanentError, PoisonMessage, RequestRejected, TransientError
 from cj_assessment.metrics import Metrics
 from cj_assessment.repository import AssessmentRepository, InboxEntry
@@ -140,6 +144,10 @@ class EventConsumer:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=s.kafka_max_poll_records,
+            # Under load, let the broker gather a larger fetch: one transaction then covers
+            # more results. Idle, a fetch returns after at most fetch_max_wait_ms.
+            fetch_min_bytes=s.kafka_fetch_min_bytes,
+            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms,
         )
         await consumer.start()
         consumer.subscribe(
@@ -154,6 +162,7 @@ class EventConsumer:
                 if not records:
                     continue
                 fetched = time.perf_counter()
+                self._metrics.poll_records.observe(len(records))
                 if not await self._process_poll(records, stop):
                     return  # stopping during a transient retry: the rest is redelivered
                 await self._commit_handled(consumer)
@@ -205,7 +214,7 @@ class EventConsumer:
         decoded = []
         for record in results:
             try:
-                decoded.append((record, _decode_envelope(record.value)))
+                decoded.append((record, _decode_result(record.value)))
             except PoisonMessage as exc:
                 await self._dead_letter(record, exc)
                 self._mark_handled([record])
@@ -303,10 +312,10 @@ class EventConsumer:
         )
 
     async def _process_record(self, record: Any) -> None:
-        envelope = _decode_envelope(record.value)
         if record.topic == self._settings.topic_llm_comparison_result:
-            await self._handle_results([(record, envelope)])
+            await self._handle_results([(record, _decode_result(record.value))])
             return
+        envelope = _decode_envelope(record.value)
         if record.topic == self._settings.topic_assessment_requested:
             request = _parse(ELSCJAssessmentRequestV1, envelope.data)
             outcome = await self._handle_request(record, envelope, request)
@@ -314,8 +323,8 @@ class EventConsumer:
             return
         raise PoisonMessage(f"no handler for topic {record.topic}")
 
-    async def _handle_results(self, decoded: list[tuple[Any, EventEnvelope]]) -> None:
-        parsed = [(record, env, _parse(LLMComparisonResultV1, env.data)) for record, env in decoded]
+    async def _handle_results(self, decoded: list[tuple[Any, ComparisonResultEnvelope]]) -> None:
+        parsed = [(record, env, env.data) for record, env in decoded]
         started = time.perf_counter()
         outcomes: dict[int, str] = {}
         async with self._sessions() as session, session.begin():
@@ -487,12 +496,25 @@ def _decode_envelope(value: bytes | None) -> EventEnvelope:
     return _parse(EventEnvelope, raw)
 
 
+def _decode_result(value: bytes | None) -> ComparisonResultEnvelope:
+    if value is None:
+        raise PoisonMessage("record has no value")
+    try:
+        return ComparisonResultEnvelope.model_validate_json(value)
+    except ValidationError as exc:
+        raise _invalid(ComparisonResultEnvelope, exc) from exc
+
+
+def _invalid(model: Any, exc: ValidationError) -> PoisonMessage:
+    fields = ",".join(".".join(str(p) for p in err["loc"]) for err in exc.errors()[:5])
+    return PoisonMessage(f"{model.__name__} invalid at: {fields or 'json'}")
+
+
 def _parse(model: Any, data: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        fields = ",".join(".".join(str(p) for p in err["loc"]) for err in exc.errors()[:5])
-        raise PoisonMessage(f"{model.__name__} invalid at: {fields}") from exc
+        raise _invalid(model, exc) from exc
 
 
 def _short_message(exc: BaseException) -> str:

@@ -215,6 +215,13 @@ class LLMComparisonResultV1(_Accept):
         return self
 
 
+class ComparisonResultEnvelope(EventEnvelope):
+    """A result's envelope validated together with its payload, straight from the bytes:
+    the consumer's hot path parses each result once."""
+
+    data: LLMComparisonResultV1 = Field(description="The comparison result")  # type: ignore[assignment]
+
+
 # --- §7/§8 completed and failed (emitted) ----------------------------------------------------
 
 

@@ -3,7 +3,7 @@ pair and orientation so that a retry asks exactly the same question."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -20,7 +20,9 @@ class PoolEntry:
     submission_batch_id: str
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow on purpose: fields are plain values, and asdict's deep copy is the hot spot
+        # of storing progress once per assessment per poll.
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PoolEntry:
@@ -35,7 +37,9 @@ class PoolStatistics:
     permanently_failed: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow on purpose: fields are plain values, and asdict's deep copy is the hot spot
+        # of storing progress once per assessment per poll.
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> PoolStatistics:

@@ -84,6 +84,12 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
+        self.poll_records = Histogram(
+            "cj_poll_records",
+            "Records handled per consumer poll",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 200, 500, 1000, 2000),
+            registry=r,
+        )
         self.unmatched_results = Counter(
             "cj_unmatched_results_total", "Results matching no comparison", ["reason"], registry=r
         )

@@ -273,7 +273,6 @@ class AssessmentRepository:
         row.current_iteration = progress.current_iteration
         row.processing_metadata = metadata
         row.last_activity_at = now
-        await self.session.flush()
 
     async def finish_state(self, cj_batch_id: int, *, state: str, now: datetime) -> bool:
         """Compare-and-set into a terminal state: True only for the one caller that wins."""

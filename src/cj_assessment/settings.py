@@ -23,6 +23,12 @@ class Settings(BaseSettings):
         6, ge=1, description="Partitions for topics the service creates when missing"
     )
     kafka_max_poll_records: int = Field(500, ge=1, description="Records fetched per poll")
+    kafka_fetch_min_bytes: int = Field(
+        262_144, ge=1, description="Bytes the broker gathers for a fetch before answering"
+    )
+    kafka_fetch_max_wait_ms: int = Field(
+        20, ge=0, description="Longest the broker waits to gather fetch_min_bytes"
+    )
     consumer_batch_transactions: bool = Field(
         True, description="Handle a poll's results in one transaction (false: one per record)"
     )
