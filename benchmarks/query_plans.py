@@ -1,0 +1,76 @@
+"""Query plans of the hot queries, on a database holding many finished assessments, so that
+no per-result or per-assessment query scans the work of other assessments.
+
+    .venv/bin/python -m benchmarks.query_plans [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from sqlalchemy import text
+
+from benchmarks.system import make_essays, running_system
+from cj_assessment.pipeline_client import request_envelope
+
+HOT_QUERIES = {
+    "claim inbox (per poll)": (
+        'INSERT INTO cj_event_inbox (event_id, topic, partition, "offset", outcome)'
+        " VALUES ('x', 't', 0, 0, 'handled') ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+    ),
+    "result -> attempt (per poll)": (
+        "SELECT * FROM cj_comparison_pairs WHERE request_correlation_id = ANY("
+        "ARRAY(SELECT request_correlation_id FROM cj_comparison_pairs LIMIT 50))"
+    ),
+    "attempts of a comparison (per poll)": (
+        "SELECT comparison_id, attempt, status FROM cj_comparison_pairs WHERE comparison_id = ANY("
+        "ARRAY(SELECT comparison_id FROM cj_comparison_pairs LIMIT 50))"
+    ),
+    "lock assessments (per poll)": (
+        "SELECT * FROM cj_batch_states WHERE cj_batch_id IN (1, 2, 3)"
+        " ORDER BY cj_batch_id FOR UPDATE"
+    ),
+    "successful judgements (per iteration)": (
+        "SELECT essay_a_els_id, essay_b_els_id, winner FROM cj_comparison_pairs"
+        " WHERE cj_batch_id = 3 AND status = 'succeeded'"
+    ),
+    "outbox claim (relay)": (
+        "SELECT id, topic, message_key, payload FROM cj_event_outbox WHERE published_at IS NULL"
+        " ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED"
+    ),
+    "overdue attempts (monitor)": (
+        "SELECT cj_batch_id FROM cj_comparison_pairs WHERE status = 'in_flight'"
+        " AND submitted_at < now() - interval '300 seconds' GROUP BY cj_batch_id LIMIT 50"
+    ),
+    "idle assessments (monitor)": (
+        "SELECT cj_batch_id FROM cj_batch_states WHERE state NOT IN ('COMPLETED', 'FAILED',"
+        " 'CANCELLED') AND last_activity_at < now() - interval '600 seconds'"
+        " ORDER BY last_activity_at LIMIT 50 FOR UPDATE SKIP LOCKED"
+    ),
+}
+
+
+async def _plans(assessments: int) -> str:
+    async with running_system(provider={"latency_median_ms": 5}, warm_up=False) as system:
+        ids = [f"plan-{i}" for i in range(assessments)]
+        essays = make_essays(20)
+        await system.submit(*(request_envelope(bos_batch_id=b, essays=essays) for b in ids))
+        await system.wait_for(ids, timeout=600)
+        async with system.engine.begin() as conn:
+            await conn.execute(text("ANALYZE"))
+        pairs = (await system.rows("SELECT count(*) FROM cj_comparison_pairs"))[0][0]
+        lines = [f"Query plans with {assessments} finished assessments, {pairs} attempt rows", ""]
+        for name, sql in HOT_QUERIES.items():
+            plan = await system.rows(f"EXPLAIN (COSTS OFF) {sql}")
+            lines.append(f"-- {name}")
+            lines += [f"   {row[0]}" for row in plan]
+        return "\n".join(lines)
+
+
+def run(quick: bool = False) -> str:
+    return asyncio.run(_plans(30 if quick else 200))
+
+
+if __name__ == "__main__":
+    print(run(quick="--quick" in sys.argv))
