@@ -116,7 +116,8 @@ async def _scenario(assessments: int, instances: int, timeout: float) -> dict:
                 attempts = (
                     await conn.execute(
                         text(
-                            "SELECT count(*) FROM cj_comparison_pairs WHERE completed_at IS NOT NULL"
+                            "SELECT count(*) FROM cj_comparison_pairs"
+                            " WHERE completed_at IS NOT NULL"
                         )
                     )
                 ).scalar_one()
