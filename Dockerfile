@@ -41,6 +41,8 @@ FROM ${PYTHON_IMAGE} AS runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    OPENBLAS_NUM_THREADS=1 \
+    OMP_NUM_THREADS=1 \
     PATH="/opt/venv/bin:${PATH}"
 
 # Unprivileged user with a fixed uid/gid (no login shell, no password).

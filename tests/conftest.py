@@ -5,8 +5,13 @@ otherwise an embedded Tansu broker and an embedded PostgreSQL are started once p
 
 from __future__ import annotations
 
-import asyncio
 import os
+
+# As `cj-assessment` does: one BLAS thread, set before numpy is imported by the service code.
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 

@@ -79,6 +79,7 @@ class ProviderConfig:
     seed: int | None = None
     commit_interval_s: float = 0.2  # commit at most this often
     drain_timeout_s: float = 30.0  # on stop / revoke, longest wait for in-flight answers
+    fetch_max_wait_ms: int = 20  # longest a fetch waits at the broker for new requests
 
     def __post_init__(self) -> None:
         if self.slots < 1:
@@ -292,6 +293,8 @@ class SimulatedProvider:
                 client_id="cj-llm-provider",
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
+                # Answer new requests promptly: some brokers hold a waiting fetch to its limit.
+                fetch_max_wait_ms=self.config.fetch_max_wait_ms,
             )
             producer = AIOKafkaProducer(
                 bootstrap_servers=self.config.bootstrap_servers,

@@ -115,6 +115,7 @@ class OutcomeWatcher:
             group_id=f"cj-outcome-watcher-{uuid.uuid4()}",
             auto_offset_reset="earliest",
             enable_auto_commit=False,
+            fetch_max_wait_ms=20,
         )
         self.events: list[dict[str, Any]] = []
 
