@@ -17,17 +17,20 @@ servers) and `CJ_BENCH_DATABASE_URL` (a SQLAlchemy asyncpg URL on a server where
 be created) point the benchmarks at running servers instead.
 
 Per scenario (`running_system`). A fresh migrated database (so `cj_batch_id`s start at 1 and
-pair generation, seeded per (cj_batch_id, iteration), repeats across scenarios), per-scenario
-topic names and consumer groups, N `serve(settings, stop)` instances sharing the consumer
-group, an optional `TimedProvider` (the reference `SimulatedProvider` that also records, per
-correlation id, when a request reached it, the latency it drew and when its result was
-acknowledged by the broker) and an `OutcomeWatcher`. On exit everything is stopped and the
-database dropped.
+pair generation, seeded per (cj_batch_id, iteration), repeats across scenarios; the warm-up
+assessment takes id 1), per-scenario topic names and consumer groups, N `serve(settings, stop)`
+instances sharing the consumer group, an optional `TimedProvider` (the reference
+`SimulatedProvider`, recording per correlation id when a request reached it, the latency it
+drew and when its result was acknowledged; in this process, or in a child process with
+`provider_process=True`; read it with `system.provider_timeline()`) and an `OutcomeWatcher`.
+On exit everything is stopped and the database dropped.
 
-Keyword arguments of `running_system` other than `provider`, `instances` and `warm_up` are
-`Settings` fields (e.g. `batch_size`, `partial_completion_threshold`,
-`enable_stability_checking`, `outbox_poll_interval_seconds`); `provider` is a dict of
-`ProviderConfig` fields (broker, topic and group are filled in) or None for no provider.
+`running_system` keywords: `provider` (a dict of `ProviderConfig` fields; broker, topic and
+group are filled in; None: no provider), `instances`, `warm_up` (one tiny assessment first, so
+that group joins are not measured), `provider_process`, `consumer_fetch_max_wait_ms` (a
+what-if, see `consumer_fetch_max_wait`); every other keyword is a `Settings` field (e.g.
+`batch_size`, `partial_completion_threshold`, `enable_stability_checking`,
+`outbox_poll_interval_seconds`).
 """
 
 from __future__ import annotations
@@ -37,11 +40,16 @@ import atexit
 import contextlib
 import json
 import os
+import shutil
+import signal
+import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -60,6 +68,7 @@ from cj_assessment.topics import ensure_topics, service_topics
 __all__ = [
     "BenchSystem",
     "Outcome",
+    "ProviderTimeline",
     "TimedProvider",
     "consumer_fetch_max_wait",
     "infrastructure",
@@ -69,6 +78,7 @@ __all__ = [
 ]
 
 TOPIC_PARTITIONS = 3
+_ROOT = Path(__file__).resolve().parents[1]  # the repository: `benchmarks` is importable there
 
 # --- infrastructure, once per process ------------------------------------------------------------
 
@@ -164,32 +174,130 @@ def make_essays(n: int, prefix: str = "essay") -> dict[str, str]:
 # --- provider with a timeline --------------------------------------------------------------------
 
 
-class TimedProvider(SimulatedProvider):
-    """The reference simulated provider, recording per correlation id (UTC datetimes):
-    `received` (request parsed, before waiting for a slot), `latency` (drawn answer latency in
-    seconds, tail included) and `published` (first result acknowledged by the broker).
+class ProviderTimeline:
+    """Per correlation id (UTC datetimes): `received` (request parsed, before waiting for a
+    slot), `latency` (drawn answer latency in seconds, tail included), `published` (first
+    result acknowledged by the broker)."""
 
-    It hooks the provider's `_plan` and `_publish`; if those change, the dicts stay empty and
-    the benchmarks print n/a for what depends on them."""
-
-    def __init__(self, config: ProviderConfig) -> None:
-        super().__init__(config)
+    def __init__(self) -> None:
         self.received: dict[str, datetime] = {}
         self.latency: dict[str, float] = {}
         self.published: dict[str, datetime] = {}
+        self._read = 0
+
+    def load(self, path: Path) -> ProviderTimeline:
+        """Read what a provider process appended to `path` since the last call."""
+        if not path.exists():
+            return self
+        with path.open(encoding="utf-8") as f:
+            f.seek(self._read)
+            while True:
+                line = f.readline()
+                if not line.endswith("\n"):
+                    break  # not completely written yet
+                self._read = f.tell()
+                kind, cid, moment, *rest = line.split()
+                at = datetime.fromtimestamp(float(moment), UTC)
+                if kind == "r":
+                    self.received.setdefault(cid, at)
+                    self.latency.setdefault(cid, float(rest[0]))
+                else:
+                    self.published.setdefault(cid, at)
+        return self
+
+
+class TimedProvider(SimulatedProvider):
+    """The reference simulated provider, also recording its `ProviderTimeline` (in memory, and
+    appended to `timeline_path` when given).
+
+    It hooks the provider's `_plan` and `_publish`; if those change, the timeline stays empty
+    and the benchmarks print n/a for what depends on it."""
+
+    def __init__(self, config: ProviderConfig, timeline_path: Path | None = None) -> None:
+        super().__init__(config)
+        self.timeline = ProviderTimeline()
+        self._file = timeline_path.open("a", encoding="utf-8") if timeline_path else None
 
     def _plan(self, request: Any) -> Any:  # type: ignore[override]
         now = datetime.now(UTC)
         plan = super()._plan(request)
-        self.received.setdefault(request.correlation_id, now)
-        self.latency.setdefault(request.correlation_id, plan.latency_s)
+        cid = request.correlation_id
+        self.timeline.received.setdefault(cid, now)
+        self.timeline.latency.setdefault(cid, plan.latency_s)
+        if self._file is not None:
+            self._file.write(f"r {cid} {now.timestamp():.6f} {plan.latency_s:.6f}\n")
+            self._file.flush()
         return plan
 
     async def _publish(self, envelope: Any, request: Any, result: Any, delivery: int) -> bool:  # type: ignore[override]
         ok = await super()._publish(envelope, request, result, delivery)
         if ok and delivery == 1:
-            self.published.setdefault(request.correlation_id, datetime.now(UTC))
+            now = datetime.now(UTC)
+            self.timeline.published.setdefault(request.correlation_id, now)
+            if self._file is not None:
+                self._file.write(f"p {request.correlation_id} {now.timestamp():.6f}\n")
+                self._file.flush()
         return ok
+
+
+class _ProviderProcess:
+    """A `TimedProvider` in a child process (`python -m benchmarks.system provider ...`)."""
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.config = config
+        self._directory = Path(tempfile.mkdtemp(prefix="cj-bench-provider-"))
+        self.timeline_path = self._directory / "timeline.txt"
+        self.timeline = ProviderTimeline()
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        env = {**os.environ}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "benchmarks.system",
+            "provider",
+            json.dumps(asdict(self.config)),
+            str(self.timeline_path),
+            cwd=_ROOT,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+
+    def refresh(self) -> ProviderTimeline:
+        return self.timeline.load(self.timeline_path)
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout=15)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        shutil.rmtree(self._directory, ignore_errors=True)
+
+    def check_alive(self) -> None:
+        if self.process is not None and self.process.returncode is not None:
+            raise RuntimeError(f"provider process exited with {self.process.returncode}")
+
+
+def _provider_main(config_json: str, timeline: str) -> None:
+    """Entry point of the provider child process: answer until SIGTERM."""
+    from cj_assessment.logs import configure_logging
+
+    configure_logging("WARNING", json=False)
+    config = ProviderConfig(**json.loads(config_json))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await TimedProvider(config, Path(timeline)).run(stop)
+
+    asyncio.run(main())
 
 
 # --- the running system --------------------------------------------------------------------------
@@ -215,7 +323,7 @@ class BenchSystem:
     engine: AsyncEngine
     watcher: OutcomeWatcher
     producer: AIOKafkaProducer
-    provider: TimedProvider | None = None
+    provider: TimedProvider | _ProviderProcess | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     submitted: dict[str, float] = field(default_factory=dict)  # bos_batch_id -> monotonic
     submitted_at: dict[str, datetime] = field(default_factory=dict)  # bos_batch_id -> UTC
@@ -265,7 +373,17 @@ class BenchSystem:
         async with self.engine.connect() as conn:
             return list((await conn.execute(text(sql), params)).all())
 
+    def provider_timeline(self) -> ProviderTimeline:
+        """What the provider saw so far (empty without a provider)."""
+        if isinstance(self.provider, _ProviderProcess):
+            return self.provider.refresh()
+        if isinstance(self.provider, TimedProvider):
+            return self.provider.timeline
+        return ProviderTimeline()
+
     def check_alive(self) -> None:
+        if isinstance(self.provider, _ProviderProcess):
+            self.provider.check_alive()
         for task in self.tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
@@ -348,12 +466,15 @@ async def running_system(
     instances: int = 1,
     warm_up: bool = True,
     consumer_fetch_max_wait_ms: int | None = None,
+    provider_process: bool = False,
     **settings_overrides: Any,
 ) -> AsyncIterator[BenchSystem]:
     """A fresh scenario: database, topics, `instances` service instances, the provider.
 
     With `warm_up` (the default, needs a provider) one tiny assessment runs first; see
-    `BenchSystem.warm_up`. `consumer_fetch_max_wait_ms`: see `consumer_fetch_max_wait`."""
+    `BenchSystem.warm_up`. `consumer_fetch_max_wait_ms`: see `consumer_fetch_max_wait` (it
+    reaches a provider process too). `provider_process`: run the provider in a child process,
+    so that its CPU does not share the service's event loop (as in production)."""
     infra = await asyncio.to_thread(infrastructure)
     with consumer_fetch_max_wait(consumer_fetch_max_wait_ms):
         async with fresh_database(infra.postgres_url) as database_url:
@@ -381,10 +502,22 @@ async def running_system(
                         asyncio.create_task(serve(instance, stop), name=f"serve-{i}")
                     )
                 if provider is not None:
-                    system.provider = TimedProvider(_provider_config(settings, provider))
-                    system.tasks.append(
-                        asyncio.create_task(system.provider.run(stop), name="provider")
-                    )
+                    config = _provider_config(settings, provider)
+                    if provider_process:
+                        if consumer_fetch_max_wait_ms is not None:
+                            os.environ["CJ_BENCH_FETCH_MAX_WAIT_MS"] = str(
+                                consumer_fetch_max_wait_ms
+                            )
+                        child = _ProviderProcess(config)
+                        system.provider = child
+                        try:
+                            await child.start()
+                        finally:
+                            os.environ.pop("CJ_BENCH_FETCH_MAX_WAIT_MS", None)
+                    else:
+                        timed = TimedProvider(config)
+                        system.provider = timed
+                        system.tasks.append(asyncio.create_task(timed.run(stop), name="provider"))
                 await watcher_started
                 if warm_up and provider is not None:
                     await system.warm_up()
@@ -395,6 +528,8 @@ async def running_system(
                 for task in system.tasks:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(task, timeout=20)
+                if isinstance(system.provider, _ProviderProcess):
+                    await system.provider.stop()
                 with contextlib.suppress(Exception):
                     await watcher_started
                     await watcher.stop()
@@ -414,3 +549,15 @@ async def _delete_topics(settings: Settings) -> None:
             await asyncio.wait_for(admin.delete_topics(service_topics(settings)), timeout=10)
         finally:
             await admin.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "provider":
+        with consumer_fetch_max_wait(
+            int(os.environ["CJ_BENCH_FETCH_MAX_WAIT_MS"])
+            if os.environ.get("CJ_BENCH_FETCH_MAX_WAIT_MS")
+            else None
+        ):
+            _provider_main(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: python -m benchmarks.system provider CONFIG_JSON TIMELINE_PATH")
