@@ -1,0 +1,1 @@
+"""Benchmarks of the pure core (no broker, no database): `python -m benchmarks.<name>`."""

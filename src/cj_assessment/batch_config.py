@@ -34,13 +34,17 @@ class BatchConfig:
     failed_comparison_retry_threshold: int
     max_retry_attempts: int
     min_success_rate: float
+    # Added with adaptive pairing; configurations stored before then load with these defaults.
+    pairing_strategy: str = "adaptive"
+    target_reliability: float | None = None
+    target_mean_standard_error: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BatchConfig:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 def _check(field: str, value: Any) -> Any:
@@ -121,4 +125,7 @@ def resolve_batch_config(
         failed_comparison_retry_threshold=settings.failed_comparison_retry_threshold,
         max_retry_attempts=settings.max_retry_attempts,
         min_success_rate=settings.min_success_rate,
+        pairing_strategy=settings.pairing_strategy,
+        target_reliability=settings.target_reliability,
+        target_mean_standard_error=settings.target_mean_standard_error,
     )

@@ -75,8 +75,11 @@ class IterationProgress:
     permanently_failed: int = 0
     completed_at: str | None = None
     max_score_change: float | None = None
-    reliability: float | None = None
+    reliability: float | None = None  # calibrated
     scores: dict[str, float] | None = None
+    # The next iteration's adaptive pairing reads scores and standard errors from here.
+    standard_errors: dict[str, float] | None = None
+    scale_separation_reliability: float | None = None
 
     @property
     def resolved(self) -> int:
@@ -373,6 +376,8 @@ def close_iteration(
     scores: dict[str, float],
     max_score_change: float | None,
     reliability: float | None,
+    standard_errors: dict[str, float] | None = None,
+    scale_separation_reliability: float | None = None,
 ) -> Progress:
     it = progress.iteration(iteration)
     closed = replace(
@@ -381,5 +386,9 @@ def close_iteration(
         scores={k: round(v, 6) for k, v in scores.items()},
         max_score_change=max_score_change,
         reliability=reliability,
+        standard_errors=None
+        if standard_errors is None
+        else {k: round(v, 6) for k, v in standard_errors.items()},
+        scale_separation_reliability=scale_separation_reliability,
     )
     return _with_iteration(progress, closed)

@@ -66,16 +66,40 @@ def decide_after_scoring(
     scored_essays: int,
     max_score_change: float | None,
     all_pairs_seen: bool,
+    reliability: float | None = None,
+    mean_standard_error: float | None = None,
 ) -> Decision:
-    """After an iteration is scored: fail, complete (and why), or plan how many more."""
+    """After an iteration is scored: fail, complete (and why), or plan how many more.
+
+    Completes, in this order: ``reliability`` (the calibrated reliability reached
+    ``target_reliability``), ``precision`` (the mean standard error fell to
+    ``target_mean_standard_error``), ``stability``, ``budget``, ``all_pairs_compared``.
+    The precision targets, like stability, count only from ``min_iterations_for_stability``
+    on, so one lucky early iteration cannot end an assessment.
+    """
     if scored_essays == 0 or progress.completed == 0:
         return Decision(Verdict.FAIL, "NO_SCORABLE_ESSAYS")
     settled = progress.completed + progress.failed
     if settled and progress.completed / settled < config.min_success_rate:
         return Decision(Verdict.FAIL, "LOW_SUCCESS_RATE")
+    late_enough = progress.current_iteration >= config.min_iterations_for_stability
+    if (
+        late_enough
+        and config.target_reliability is not None
+        and reliability is not None
+        and reliability >= config.target_reliability
+    ):
+        return Decision(Verdict.COMPLETE, "reliability")
+    if (
+        late_enough
+        and config.target_mean_standard_error is not None
+        and mean_standard_error is not None
+        and mean_standard_error <= config.target_mean_standard_error
+    ):
+        return Decision(Verdict.COMPLETE, "precision")
     if (
         config.enable_stability_checking
-        and progress.current_iteration >= config.min_iterations_for_stability
+        and late_enough
         and max_score_change is not None
         and max_score_change < config.stability_threshold
     ):

@@ -1,7 +1,10 @@
-"""Random pair generation for comparative judgement rounds.
+"""Pair generation for comparative judgement rounds: random or adaptive.
 
 Each round is a matching: every essay appears at most once, so comparison counts grow
-evenly. Within a round, partners are drawn at random among the essays not yet matched,
+evenly. Both strategies share the fairness machinery below; they differ only in which
+partners they prefer.
+
+Random: within a round, partners are drawn at random among the essays not yet matched,
 preferring pairs never planned before (then the least-repeated ones) and partners whose
 Essay A/Essay B imbalance lets both move back towards zero. A greedy pass finds most such
 partners by sampling a few random candidates, so a round costs roughly linear time; a
@@ -10,6 +13,17 @@ prior plannings, which guarantees a repeat-free round whenever every participant
 has unseen partners among at least half of the other participants (not counting partners
 that already lean the same way by two or more Essay A showings, since pairing those would
 push one of them to three).
+
+Adaptive (once there are estimates, i.e. from the second iteration on): partners are chosen
+for the expected information gain of their comparison, ½·log(1 + (SE_i² + SE_j²)·p(1 − p))
+with p the current Bradley–Terry probability that one beats the other: a comparison whose
+outcome is uncertain between essays whose scores are uncertain. Essays are scanned in an
+order of the scores perturbed by a quarter of their standard error (so repeated rounds on
+the same estimates still vary), and each meets the nearby open essay of greatest gain among
+those that cost nothing in repeats or A/B balance. The same partner exchanges as in random
+rounds then repair what remains, preferring nearby pairs. On the simulated benchmark
+(benchmarks/pairing.py) this reaches a Spearman correlation of 0.90 with the truth with
+23–24% fewer comparisons than random pairing at 30 and 100 essays, 13% fewer at 300.
 """
 
 from __future__ import annotations
@@ -17,15 +31,36 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 
 _RANDOM_CANDIDATES = 8
 _REPAIR_WORK_LIMIT = 400_000
 _SEVERE_IMBALANCE = 2
+_NEIGHBOURS = 6  # adaptive candidates per essay: the open essays just behind it in score order
+_ORDER_NOISE = 0.25  # perturbation of the adaptive order, in standard errors
+# Rounds stay random until every essay has this many comparisons: after a single one an
+# estimate is only "won" or "lost", and pairing winners with winners (a Swiss round) teaches
+# little while making the scale harder to calibrate. In the service the first iteration
+# already gives each essay several comparisons.
+_MIN_COMPARISONS_FOR_ADAPTIVE = 2
 
 _Cost = tuple[int, int, int]
 _FREE: _Cost = (0, 0, 0)
+
+
+class PairingStrategy(StrEnum):
+    RANDOM = "random"
+    ADAPTIVE = "adaptive"
+
+
+@dataclass(frozen=True)
+class AbilityEstimates:
+    """Current Bradley–Terry scores and their standard errors, by essay id."""
+
+    scores: Mapping[str, float]
+    standard_errors: Mapping[str, float]
 
 
 @dataclass(frozen=True)
@@ -95,6 +130,8 @@ def generate_pairs(
     *,
     matchings: int,
     max_pairs: int,
+    strategy: PairingStrategy = PairingStrategy.RANDOM,
+    estimates: AbilityEstimates | None = None,
 ) -> list[tuple[str, str]]:
     """Plan up to ``matchings`` rounds of ordered ``(essay_a_id, essay_b_id)`` pairs.
 
@@ -105,6 +142,10 @@ def generate_pairs(
     never drift more than one apart. Repeats are allowed once unseen partners run out,
     least-repeated first; callers decide whether to stop (see ``all_pairs_seen``).
     The essay further behind on Essay A showings is shown as Essay A.
+
+    ``strategy`` ADAPTIVE chooses informative partners from ``estimates``; without
+    estimates (the first iteration), or while some essay has fewer than two comparisons,
+    rounds are random whatever the strategy.
     """
     ids = list(essay_ids)
     if len(set(ids)) != len(ids):
@@ -113,19 +154,103 @@ def generate_pairs(
         return []
 
     plan = _plan_from_history(ids, history)
+    adaptive = strategy is PairingStrategy.ADAPTIVE and estimates is not None
+    beliefs = _beliefs(ids, estimates) if adaptive and estimates is not None else None
     planned: list[tuple[str, str]] = []
     for _ in range(matchings):
         budget = max_pairs - len(planned)
         if budget <= 0:
             break
         participants = _least_compared(plan, 2 * min(len(ids) // 2, budget), rng)
-        pairs = _greedy_matching(plan, participants, rng)
-        _improve_by_swaps(plan, pairs, rng)
+        if beliefs is None or min(plan.comparison_counts) < _MIN_COMPARISONS_FOR_ADAPTIVE:
+            pairs = _greedy_matching(plan, participants, rng)
+            _improve_by_swaps(plan, pairs, rng)
+        else:
+            pairs = _informative_matching(plan, participants, beliefs, rng)
+            _improve_by_swaps(plan, pairs, rng, nearby_first=True)
         for first, second in pairs:
             essay_a, essay_b = _orient(plan, first, second, rng)
             _record(plan, essay_a, essay_b)
             planned.append((ids[essay_a], ids[essay_b]))
     return planned
+
+
+@dataclass(frozen=True)
+class _Beliefs:
+    """Scores and the uncertainty used for pairing, over essay indices."""
+
+    scores: np.ndarray
+    uncertainty: np.ndarray
+
+
+def _beliefs(ids: list[str], estimates: AbilityEstimates) -> _Beliefs:
+    """Essays without an estimate sit in the middle of the scale with its whole spread as
+    their uncertainty; no uncertainty is taken to exceed that spread."""
+    known = [estimates.scores[e] for e in ids if e in estimates.scores]
+    spread = float(np.std(known)) if len(known) >= 2 else 1.0
+    spread = spread if spread > 1e-6 else 1.0
+    centre = float(np.mean(known)) if known else 0.0
+    scores = np.array([estimates.scores.get(e, centre) for e in ids], dtype=float)
+    errors = np.array([estimates.standard_errors.get(e, spread) for e in ids], dtype=float)
+    return _Beliefs(scores=scores, uncertainty=np.clip(errors, 0.0, spread))
+
+
+def _informative_matching(
+    plan: _Plan, participants: list[int], beliefs: _Beliefs, rng: np.random.Generator
+) -> list[tuple[int, int]]:
+    """Scan the essays in perturbed score order; each one is matched with the still open
+    essay just behind it that gives the greatest information gain at no cost in repeats or
+    A/B balance, or stays open itself. Whatever stays open at the end (no free partner
+    nearby) is paired along the order, cheapest first.
+
+    Looking back over the open essays keeps pairs local: balance lets an essay that leans
+    towards Essay A meet only one that does not, so in a run of essays leaning the same way
+    a greedy looking ahead reaches ever further, while looking back the run's essays wait
+    for the next essays of the other lean.
+
+    Pairs are returned roughly in score order, so that partner exchanges that look nearby
+    first keep partners close.
+    """
+    draws = beliefs.scores + _ORDER_NOISE * beliefs.uncertainty * rng.standard_normal(plan.size)
+    order = sorted(participants, key=lambda essay: draws[essay])
+    open_essays: list[int] = []
+    pairs: list[tuple[int, int]] = []
+    for essay in order:
+        window = open_essays[-_NEIGHBOURS:]
+        free = [other for other in window if _cost(plan, other, essay) == _FREE]
+        if free:
+            partner = max(free, key=lambda other: _information_gain(beliefs, other, essay))
+            open_essays.remove(partner)
+            pairs.append((partner, essay))
+        else:
+            open_essays.append(essay)
+    while len(open_essays) >= 2:
+        essay = open_essays.pop(0)
+        pairs.append((essay, open_essays.pop(_nearest_cheapest(plan, essay, open_essays))))
+    position = {essay: k for k, essay in enumerate(order)}
+    pairs.sort(key=lambda pair: position[pair[0]] + position[pair[1]])
+    return pairs
+
+
+def _nearest_cheapest(plan: _Plan, essay: int, pool: list[int]) -> int:
+    """Position of the first partner in ``pool`` that costs nothing, else the cheapest."""
+    best_position, best_cost = 0, _cost(plan, essay, pool[0])
+    for position in range(1, len(pool)):
+        if best_cost == _FREE:
+            break
+        cost = _cost(plan, essay, pool[position])
+        if cost < best_cost:
+            best_position, best_cost = position, cost
+    return best_position
+
+
+def _information_gain(beliefs: _Beliefs, first: int, second: int) -> float:
+    """½·log(1 + (SE_i² + SE_j²)·p(1 − p)): the expected information a comparison gives
+    about the pair's difference under a Gaussian posterior (outcome uncertainty weighted by
+    how uncertain the difference is)."""
+    p = 1.0 / (1.0 + np.exp(beliefs.scores[second] - beliefs.scores[first]))
+    variance = beliefs.uncertainty[first] ** 2 + beliefs.uncertainty[second] ** 2
+    return 0.5 * float(np.log1p(variance * p * (1.0 - p)))
 
 
 def _plan_from_history(ids: list[str], history: PairingHistory) -> _Plan:
@@ -245,13 +370,22 @@ def _choose_partner(plan: _Plan, essay: int, pool: list[int], draws: Iterator[fl
     return best_position
 
 
-def _improve_by_swaps(plan: _Plan, pairs: list[tuple[int, int]], rng: np.random.Generator) -> None:
+def _improve_by_swaps(
+    plan: _Plan,
+    pairs: list[tuple[int, int]],
+    rng: np.random.Generator,
+    *,
+    nearby_first: bool = False,
+) -> None:
     """Exchange partners between two pairs while that lowers the summed pair costs.
 
+    With ``nearby_first`` the other pair is looked for outwards from the target's position
+    (adaptive rounds list pairs in score order, so the exchange keeps partners close).
     Stops at a local optimum or after a fixed amount of work, whichever comes first.
     """
     if len(pairs) < 2:
         return
+
     work = 0
     improved = True
     while improved and work < _REPAIR_WORK_LIMIT:
@@ -261,7 +395,8 @@ def _improve_by_swaps(plan: _Plan, pairs: list[tuple[int, int]], rng: np.random.
             target_cost = _cost(plan, first, second)
             if target_cost == _FREE:
                 continue
-            for other in range(len(pairs)):
+            others = _outwards(target, len(pairs)) if nearby_first else range(len(pairs))
+            for other in others:
                 work += 1
                 if other == target:
                     continue
@@ -278,6 +413,15 @@ def _improve_by_swaps(plan: _Plan, pairs: list[tuple[int, int]], rng: np.random.
                     break
             if work >= _REPAIR_WORK_LIMIT:
                 break
+
+
+def _outwards(centre: int, size: int) -> Iterator[int]:
+    """centre − 1, centre + 1, centre − 2, centre + 2, … within [0, size)."""
+    for distance in range(1, size):
+        if centre - distance >= 0:
+            yield centre - distance
+        if centre + distance < size:
+            yield centre + distance
 
 
 def _add(left: _Cost, right: _Cost) -> _Cost:

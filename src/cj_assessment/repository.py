@@ -411,6 +411,24 @@ class AssessmentRepository:
         rows = (await self.session.execute(stmt)).all()
         return [(a, b) if winner == "essay_a" else (b, a) for a, b, winner in rows]
 
+    async def successful_judgements(self, cj_batch_id: int) -> list[tuple[str, str, bool]]:
+        """(essay_a, essay_b, a_won) of every comparison answered with a winner, in the
+        orientation the judge saw it (scoring fits the judge's position bias from it)."""
+        stmt = (
+            select(
+                CJComparisonPair.essay_a_els_id,
+                CJComparisonPair.essay_b_els_id,
+                CJComparisonPair.winner,
+            )
+            .where(
+                CJComparisonPair.cj_batch_id == cj_batch_id,
+                CJComparisonPair.status == AttemptStatus.SUCCEEDED.value,
+            )
+            .order_by(CJComparisonPair.id)
+        )
+        rows = (await self.session.execute(stmt)).all()
+        return [(a, b, winner == "essay_a") for a, b, winner in rows]
+
     async def count_attempts(self, cj_batch_id: int) -> int:
         stmt = select(func.count()).where(CJComparisonPair.cj_batch_id == cj_batch_id)
         return int((await self.session.execute(stmt)).scalar_one())

@@ -6,6 +6,8 @@ nothing in the package reads the environment at import time.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -98,6 +100,16 @@ class Settings(BaseSettings):
         600.0, gt=0, description="An assessment idle this long is driven on by the monitor"
     )
     monitor_interval_seconds: float = Field(30.0, gt=0, description="How often the monitor runs")
+    pairing_strategy: Literal["random", "adaptive"] = Field(
+        "adaptive",
+        description="Pairs after the first iteration: random, or adaptive (most informative)",
+    )
+    target_reliability: float | None = Field(
+        None, gt=0, lt=1, description="Stop once the calibrated reliability reaches this"
+    )
+    target_mean_standard_error: float | None = Field(
+        None, gt=0, description="Stop once the mean standard error of the scores is this or less"
+    )
 
     # Outbox relay
     outbox_poll_interval_seconds: float = Field(0.5, gt=0, description="Relay idle poll interval")

@@ -40,9 +40,15 @@ from cj_assessment.contracts import (
 )
 from cj_assessment.errors import RequestRejected
 from cj_assessment.metrics import Metrics
-from cj_assessment.pair_generation import PairingHistory, all_pairs_seen, generate_pairs
+from cj_assessment.pair_generation import (
+    AbilityEstimates,
+    PairingHistory,
+    PairingStrategy,
+    all_pairs_seen,
+    generate_pairs,
+)
 from cj_assessment.repository import AssessmentRepository, OutboxRow
-from cj_assessment.scoring_ranking import ScoringResult, score_comparisons
+from cj_assessment.scoring_ranking import ScoringResult, score_judgements
 from cj_assessment.settings import Settings
 from cj_assessment.tables import CJBatchState, CJBatchUpload
 
@@ -242,12 +248,20 @@ class WorkflowOrchestrator:
     ) -> Progress:
         history = PairingHistory.from_pairs(await repo.planned_pairs(ctx.cj_batch_id))
         rng = np.random.default_rng([ctx.cj_batch_id, iteration])
+        # Adaptive pairing works from the latest scored iteration; the first has none and
+        # stays random.
+        latest = next((it for it in reversed(progress.iterations) if it.scores), None)
+        estimates = None
+        if latest is not None and latest.scores and latest.standard_errors:
+            estimates = AbilityEstimates(latest.scores, latest.standard_errors)
         pairs = generate_pairs(
             essay_ids,
             history,
             rng,
             matchings=ctx.config.matchings_per_iteration,
             max_pairs=size,
+            strategy=PairingStrategy(ctx.config.pairing_strategy),
+            estimates=estimates,
         )
         return await self._batches.plan_iteration(
             repo, ctx, progress, iteration=iteration, pairs=pairs
@@ -262,9 +276,9 @@ class WorkflowOrchestrator:
         now: datetime,
     ) -> tuple[Progress, Decision, ScoringResult | None]:
         essay_ids = await repo.essay_ids(ctx.cj_batch_id)
-        outcomes = await repo.successful_outcomes(ctx.cj_batch_id)
+        judgements = await repo.successful_judgements(ctx.cj_batch_id)
         iteration = progress.current_iteration
-        if not outcomes:
+        if not judgements:
             progress = batch_state.close_iteration(
                 progress,
                 iteration=iteration,
@@ -282,7 +296,7 @@ class WorkflowOrchestrator:
                 all_pairs_seen=False,
             )
             return progress, decision, None
-        scoring = score_comparisons(essay_ids, outcomes)
+        scoring = score_judgements(essay_ids, judgements)
         scores = scoring.scores()
         previous = next(
             (
@@ -300,6 +314,8 @@ class WorkflowOrchestrator:
             scores=scores,
             max_score_change=change,
             reliability=scoring.reliability,
+            standard_errors=scoring.standard_errors(),
+            scale_separation_reliability=scoring.scale_separation_reliability,
         )
         await repo.store_scores(
             ctx.cj_batch_id,
@@ -317,13 +333,19 @@ class WorkflowOrchestrator:
             ],
         )
         history = PairingHistory.from_pairs(await repo.planned_pairs(ctx.cj_batch_id))
+        scored = [e for e in scoring.essays if e.comparison_count > 0]
+        mean_standard_error = (
+            sum(e.standard_error for e in scored) / len(scored) if scored else None
+        )
         decision = decide_after_scoring(
             progress=progress,
             config=ctx.config,
             essay_count=len(essay_ids),
-            scored_essays=sum(1 for e in scoring.essays if e.comparison_count > 0),
+            scored_essays=len(scored),
             max_score_change=change,
             all_pairs_seen=all_pairs_seen(essay_ids, history),
+            reliability=scoring.reliability,
+            mean_standard_error=mean_standard_error,
         )
         log.info(
             "iteration_scored",
@@ -332,6 +354,9 @@ class WorkflowOrchestrator:
             comparisons_succeeded=progress.completed,
             max_score_change=change,
             reliability=scoring.reliability,
+            scale_separation_reliability=scoring.scale_separation_reliability,
+            mean_standard_error=mean_standard_error,
+            position_bias=None if scoring.position_bias is None else scoring.position_bias.logit,
             verdict=decision.verdict.value,
             reason=decision.reason,
         )
@@ -369,6 +394,7 @@ class WorkflowOrchestrator:
         failed_ids = [e.essay_id for e in scoring.essays if e.comparison_count == 0]
         ok_ids = [e.essay_id for e in scoring.essays if e.comparison_count > 0]
         attempts = await repo.count_attempts(ctx.cj_batch_id)
+        bias = scoring.position_bias
         summary = ProcessingSummary(
             total_essays=len(scoring.essays),
             successful=len(ok_ids),
@@ -381,9 +407,23 @@ class WorkflowOrchestrator:
             comparisons_failed=progress.failed,
             rounds=progress.current_iteration,
             stop_reason=decision.reason,
+            # Calibrated (empirical Bayes): an honest estimate of the squared correlation of
+            # the scores with the truth, also under adaptive pairing. The raw SSR, which
+            # adaptive pairing inflates, is reported next to it for comparison.
             reliability=None if scoring.reliability is None else round(scoring.reliability, 4),
             comparison_attempts=attempts,
             pool_statistics=progress.pool.statistics.to_json(),
+            scale_separation_reliability=None
+            if scoring.scale_separation_reliability is None
+            else round(scoring.scale_separation_reliability, 4),
+            position_bias=None
+            if bias is None
+            else {
+                "a_win_share": round(bias.a_win_share, 4),
+                "logit": round(bias.logit, 4),
+                "standard_error": round(bias.standard_error, 4),
+            },
+            pairing_strategy=ctx.config.pairing_strategy,
         )
         event = CJAssessmentCompletedV1(
             **outcome_header(

@@ -55,8 +55,13 @@ def test_defaults_come_from_settings() -> None:
         failed_comparison_retry_threshold=s.failed_comparison_retry_threshold,
         max_retry_attempts=s.max_retry_attempts,
         min_success_rate=s.min_success_rate,
+        pairing_strategy=s.pairing_strategy,
+        target_reliability=s.target_reliability,
+        target_mean_standard_error=s.target_mean_standard_error,
     )
     assert (config.batch_size, config.max_concurrent_batches) == (50, 3)
+    assert config.pairing_strategy == "adaptive"
+    assert config.target_reliability is None and config.target_mean_standard_error is None
     assert config.partial_completion_threshold == 0.85
     assert config.max_comparisons == 200
 
@@ -214,6 +219,40 @@ def test_an_invalid_metadata_cap_is_rejected(cap: Any) -> None:
 def test_config_round_trips_through_json() -> None:
     config = _resolve({"batch_size": 120})
     assert BatchConfig.from_json(config.to_json()) == config
+
+
+def test_pairing_and_precision_settings_flow_into_the_config() -> None:
+    settings = Settings(
+        pairing_strategy="random", target_reliability=0.85, target_mean_standard_error=0.3
+    )
+    config = _resolve(settings=settings)
+    assert config.pairing_strategy == "random"
+    assert (config.target_reliability, config.target_mean_standard_error) == (0.85, 0.3)
+    assert BatchConfig.from_json(config.to_json()) == config
+
+
+def test_a_config_stored_before_pairing_settings_existed_loads_with_defaults() -> None:
+    stored = _resolve().to_json()
+    for field in ("pairing_strategy", "target_reliability", "target_mean_standard_error"):
+        del stored[field]
+    config = BatchConfig.from_json(stored)
+    assert config.pairing_strategy == "adaptive"
+    assert config.target_reliability is None and config.target_mean_standard_error is None
+    assert config.batch_size == stored["batch_size"]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"pairing_strategy": "swiss"},
+        {"target_reliability": 1.0},
+        {"target_reliability": 0.0},
+        {"target_mean_standard_error": 0.0},
+    ],
+)
+def test_out_of_range_pairing_and_precision_settings_are_refused(values: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Settings(**values)
 
 
 @pytest.mark.parametrize("field", ["partial_completion_threshold", "stability_threshold"])

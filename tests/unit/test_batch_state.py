@@ -24,6 +24,7 @@ from cj_assessment.batch_state import (
     BatchKind,
     BatchStatus,
     Disposition,
+    IterationProgress,
     Progress,
     SubmissionBatch,
     batch_reached_threshold,
@@ -406,11 +407,15 @@ def test_progress_round_trips_through_its_metadata_json() -> None:
         scores={"e1": 0.1234567891, "e2": -0.1234567891},
         max_score_change=0.02,
         reliability=0.8,
+        standard_errors={"e1": 0.3333333333, "e2": 0.25},
+        scale_separation_reliability=0.9,
     )
     progress, _ = plan_iteration(
         progress, iteration=2, batch_ids=["b9"], comparisons=5, batch_size=10
     )
     assert _roundtrip(progress) == progress
+    assert progress.iteration(1).standard_errors == {"e1": 0.333333, "e2": 0.25}
+    assert progress.iteration(1).scale_separation_reliability == 0.9
     metadata = progress.metadata_json()
     assert set(metadata) == {
         "submission_batches",
@@ -418,6 +423,22 @@ def test_progress_round_trips_through_its_metadata_json() -> None:
         "failed_comparison_pool",
         "pool_statistics",
     }
+
+
+def test_iteration_stored_before_standard_errors_existed_loads_without_them() -> None:
+    stored = {
+        "iteration": 1,
+        "planned": 10,
+        "first_attempts_outstanding": 0,
+        "succeeded": 10,
+        "completed_at": NOW,
+        "max_score_change": None,
+        "reliability": 0.7,
+        "scores": {"e1": 0.5, "e2": -0.5},
+    }
+    iteration = IterationProgress.from_json(stored)
+    assert iteration.scores == {"e1": 0.5, "e2": -0.5}
+    assert iteration.standard_errors is None and iteration.scale_separation_reliability is None
 
 
 def test_progress_from_empty_metadata_is_empty() -> None:

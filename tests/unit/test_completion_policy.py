@@ -206,6 +206,8 @@ def _decide(
     scored: int = 20,
     change: float | None = None,
     all_pairs: bool = False,
+    reliability: float | None = None,
+    mean_se: float | None = None,
 ) -> Decision:
     return decide_after_scoring(
         progress=progress,
@@ -214,6 +216,8 @@ def _decide(
         scored_essays=scored,
         max_score_change=change,
         all_pairs_seen=all_pairs,
+        reliability=reliability,
+        mean_standard_error=mean_se,
     )
 
 
@@ -254,6 +258,48 @@ def test_stability_is_ignored_when_checking_is_disabled() -> None:
     config = _config(enable_stability_checking=False)
     decision = _decide(_scored(iteration=4), config, change=0.0)
     assert decision.verdict is Verdict.CONTINUE
+
+
+def test_target_reliability_completes_once_reached_from_min_iterations_on() -> None:
+    config = _config(target_reliability=0.8, min_iterations_for_stability=2)
+    early = _decide(_scored(iteration=1), config, reliability=0.95)
+    assert early.verdict is Verdict.CONTINUE
+    below = _decide(_scored(iteration=2), config, reliability=0.79)
+    assert below.verdict is Verdict.CONTINUE
+    reached = _decide(_scored(iteration=2), config, reliability=0.8)
+    assert (reached.verdict, reached.reason) == (Verdict.COMPLETE, "reliability")
+
+
+def test_target_mean_standard_error_completes_once_reached_from_min_iterations_on() -> None:
+    config = _config(target_mean_standard_error=0.4, min_iterations_for_stability=2)
+    early = _decide(_scored(iteration=1), config, mean_se=0.1)
+    assert early.verdict is Verdict.CONTINUE
+    above = _decide(_scored(iteration=3), config, mean_se=0.41)
+    assert above.verdict is Verdict.CONTINUE
+    reached = _decide(_scored(iteration=3), config, mean_se=0.4)
+    assert (reached.verdict, reached.reason) == (Verdict.COMPLETE, "precision")
+
+
+def test_precision_targets_are_off_by_default() -> None:
+    decision = _decide(_scored(iteration=5), _config(), reliability=0.99, mean_se=0.01)
+    assert decision.verdict is Verdict.CONTINUE
+
+
+def test_precision_targets_need_a_measured_value() -> None:
+    config = _config(target_reliability=0.5, target_mean_standard_error=1.0)
+    assert _decide(_scored(iteration=3), config).verdict is Verdict.CONTINUE
+
+
+def test_failure_checks_come_before_a_reached_target() -> None:
+    config = _config(target_reliability=0.5, min_success_rate=0.8)
+    decision = _decide(_scored(completed=70, failed=30, iteration=3), config, reliability=0.9)
+    assert (decision.verdict, decision.reason) == (Verdict.FAIL, "LOW_SUCCESS_RATE")
+
+
+def test_a_reached_target_is_named_before_stability_and_budget() -> None:
+    config = _config(target_reliability=0.7, max_comparisons=100)
+    decision = _decide(_scored(total=100, iteration=3), config, change=0.0, reliability=0.75)
+    assert (decision.verdict, decision.reason) == (Verdict.COMPLETE, "reliability")
 
 
 @pytest.mark.parametrize("total", [1000, 1001])

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cj_assessment.pair_generation import PairingHistory, all_pairs_seen, generate_pairs
+from cj_assessment.pair_generation import (
+    AbilityEstimates,
+    PairingHistory,
+    PairingStrategy,
+    all_pairs_seen,
+    generate_pairs,
+)
 
 UNLIMITED = 10**9
 
@@ -28,19 +34,38 @@ def _ids(n: int) -> list[str]:
     return [f"essay-{k:03d}" for k in range(n)]
 
 
-def _run_calls(n: int, calls: list[tuple[int, int]], seed: int) -> list[Call]:
-    """Feed each call's output into the next call's history, as the service does."""
+def _estimates(ids: list[str], rng: np.random.Generator) -> AbilityEstimates:
+    """Arbitrary estimates: fairness must hold whatever the scores say (ties included)."""
+    scores = np.round(rng.normal(0.0, 1.5, len(ids)), 1)
+    errors = rng.uniform(0.1, 2.0, len(ids))
+    return AbilityEstimates(
+        scores=dict(zip(ids, scores.tolist(), strict=True)),
+        standard_errors=dict(zip(ids, errors.tolist(), strict=True)),
+    )
+
+
+def _run_calls(
+    n: int,
+    calls: list[tuple[int, int]],
+    seed: int,
+    strategy: PairingStrategy = PairingStrategy.RANDOM,
+) -> list[Call]:
+    """Feed each call's output into the next call's history, as the service does; adaptive
+    runs get fresh estimates from the second call on (the first iteration has none)."""
     ids = _ids(n)
     rng = np.random.default_rng(seed)
     planned: list[Pair] = []
     results = []
-    for matchings, max_pairs in calls:
+    for number, (matchings, max_pairs) in enumerate(calls):
+        estimates = _estimates(ids, rng) if number > 0 else None
         pairs = generate_pairs(
             ids,
             PairingHistory.from_pairs(planned),
             rng,
             matchings=matchings,
             max_pairs=max_pairs,
+            strategy=strategy,
+            estimates=estimates,
         )
         results.append(Call(list(planned), pairs, matchings, max_pairs))
         planned += pairs
@@ -73,14 +98,16 @@ seeds = st.integers(min_value=0, max_value=2**32 - 1)
 property_settings = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+strategies = pytest.mark.parametrize("strategy", list(PairingStrategy))
 
 
+@strategies
 @property_settings
 @given(n=essay_counts, calls=call_plans, seed=seeds)
 def test_each_round_is_a_matching_with_every_essay_at_most_once(
-    n: int, calls: list[tuple[int, int]], seed: int
+    n: int, calls: list[tuple[int, int]], seed: int, strategy: PairingStrategy
 ) -> None:
-    for call in _run_calls(n, calls, seed):
+    for call in _run_calls(n, calls, seed, strategy):
         rounds = _rounds(n, call.pairs)
         assert len(rounds) <= call.matchings
         for round_pairs in rounds:
@@ -89,47 +116,51 @@ def test_each_round_is_a_matching_with_every_essay_at_most_once(
             assert all(essay_a != essay_b for essay_a, essay_b in round_pairs)
 
 
+@strategies
 @property_settings
 @given(n=essay_counts, calls=call_plans, seed=seeds)
 def test_returns_full_rounds_until_max_pairs_and_never_more(
-    n: int, calls: list[tuple[int, int]], seed: int
+    n: int, calls: list[tuple[int, int]], seed: int, strategy: PairingStrategy
 ) -> None:
-    for call in _run_calls(n, calls, seed):
+    for call in _run_calls(n, calls, seed, strategy):
         assert len(call.pairs) == min(call.max_pairs, call.matchings * (n // 2))
 
 
+@strategies
 @property_settings
 @given(n=essay_counts, calls=call_plans, seed=seeds)
 def test_comparison_counts_differ_by_at_most_one_after_every_call(
-    n: int, calls: list[tuple[int, int]], seed: int
+    n: int, calls: list[tuple[int, int]], seed: int, strategy: PairingStrategy
 ) -> None:
     ids = _ids(n)
-    for call in _run_calls(n, calls, seed):
+    for call in _run_calls(n, calls, seed, strategy):
         history = PairingHistory.from_pairs(call.history + call.pairs)
         counts = [history.comparison_counts.get(essay_id, 0) for essay_id in ids]
         assert max(counts) - min(counts) <= 1
 
 
+@strategies
 @property_settings
 @given(n=essay_counts, calls=call_plans, seed=seeds)
 def test_essay_a_and_essay_b_showings_stay_balanced(
-    n: int, calls: list[tuple[int, int]], seed: int
+    n: int, calls: list[tuple[int, int]], seed: int, strategy: PairingStrategy
 ) -> None:
     ids = _ids(n)
-    for call in _run_calls(n, calls, seed):
+    for call in _run_calls(n, calls, seed, strategy):
         history = PairingHistory.from_pairs(call.history + call.pairs)
         assert all(abs(_imbalance(history, essay_id)) <= 2 for essay_id in ids)
 
 
+@strategies
 @property_settings
 @given(n=essay_counts, calls=call_plans, seed=seeds)
 def test_no_repeated_pair_while_each_essay_has_unseen_partners_in_half_the_round(
-    n: int, calls: list[tuple[int, int]], seed: int
+    n: int, calls: list[tuple[int, int]], seed: int, strategy: PairingStrategy
 ) -> None:
     """A round repeats no pair whenever every participant could still meet at least half
     of the other participants for the first time (a partner that leans the same way by
     two or more Essay A showings does not count, as pairing them would unbalance one)."""
-    for call in _run_calls(n, calls, seed):
+    for call in _run_calls(n, calls, seed, strategy):
         planned = list(call.history)
         for round_pairs in _rounds(n, call.pairs):
             before = PairingHistory.from_pairs(planned)
@@ -149,12 +180,13 @@ def test_no_repeated_pair_while_each_essay_has_unseen_partners_in_half_the_round
             planned += round_pairs
 
 
+@strategies
 @property_settings
 @given(n=essay_counts, calls=call_plans, seed=seeds)
 def test_repeated_pair_cannot_be_swapped_for_less_repeated_pairs(
-    n: int, calls: list[tuple[int, int]], seed: int
+    n: int, calls: list[tuple[int, int]], seed: int, strategy: PairingStrategy
 ) -> None:
-    for call in _run_calls(n, calls, seed):
+    for call in _run_calls(n, calls, seed, strategy):
         planned = list(call.history)
         for round_pairs in _rounds(n, call.pairs):
             before = PairingHistory.from_pairs(planned)
@@ -183,12 +215,13 @@ def test_odd_essay_count_sits_out_an_essay_with_the_most_comparisons(n: int, see
         planned += round_pairs
 
 
+@strategies
 @property_settings
 @given(n=essay_counts, calls=call_plans, seed=seeds)
 def test_same_seed_and_history_give_same_pairs(
-    n: int, calls: list[tuple[int, int]], seed: int
+    n: int, calls: list[tuple[int, int]], seed: int, strategy: PairingStrategy
 ) -> None:
-    assert _run_calls(n, calls, seed) == _run_calls(n, calls, seed)
+    assert _run_calls(n, calls, seed, strategy) == _run_calls(n, calls, seed, strategy)
 
 
 @settings(max_examples=30, deadline=None)
@@ -320,3 +353,140 @@ def test_two_thousand_essays_get_five_full_matchings() -> None:
     unordered = Counter(frozenset(pair) for pair in pairs)
     assert all(history.pair_counts.get(pair, 0) == 0 for pair in unordered)
     assert max(unordered.values()) == 1
+
+
+# --- adaptive pairing -------------------------------------------------------------------------
+
+
+def _spread_estimates(ids: list[str], seed: int) -> AbilityEstimates:
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(0.0, 1.5, len(ids))
+    return AbilityEstimates(
+        scores=dict(zip(ids, scores.tolist(), strict=True)),
+        standard_errors={essay_id: 0.5 for essay_id in ids},
+    )
+
+
+def _mean_score_gap(pairs: list[Pair], estimates: AbilityEstimates) -> float:
+    return float(np.mean([abs(estimates.scores[a] - estimates.scores[b]) for a, b in pairs]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_adaptive_rounds_pair_essays_whose_outcome_is_uncertain(seed: int) -> None:
+    ids = _ids(60)
+    history = PairingHistory.from_pairs(
+        generate_pairs(
+            ids, PairingHistory.empty(), np.random.default_rng(seed), matchings=3, max_pairs=90
+        )
+    )
+    estimates = _spread_estimates(ids, seed)
+
+    def plan(strategy: PairingStrategy) -> list[Pair]:
+        return generate_pairs(
+            ids,
+            history,
+            np.random.default_rng(seed + 100),
+            matchings=4,
+            max_pairs=UNLIMITED,
+            strategy=strategy,
+            estimates=estimates,
+        )
+
+    adaptive, random = plan(PairingStrategy.ADAPTIVE), plan(PairingStrategy.RANDOM)
+
+    assert len(adaptive) == len(random) == 4 * 30
+    assert _mean_score_gap(adaptive, estimates) < 0.4 * _mean_score_gap(random, estimates)
+    assert not any(history.pair_counts.get(frozenset(pair), 0) for pair in adaptive)
+
+
+def test_adaptive_pairing_without_estimates_plans_the_random_rounds() -> None:
+    ids = _ids(30)
+    history = PairingHistory.from_pairs(
+        generate_pairs(
+            ids, PairingHistory.empty(), np.random.default_rng(1), matchings=3, max_pairs=45
+        )
+    )
+
+    def plan(strategy: PairingStrategy) -> list[Pair]:
+        return generate_pairs(
+            ids, history, np.random.default_rng(2), matchings=2, max_pairs=30, strategy=strategy
+        )
+
+    assert plan(PairingStrategy.ADAPTIVE) == plan(PairingStrategy.RANDOM)
+
+
+def test_adaptive_pairing_stays_random_while_an_essay_has_fewer_than_two_comparisons() -> None:
+    ids = _ids(30)
+    history = PairingHistory.from_pairs(
+        generate_pairs(
+            ids, PairingHistory.empty(), np.random.default_rng(3), matchings=1, max_pairs=15
+        )
+    )
+    estimates = _spread_estimates(ids, 3)
+
+    def plan(strategy: PairingStrategy) -> list[Pair]:
+        return generate_pairs(
+            ids,
+            history,
+            np.random.default_rng(4),
+            matchings=1,
+            max_pairs=15,
+            strategy=strategy,
+            estimates=estimates,
+        )
+
+    assert plan(PairingStrategy.ADAPTIVE) == plan(PairingStrategy.RANDOM)
+
+
+def test_adaptive_pairing_copes_with_essays_missing_from_the_estimates() -> None:
+    ids = _ids(20)
+    history = PairingHistory.from_pairs(
+        generate_pairs(
+            ids, PairingHistory.empty(), np.random.default_rng(5), matchings=2, max_pairs=20
+        )
+    )
+    partial = AbilityEstimates(
+        scores={essay_id: float(k) for k, essay_id in enumerate(ids[:15])},
+        standard_errors={essay_id: 0.4 for essay_id in ids[:15]},
+    )
+
+    pairs = generate_pairs(
+        ids,
+        history,
+        np.random.default_rng(6),
+        matchings=2,
+        max_pairs=UNLIMITED,
+        strategy=PairingStrategy.ADAPTIVE,
+        estimates=partial,
+    )
+
+    assert len(pairs) == 20
+    for round_pairs in _rounds(20, pairs):
+        assert len({essay for pair in round_pairs for essay in pair}) == 20
+
+
+def test_two_thousand_essays_get_five_full_adaptive_matchings_without_repeats() -> None:
+    ids = _ids(2000)
+    first = generate_pairs(
+        ids, PairingHistory.empty(), np.random.default_rng(1), matchings=5, max_pairs=UNLIMITED
+    )
+    history = PairingHistory.from_pairs(first)
+
+    pairs = generate_pairs(
+        ids,
+        history,
+        np.random.default_rng(2),
+        matchings=5,
+        max_pairs=UNLIMITED,
+        strategy=PairingStrategy.ADAPTIVE,
+        estimates=_spread_estimates(ids, 7),
+    )
+
+    assert len(pairs) == 5 * 1000
+    for round_pairs in _rounds(2000, pairs):
+        assert len({essay for pair in round_pairs for essay in pair}) == 2000
+    unordered = Counter(frozenset(pair) for pair in pairs)
+    assert all(history.pair_counts.get(pair, 0) == 0 for pair in unordered)
+    assert max(unordered.values()) == 1
+    after = PairingHistory.from_pairs(first + pairs)
+    assert all(abs(_imbalance(after, essay_id)) <= 2 for essay_id in ids)

@@ -7,13 +7,20 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from cj_assessment.pair_generation import PairingHistory, generate_pairs
+from cj_assessment.pair_generation import (
+    AbilityEstimates,
+    PairingHistory,
+    PairingStrategy,
+    generate_pairs,
+)
 from cj_assessment.scoring_ranking import (
     MAX_STANDARD_ERROR,
     EssayScore,
+    Judgement,
     ScoringResult,
     scale_separation_reliability,
     score_comparisons,
+    score_judgements,
 )
 
 
@@ -294,3 +301,169 @@ def test_two_thousand_essays_with_twenty_thousand_comparisons_score_accurately()
     assert result.reliability is not None and result.reliability > 0.7
     scores = result.scores()
     assert spearmanr([scores[essay_id] for essay_id in ids], abilities).statistic > 0.85
+
+
+# --- judgements with orientation: position bias and calibrated reliability -------------------
+
+
+def _assessment(
+    seed: int,
+    *,
+    n: int,
+    iterations: int,
+    matchings: int = 1,
+    bias: float = 0.3,
+    strategy: PairingStrategy = PairingStrategy.RANDOM,
+) -> tuple[list[str], np.ndarray, list[Judgement]]:
+    """Run an assessment as the service does: plan an iteration, judge it with
+    P(A wins) = sigmoid(θ_A − θ_B + bias), score, and hand the estimates to the next."""
+    rng = np.random.default_rng(seed)
+    ids = _ids(n)
+    abilities = rng.normal(0.0, 1.5, n)
+    index = {essay_id: k for k, essay_id in enumerate(ids)}
+    planned: list[tuple[str, str]] = []
+    judgements: list[Judgement] = []
+    estimates = None
+    for _ in range(iterations):
+        pairs = generate_pairs(
+            ids,
+            PairingHistory.from_pairs(planned),
+            rng,
+            matchings=matchings,
+            max_pairs=matchings * (n // 2),
+            strategy=strategy,
+            estimates=estimates,
+        )
+        planned += pairs
+        for essay_a, essay_b in pairs:
+            difference = abilities[index[essay_a]] - abilities[index[essay_b]] + bias
+            a_won = bool(rng.random() < 1.0 / (1.0 + math.exp(-difference)))
+            judgements.append(Judgement(essay_a, essay_b, a_won))
+        result = score_judgements(ids, judgements)
+        estimates = AbilityEstimates(result.scores(), result.standard_errors())
+    return ids, abilities, judgements
+
+
+def _true_squared_correlation(
+    result: ScoringResult, ids: list[str], abilities: np.ndarray
+) -> float:
+    scores = result.scores()
+    return float(np.corrcoef([scores[essay_id] for essay_id in ids], abilities)[0, 1] ** 2)
+
+
+def test_position_bias_estimate_recovers_the_judges_first_position_advantage() -> None:
+    estimates = []
+    for seed in range(5):
+        ids, _, judgements = _assessment(seed=seed, n=200, iterations=15, bias=0.3)
+        bias = score_judgements(ids, judgements).position_bias
+        assert bias is not None
+        assert bias.a_win_share > 0.5
+        assert 0.0 < bias.standard_error < 0.1
+        estimates.append(bias.logit)
+
+    # One run's estimate has a standard error of about 0.07; the median of five is tighter.
+    assert float(np.median(estimates)) == pytest.approx(0.3, abs=0.1)
+
+
+def test_a_judge_without_position_preference_gets_a_bias_within_three_errors_of_zero() -> None:
+    ids, _, judgements = _assessment(seed=12, n=200, iterations=15, bias=0.0)
+
+    bias = score_judgements(ids, judgements).position_bias
+
+    assert bias is not None
+    assert abs(bias.logit) < 3 * bias.standard_error
+
+
+def test_fitting_position_bias_keeps_essays_mostly_shown_first_from_being_overrated() -> None:
+    rng = np.random.default_rng(13)
+    n = 60
+    ids = _ids(n)
+    abilities = rng.normal(0.0, 1.0, n)
+    shown_first = set(ids[: n // 2])  # these lean towards Essay A, the others towards B
+    judgements = []
+    for _ in range(12 * n):
+        first, second = rng.choice(n, size=2, replace=False)
+        if (ids[first] in shown_first) == (ids[second] in shown_first):
+            essay_a, essay_b = (first, second) if rng.random() < 0.5 else (second, first)
+        else:
+            essay_a, essay_b = (first, second) if ids[first] in shown_first else (second, first)
+        a_wins = rng.random() < 1.0 / (
+            1.0 + math.exp(-(abilities[essay_a] - abilities[essay_b] + 1.0))
+        )
+        judgements.append((ids[essay_a], ids[essay_b], bool(a_wins)))
+    centred = abilities - abilities.mean()
+
+    def overrating(result: ScoringResult) -> float:
+        scores = result.scores()
+        errors = [scores[ids[k]] - centred[k] for k in range(n)]
+        return float(np.mean(errors[: n // 2]) - np.mean(errors[n // 2 :]))
+
+    fitted = overrating(score_judgements(ids, judgements))
+    ignored = overrating(score_judgements(ids, judgements, fit_position_bias=False))
+
+    assert ignored > 0.3
+    assert abs(fitted) < 0.15
+
+
+@pytest.mark.parametrize("seed", [21, 22, 23])
+def test_calibrated_reliability_is_honest_under_adaptive_pairing_while_raw_ssr_is_inflated(
+    seed: int,
+) -> None:
+    ids, abilities, judgements = _assessment(
+        seed=seed, n=150, iterations=10, strategy=PairingStrategy.ADAPTIVE
+    )
+
+    result = score_judgements(ids, judgements)
+    truth = _true_squared_correlation(result, ids, abilities)
+
+    assert result.reliability is not None and result.scale_separation_reliability is not None
+    assert result.reliability == pytest.approx(truth, abs=0.1)
+    assert result.scale_separation_reliability > truth + 0.05
+
+
+def test_calibrated_reliability_has_no_systematic_error_at_five_comparisons_per_essay() -> None:
+    errors = []
+    for seed in range(6):
+        ids, abilities, judgements = _assessment(seed=200 + seed, n=300, iterations=5)
+        result = score_judgements(ids, judgements)
+        assert result.reliability is not None
+        errors.append(result.reliability - _true_squared_correlation(result, ids, abilities))
+
+    # A single run's true squared correlation itself scatters by about ±0.05 at this budget.
+    assert all(abs(error) < 0.1 for error in errors)
+    assert float(np.median(errors)) == pytest.approx(0.0, abs=0.05)
+
+
+def test_empirical_bayes_keeps_an_essay_that_won_its_few_comparisons_moderate() -> None:
+    ids, _, judgements = _assessment(seed=25, n=40, iterations=3)
+
+    shrunk = score_judgements(ids, judgements).scores()
+    near_flat = score_judgements(ids, judgements, alpha=0.01).scores()
+
+    assert max(map(abs, shrunk.values())) < max(map(abs, near_flat.values()))
+    assert max(map(abs, shrunk.values())) < 5.0
+
+
+def test_judgements_are_scored_identically_from_tuples_or_judgement_records() -> None:
+    ids, _, judgements = _assessment(seed=26, n=30, iterations=4)
+
+    from_records = score_judgements(ids, judgements)
+    from_tuples = score_judgements(ids, [tuple(j) for j in judgements])
+
+    assert from_records == from_tuples
+    assert from_records == score_judgements(ids, judgements)
+
+
+def test_outcomes_without_orientation_report_no_position_bias() -> None:
+    ids, _, outcomes = _simulated_batch(seed=27)
+
+    assert score_comparisons(ids, outcomes).position_bias is None
+
+
+@pytest.mark.parametrize(
+    "judgements",
+    [[], [("a", "ghost", True)], [("a", "a", False)]],
+)
+def test_invalid_judgements_raise_value_error(judgements: list[tuple[str, str, bool]]) -> None:
+    with pytest.raises(ValueError):
+        score_judgements(["a", "b"], judgements)
