@@ -168,7 +168,7 @@ def format_ranking(event: dict[str, Any]) -> str:
     reliability = s.get("reliability")
     lines.append("")
     lines.append(
-        f"reliability (scale separation): {reliability if reliability is not None else 'n/a'}; "
+        f"reliability (calibrated): {reliability if reliability is not None else 'n/a'}; "
         f"comparisons: {s['comparisons_succeeded']} succeeded / {s['comparisons_requested']} "
         f"requested in {s['rounds']} iterations; stop reason: {s['stop_reason']}"
     )
