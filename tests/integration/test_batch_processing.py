@@ -87,7 +87,11 @@ async def test_sixty_essays_with_errors_and_stragglers_complete_once_within_batc
         by_batch[r.submission_batch_id].append(r)
     spans = []
     for batch_rows in by_batch.values():
-        assert batch_rows[0].submitted_at is not None
+        if batch_rows[0].submitted_at is None:
+            # A retry batch still queued when the assessment finished is never sent: it was
+            # never in flight. Only retry batches can be left like this.
+            assert all(r.attempt > 1 for r in batch_rows)
+            continue
         done = sorted(r.completed_at for r in batch_rows if r.completed_at is not None)
         needed = math.ceil(0.85 * len(batch_rows) - 1e-9)
         end = done[needed - 1] if len(done) >= needed else NEVER
@@ -132,7 +136,10 @@ async def test_sixty_essays_with_errors_and_stragglers_complete_once_within_batc
             str(comparison_id) in final_pool and last.completed_at >= last_iteration_started
         )
         assert permanently_failed or outstanding_at_finish or failed_in_final_iteration
-    assert all(b["submitted_at"] is not None for b in metadata["submission_batches"])
+    assert all(
+        b["submitted_at"] is not None or b["kind"] == "retry"
+        for b in metadata["submission_batches"]
+    )
 
     # It moved on without waiting for the slowest answers ...
     assert summary["rounds"] >= 3
