@@ -29,21 +29,15 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from benchmarks.system import _scenario_settings, fresh_database, infrastructure, make_essays
 from cj_assessment.embedded import free_port
 from cj_assessment.pipeline_client import OutcomeWatcher, make_producer, request_envelope
-from cj_assessment.settings import Settings
+from cj_assessment.settings import Settings, environment_of
 from cj_assessment.topics import ensure_topics, service_topics
 
 ESSAYS = 20
 
 
 def _environment(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CJ_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"CJ_{name.upper()}"] = (
-                str(value).lower() if isinstance(value, bool) else str(value)
-            )
-    env.update(extra)
-    return env
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("CJ_")}
+    return {**inherited, **environment_of(settings, **extra)}
 
 
 def _peak_rss_mb(pid: int) -> float:

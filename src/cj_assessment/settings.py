@@ -132,3 +132,15 @@ class Settings(BaseSettings):
     fault_kill_after_relay_ack: bool = Field(
         False, description="Test hook: exit abruptly after the broker acked, before marking rows"
     )
+
+
+def environment_of(settings: Settings, **extra: str) -> dict[str, str]:
+    """The `CJ_*` variables that reproduce `settings` in a child process (demo, tests,
+    benchmarks start `cj-assessment` commands this way)."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            env[f"CJ_{name.upper()}"] = text
+    env.update(extra)
+    return env

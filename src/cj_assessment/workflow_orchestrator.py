@@ -147,7 +147,7 @@ class WorkflowOrchestrator:
         essay_ids = sorted(e[0] for e in new.essays)
         size = first_iteration_size(new.config, len(essay_ids))
         progress = await self._plan_next_iteration(
-            repo, ctx, Progress(), essay_ids, iteration=1, size=size
+            repo, ctx, Progress(), essay_ids, PairingHistory.empty(), iteration=1, size=size
         )
         await self.advance(repo, ctx, state, progress, now=now)
         return cj_batch_id
@@ -212,7 +212,13 @@ class WorkflowOrchestrator:
                 await repo.save_progress(state, progress, state="WAITING_CALLBACKS", now=now)
                 self._metrics.failed_pool_size.observe(len(progress.pool.entries))
                 return
-            progress, decision, scoring = await self._score_iteration(repo, ctx, progress, now=now)
+            # Read once per iteration close: scoring, the stop decision and the next pairs
+            # all work from the same essays and the same planned pairs.
+            essay_ids = await repo.essay_ids(ctx.cj_batch_id)
+            history = PairingHistory.from_pairs(await repo.planned_pairs(ctx.cj_batch_id))
+            progress, decision, scoring = await self._score_iteration(
+                repo, ctx, progress, essay_ids, history, now=now
+            )
             match decision.verdict:
                 case Verdict.COMPLETE:
                     assert scoring is not None
@@ -226,12 +232,12 @@ class WorkflowOrchestrator:
                         # End of iteration: every failed comparison gets its retry, whatever
                         # the pool size, ahead of the next iteration's first attempts.
                         progress = await self._batches.plan_retries(repo, ctx, progress)
-                    essay_ids = await repo.essay_ids(ctx.cj_batch_id)
                     progress = await self._plan_next_iteration(
                         repo,
                         ctx,
                         progress,
                         essay_ids,
+                        history,
                         iteration=progress.current_iteration + 1,
                         size=decision.next_comparisons,
                     )
@@ -242,11 +248,11 @@ class WorkflowOrchestrator:
         ctx: AssessmentContext,
         progress: Progress,
         essay_ids: list[str],
+        history: PairingHistory,
         *,
         iteration: int,
         size: int,
     ) -> Progress:
-        history = PairingHistory.from_pairs(await repo.planned_pairs(ctx.cj_batch_id))
         rng = np.random.default_rng([ctx.cj_batch_id, iteration])
         # Adaptive pairing works from the latest scored iteration; the first has none and
         # stays random.
@@ -272,10 +278,11 @@ class WorkflowOrchestrator:
         repo: AssessmentRepository,
         ctx: AssessmentContext,
         progress: Progress,
+        essay_ids: list[str],
+        history: PairingHistory,
         *,
         now: datetime,
     ) -> tuple[Progress, Decision, ScoringResult | None]:
-        essay_ids = await repo.essay_ids(ctx.cj_batch_id)
         judgements = await repo.successful_judgements(ctx.cj_batch_id)
         iteration = progress.current_iteration
         if not judgements:
@@ -332,7 +339,6 @@ class WorkflowOrchestrator:
                 for e in scoring.essays
             ],
         )
-        history = PairingHistory.from_pairs(await repo.planned_pairs(ctx.cj_batch_id))
         scored = [e for e in scoring.essays if e.comparison_count > 0]
         mean_standard_error = (
             sum(e.standard_error for e in scored) / len(scored) if scored else None

@@ -3,13 +3,10 @@ separate processes, `submit --wait` as the pipeline."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,37 +17,16 @@ from cj_assessment.pipeline_client import OutcomeWatcher
 from cj_assessment.samples import load_sample_essays
 from cj_assessment.simulated_judge import latent_quality
 from tests.support.harness import system_settings
-
-CLI = [sys.executable, "-m", "cj_assessment.cli"]
+from tests.support.processes import CLI, environment, http_get, wait_http
 
 
 def _env(settings) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CJ_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"CJ_{name.upper()}"] = (
-                str(value).lower() if isinstance(value, bool) else str(value)
-            )
-    env["CJ_PROVIDER_LATENCY_MEDIAN_MS"] = "20"
-    env["CJ_PROVIDER_SEED"] = "5"
-    env["CJ_PROVIDER_GROUP_ID"] = f"{settings.kafka_consumer_group}-provider"
-    return env
-
-
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return response.read().decode()
-
-
-def _wait_http(port: int, path: str, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as response:
-                return int(response.status)
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"{path} did not answer on port {port}")
+    return environment(
+        settings,
+        CJ_PROVIDER_LATENCY_MEDIAN_MS="20",
+        CJ_PROVIDER_SEED="5",
+        CJ_PROVIDER_GROUP_ID=f"{settings.kafka_consumer_group}-provider",
+    )
 
 
 @pytest.mark.slow
@@ -82,8 +58,8 @@ async def test_cli_ranks_twenty_essays_once_through_separate_processes(
     watcher = OutcomeWatcher(settings)
     await watcher.start()
     try:
-        assert _wait_http(settings.http_port, "/healthz", 30) == 200
-        assert _wait_http(settings.http_port, "/readyz", 30) == 200
+        assert wait_http(settings.http_port, "/healthz", 30) == 200
+        assert wait_http(settings.http_port, "/readyz", 30) == 200
         submitted = subprocess.run(
             [*CLI, "submit", str(folder), "--batch-id", "cli-e2e", "--wait", "--timeout", "120"],
             env=env,
@@ -96,7 +72,7 @@ async def test_cli_ranks_twenty_essays_once_through_separate_processes(
 
         outcomes = await watcher.wait_for(["cli-e2e"], timeout=30, settle=2.0)
         assert len(watcher.outcomes_for("cli-e2e")) == 1
-        metrics = _get(f"http://127.0.0.1:{settings.http_port}/metrics")
+        metrics = http_get(settings.http_port, "/metrics")
         assert 'cj_assessments_total{outcome="completed"} 1.0' in metrics
         assert "cj_comparisons_succeeded_total" in metrics
     finally:

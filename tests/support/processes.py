@@ -10,20 +10,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-from cj_assessment.settings import Settings
+from cj_assessment.settings import Settings, environment_of
 
 CLI = [sys.executable, "-m", "cj_assessment.cli"]
 
 
 def environment(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CJ_")}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"CJ_{name.upper()}"] = (
-                str(value).lower() if isinstance(value, bool) else str(value)
-            )
-    env.update(extra)
-    return env
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("CJ_")}
+    return {**inherited, **environment_of(settings, **extra)}
 
 
 class CliProcess:
