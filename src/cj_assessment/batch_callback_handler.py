@@ -12,12 +12,17 @@ from enum import StrEnum
 import structlog
 
 from cj_assessment import batch_state
-from cj_assessment.batch_state import AttemptStatus, AttemptView, Disposition
+from cj_assessment.batch_state import AttemptStatus, AttemptView, Disposition, Progress
 from cj_assessment.contracts import LLMComparisonResultV1, utc_iso
 from cj_assessment.metrics import Metrics
-from cj_assessment.repository import AssessmentRepository
-from cj_assessment.tables import TERMINAL_STATES, CJComparisonPair
-from cj_assessment.workflow_orchestrator import WorkflowOrchestrator, context_of, progress_of
+from cj_assessment.repository import AssessmentRepository, AttemptRecord
+from cj_assessment.tables import TERMINAL_STATES, CJBatchState
+from cj_assessment.workflow_orchestrator import (
+    AssessmentContext,
+    WorkflowOrchestrator,
+    context_of,
+    progress_of,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -30,18 +35,16 @@ class ResultOutcome(StrEnum):
     INTEGRITY = "integrity"
 
 
-def _attempt_view(
-    row: CJComparisonPair, siblings: dict[int, str], max_retry_attempts: int
-) -> AttemptView:
+def _attempt_view(row: AttemptRecord, max_retry_attempts: int) -> AttemptView:
     resolved = batch_state.comparison_resolved(
-        [(AttemptStatus(status), number) for number, status in siblings.items()],
+        [(AttemptStatus(status), number) for number, status in row.siblings.items()],
         max_retry_attempts,
     )
     return AttemptView(
         comparison_id=str(row.comparison_id),
-        correlation_id=str(row.request_correlation_id),
-        essay_a_id=row.essay_a_els_id,
-        essay_b_id=row.essay_b_els_id,
+        correlation_id=str(row.correlation_id),
+        essay_a_id=row.essay_a_id,
+        essay_b_id=row.essay_b_id,
         iteration=row.iteration,
         attempt=row.attempt,
         submission_batch_id=str(row.submission_batch_id),
@@ -89,7 +92,8 @@ class BatchCallbackHandler:
         states = await repo.lock_states(list(set(owners.values())))
         # Read the attempts only under the locks: a concurrent handler may have resolved them.
         attempts = await repo.attempts_by_correlation(list(owners))
-        siblings = await repo.sibling_attempts([a.comparison_id for a in attempts.values()])
+        written: list[AttemptRecord] = []
+        advancing: list[tuple[AssessmentContext, CJBatchState, Progress]] = []
         uploads = await repo.uploads(list(states))
         by_assessment: dict[int, list[int]] = {}
         for i, correlation in wanted.items():
@@ -103,6 +107,8 @@ class BatchCallbackHandler:
                 for i in indices:
                     attempt = attempts[wanted[i]]  # type: ignore[index]
                     outcomes[i] = self._store_late(attempt, results[i][0], now)
+                    if outcomes[i] is ResultOutcome.LATE:
+                        written.append(attempt)
                 continue
             ctx = context_of(uploads[cj_batch_id], state)
             progress = progress_of(state)
@@ -115,9 +121,7 @@ class BatchCallbackHandler:
                 reason = "integrity" if mismatch else (None if succeeded else _error_reason(result))
                 progress, disposition = batch_state.record_outcome(
                     progress,
-                    _attempt_view(
-                        attempt, siblings[attempt.comparison_id], ctx.config.max_retry_attempts
-                    ),
+                    _attempt_view(attempt, ctx.config.max_retry_attempts),
                     succeeded=succeeded,
                     failure_reason=reason,
                     now=utc_iso(now),
@@ -130,16 +134,21 @@ class BatchCallbackHandler:
                 _store_result(
                     attempt, result, now, disposition=disposition, integrity_failure=mismatch
                 )
-                siblings[attempt.comparison_id][attempt.attempt] = attempt.status
+                attempt.siblings[attempt.attempt] = attempt.status
+                written.append(attempt)
                 self._count(attempt, disposition, reason, now)
                 changed = True
                 outcomes[i] = ResultOutcome.INTEGRITY if mismatch else ResultOutcome.HANDLED
             if changed:
-                await self._orchestrator.advance(repo, ctx, state, progress, now=now)
+                advancing.append((ctx, state, progress))
+        # The outcomes are written before any assessment advances: scoring reads them back.
+        await repo.save_attempts(written)
+        for ctx, state, progress in advancing:
+            await self._orchestrator.advance(repo, ctx, state, progress, now=now)
         return [o if o is not None else ResultOutcome.DUPLICATE for o in outcomes]
 
     async def time_out(
-        self, repo: AssessmentRepository, attempts: list[CJComparisonPair], *, now: datetime
+        self, repo: AssessmentRepository, attempts: list[AttemptRecord], *, now: datetime
     ) -> int:
         """Count overdue attempts of one assessment (whose row lock the caller holds) as failed."""
         if not attempts:
@@ -151,14 +160,11 @@ class BatchCallbackHandler:
         upload = await repo.upload(state.cj_batch_id)
         ctx = context_of(upload, state)
         progress = progress_of(state)
-        siblings = await repo.sibling_attempts([a.comparison_id for a in attempts])
-        timed_out = 0
+        written: list[AttemptRecord] = []
         for attempt in attempts:
             progress, disposition = batch_state.record_outcome(
                 progress,
-                _attempt_view(
-                    attempt, siblings[attempt.comparison_id], ctx.config.max_retry_attempts
-                ),
+                _attempt_view(attempt, ctx.config.max_retry_attempts),
                 succeeded=False,
                 failure_reason="timeout",
                 now=utc_iso(now),
@@ -171,14 +177,15 @@ class BatchCallbackHandler:
             attempt.completed_at = now
             attempt.winner = "error"
             attempt.error_code = "TIMEOUT"
-            siblings[attempt.comparison_id][attempt.attempt] = attempt.status
+            attempt.siblings[attempt.attempt] = attempt.status
+            written.append(attempt)
             self._count(attempt, disposition, "timeout", now)
-            timed_out += 1
+        await repo.save_attempts(written)
         await self._orchestrator.advance(repo, ctx, state, progress, now=now)
-        return timed_out
+        return len(written)
 
     def _store_late(
-        self, attempt: CJComparisonPair, result: LLMComparisonResultV1, now: datetime
+        self, attempt: AttemptRecord, result: LLMComparisonResultV1, now: datetime
     ) -> ResultOutcome:
         if attempt.status not in (AttemptStatus.IN_FLIGHT.value, AttemptStatus.QUEUED.value):
             return ResultOutcome.DUPLICATE
@@ -199,7 +206,7 @@ class BatchCallbackHandler:
         return ResultOutcome.LATE
 
     def _count(
-        self, attempt: CJComparisonPair, disposition: Disposition, reason: str | None, now: datetime
+        self, attempt: AttemptRecord, disposition: Disposition, reason: str | None, now: datetime
     ) -> None:
         if attempt.submitted_at is not None:
             self._metrics.callback_latency.observe(
@@ -219,11 +226,11 @@ class BatchCallbackHandler:
                 pass
 
 
-def _contradicts_pair(attempt: CJComparisonPair, result: LLMComparisonResultV1) -> bool:
+def _contradicts_pair(attempt: AttemptRecord, result: LLMComparisonResultV1) -> bool:
     meta = result.request_metadata or {}
     a, b = meta.get("essay_a_id"), meta.get("essay_b_id")
-    return (a is not None and a != attempt.essay_a_els_id) or (
-        b is not None and b != attempt.essay_b_els_id
+    return (a is not None and a != attempt.essay_a_id) or (
+        b is not None and b != attempt.essay_b_id
     )
 
 
@@ -233,7 +240,7 @@ def _error_reason(result: LLMComparisonResultV1) -> str:
 
 
 def _store_result(
-    attempt: CJComparisonPair,
+    attempt: AttemptRecord,
     result: LLMComparisonResultV1,
     now: datetime,
     *,

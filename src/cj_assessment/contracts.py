@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 SOURCE_SERVICE = "cj_assessment_service"
 EVENT_NAMESPACE = uuid.UUID("5b0f4a8e-2f65-4c8e-9d6a-0c3e7a1b9f21")
@@ -40,25 +40,26 @@ class _Emit(BaseModel):
 # --- §3 envelope -----------------------------------------------------------------------------
 
 
+def _as_text(value: Any) -> Any:
+    return value if value is None or isinstance(value, str) else str(value)
+
+
+# Producers send ids as strings, numbers or UUIDs; they are kept as text. A field validator,
+# not a model one: a model "before" validator makes pydantic build the whole JSON document as
+# Python objects first, which doubled the cost of parsing a result on the consumer's hot path.
+_Id = Annotated[str, BeforeValidator(_as_text)]
+
+
 class EventEnvelope(_Accept):
-    event_id: str = Field(description="Unique id of this event; deterministic for emitted events")
+    event_id: _Id = Field(description="Unique id of this event; deterministic for emitted events")
     event_type: str = Field(description="Topic name (any string accepted)")
     event_timestamp: str | datetime | None = Field(None, description="When the event was made")
     source_service: str | None = Field(None, description="Producing service")
     schema_version: int = Field(1, description="Envelope schema version")
-    correlation_id: str | None = Field(None, description="Correlates everything of one request")
+    correlation_id: _Id | None = Field(None, description="Correlates everything of one request")
     data_schema_uri: str | None = Field(None, description="Optional schema URI of `data`")
     data: dict[str, Any] = Field(description="The event payload")
     metadata: dict[str, Any] | None = Field(default=None, description="Optional metadata")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _coerce_ids(cls, values: Any) -> Any:
-        if isinstance(values, dict):
-            for key in ("event_id", "correlation_id"):
-                if values.get(key) is not None and not isinstance(values[key], str):
-                    values = {**values, key: str(values[key])}
-        return values
 
 
 def envelope_json(

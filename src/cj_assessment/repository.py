@@ -21,7 +21,6 @@ from cj_assessment.tables import (
     CJBatchUpload,
     CJComparisonPair,
     CJProcessedEssay,
-    InboxRecord,
     OutboxMessage,
     UnmatchedResult,
 )
@@ -59,6 +58,73 @@ class OutboxRow:
         return cls(uuid.UUID(envelope["event_id"]), topic, key, payload)
 
 
+@dataclass(slots=True)
+class AttemptRecord:
+    """One comparison attempt as the result path reads and writes it: a plain value, not an
+    ORM object, because a poll touches hundreds of them (identity-map bookkeeping and a
+    per-object flush were a third of the handler's time). `siblings` maps every attempt
+    number of the same comparison to its status. Result fields hold the values the row
+    should have once written by `AssessmentRepository.save_attempts`."""
+
+    id: int
+    cj_batch_id: int
+    comparison_id: uuid.UUID
+    correlation_id: uuid.UUID
+    essay_a_id: str
+    essay_b_id: str
+    iteration: int
+    attempt: int
+    submission_batch_id: uuid.UUID
+    status: str
+    submitted_at: datetime | None
+    completed_at: datetime | None
+    siblings: dict[int, str]
+    winner: str | None = None
+    confidence: float | None = None
+    justification: str | None = None
+    error_code: str | None = None
+    error_details: dict[str, Any] | None = None
+    provider: str | None = None
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cost_estimate: float | None = None
+    response_time_ms: int | None = None
+    is_late: bool = False
+
+
+_ATTEMPT_COLUMNS = (
+    "p.id, p.cj_batch_id, p.comparison_id, p.request_correlation_id, p.essay_a_els_id,"
+    " p.essay_b_els_id, p.iteration, p.attempt, p.submission_batch_id, p.status,"
+    " p.submitted_at, p.completed_at, s.attempts, s.statuses"
+)
+# Every attempt of the same comparison comes along (retries decide whether it is resolved).
+_SIBLINGS = (
+    " CROSS JOIN LATERAL (SELECT array_agg(q.attempt) AS attempts,"
+    " array_agg(q.status) AS statuses FROM cj_comparison_pairs AS q"
+    " WHERE q.comparison_id = p.comparison_id) AS s"
+)
+
+
+def _attempt_record(row: Any) -> AttemptRecord:
+    return AttemptRecord(
+        id=row[0],
+        cj_batch_id=row[1],
+        comparison_id=row[2],
+        correlation_id=row[3],
+        essay_a_id=row[4],
+        essay_b_id=row[5],
+        iteration=row[6],
+        attempt=row[7],
+        submission_batch_id=row[8],
+        status=row[9],
+        submitted_at=row[10],
+        completed_at=row[11],
+        siblings=dict(zip(row[12], row[13], strict=True)),
+    )
+
+
 class AssessmentRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -69,23 +135,24 @@ class AssessmentRepository:
         """Record consumed event ids; returns those not handled before (first occurrence)."""
         if not entries:
             return set()
-        # One cached statement run as executemany: no per-poll compilation of a VALUES list.
-        stmt = (
-            insert(InboxRecord)
-            .on_conflict_do_nothing(index_elements=[InboxRecord.event_id])
-            .returning(InboxRecord.event_id)
-        )
-        rows = [
+        # One statement over arrays, whatever the poll size: no per-row round of Bind/Execute.
+        rows = await self.session.execute(
+            text(
+                'INSERT INTO cj_event_inbox (event_id, topic, partition, "offset", outcome)'
+                " SELECT v.event_id, v.topic, v.partition, v.record_offset, 'handled'"
+                " FROM unnest(CAST(:ids AS text[]), CAST(:topics AS text[]),"
+                " CAST(:partitions AS integer[]), CAST(:offsets AS bigint[]))"
+                " AS v(event_id, topic, partition, record_offset)"
+                " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+            ),
             {
-                "event_id": e.event_id,
-                "topic": e.topic,
-                "partition": e.partition,
-                "offset": e.offset,
-                "outcome": "handled",
-            }
-            for e in entries
-        ]
-        return set((await self.session.execute(stmt, rows)).scalars())
+                "ids": [e.event_id for e in entries],
+                "topics": [e.topic for e in entries],
+                "partitions": [e.partition for e in entries],
+                "offsets": [e.offset for e in entries],
+            },
+        )
+        return set(rows.scalars())
 
     async def set_inbox_outcomes(self, outcomes: dict[str, str]) -> None:
         if not outcomes:
@@ -338,10 +405,9 @@ class AssessmentRepository:
         ]
         await self.session.execute(insert(CJComparisonPair), rows)
 
-    async def send_batches(
-        self, batch_ids: Sequence[uuid.UUID], now: datetime
-    ) -> list[CJComparisonPair]:
-        """Mark the attempts of these submission batches in flight and return them."""
+    async def send_batches(self, batch_ids: Sequence[uuid.UUID], now: datetime) -> list[Any]:
+        """Mark the attempts of these submission batches in flight and return them (rows with
+        the request's columns, in planning order)."""
         stmt = (
             update(CJComparisonPair)
             .where(
@@ -349,48 +415,113 @@ class AssessmentRepository:
                 CJComparisonPair.status == AttemptStatus.QUEUED.value,
             )
             .values(status=AttemptStatus.IN_FLIGHT.value, submitted_at=now)
-            .returning(CJComparisonPair)
+            # Columns, not entities: an iteration's first batches are hundreds of rows.
+            .returning(
+                CJComparisonPair.id,
+                CJComparisonPair.request_correlation_id,
+                CJComparisonPair.essay_a_els_id,
+                CJComparisonPair.essay_b_els_id,
+                CJComparisonPair.submission_batch_id,
+                CJComparisonPair.iteration,
+                CJComparisonPair.attempt,
+            )
         )
-        rows = list((await self.session.execute(stmt)).scalars())
+        rows = list((await self.session.execute(stmt)).all())
         return sorted(rows, key=lambda r: r.id)
 
     async def owners_of(self, correlation_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int]:
         """The assessment each attempt belongs to (read before locking the assessments)."""
-        stmt = select(CJComparisonPair.request_correlation_id, CJComparisonPair.cj_batch_id).where(
-            CJComparisonPair.request_correlation_id.in_(list(correlation_ids))
+        if not correlation_ids:
+            return {}
+        rows = await self.session.execute(
+            text(
+                "SELECT request_correlation_id, cj_batch_id FROM cj_comparison_pairs"
+                " WHERE request_correlation_id = ANY(CAST(:ids AS uuid[]))"
+            ),
+            {"ids": list(correlation_ids)},
         )
-        return {row[0]: row[1] for row in (await self.session.execute(stmt)).all()}
+        return {row[0]: row[1] for row in rows.all()}
 
     async def attempts_by_correlation(
         self, correlation_ids: Sequence[uuid.UUID]
-    ) -> dict[uuid.UUID, CJComparisonPair]:
-        stmt = (
-            select(CJComparisonPair)
-            .where(CJComparisonPair.request_correlation_id.in_(list(correlation_ids)))
-            .execution_options(populate_existing=True)
+    ) -> dict[uuid.UUID, AttemptRecord]:
+        """The attempts these results answer, with their siblings; read them only under the
+        assessments' row locks, since a concurrent handler may have resolved them."""
+        if not correlation_ids:
+            return {}
+        rows = await self.session.execute(
+            text(
+                f"SELECT {_ATTEMPT_COLUMNS} FROM cj_comparison_pairs AS p{_SIBLINGS}"
+                " WHERE p.request_correlation_id = ANY(CAST(:ids AS uuid[]))"
+            ),
+            {"ids": list(correlation_ids)},
         )
-        rows = (await self.session.execute(stmt)).scalars()
-        return {row.request_correlation_id: row for row in rows}
+        return {record.correlation_id: record for record in map(_attempt_record, rows.all())}
 
-    async def sibling_attempts(
-        self, comparison_ids: Sequence[uuid.UUID]
-    ) -> dict[uuid.UUID, dict[int, str]]:
-        """Every attempt of these comparisons: comparison id -> {attempt number: status}."""
-        stmt = select(
-            CJComparisonPair.comparison_id, CJComparisonPair.attempt, CJComparisonPair.status
-        ).where(CJComparisonPair.comparison_id.in_(list(set(comparison_ids))))
-        siblings: dict[uuid.UUID, dict[int, str]] = {}
-        for comparison_id, attempt, status in (await self.session.execute(stmt)).all():
-            siblings.setdefault(comparison_id, {})[attempt] = status
-        return siblings
-
-    async def overdue_attempts(self, cj_batch_id: int, moment: datetime) -> list[CJComparisonPair]:
-        stmt = select(CJComparisonPair).where(
-            CJComparisonPair.cj_batch_id == cj_batch_id,
-            CJComparisonPair.status == AttemptStatus.IN_FLIGHT.value,
-            CJComparisonPair.submitted_at < moment,
+    async def overdue_attempts(self, cj_batch_id: int, moment: datetime) -> list[AttemptRecord]:
+        rows = await self.session.execute(
+            text(
+                f"SELECT {_ATTEMPT_COLUMNS} FROM cj_comparison_pairs AS p{_SIBLINGS}"
+                " WHERE p.cj_batch_id = :cj_batch_id AND p.status = :in_flight"
+                " AND p.submitted_at < :moment ORDER BY p.id"
+            ),
+            {
+                "cj_batch_id": cj_batch_id,
+                "in_flight": AttemptStatus.IN_FLIGHT.value,
+                "moment": moment,
+            },
         )
-        return list((await self.session.execute(stmt)).scalars())
+        return [_attempt_record(row) for row in rows.all()]
+
+    async def save_attempts(self, records: Sequence[AttemptRecord]) -> None:
+        """Write the outcome of these attempts in one statement."""
+        if not records:
+            return
+        await self.session.execute(
+            text(
+                "UPDATE cj_comparison_pairs AS p SET status = v.status,"
+                " completed_at = v.completed_at, winner = v.winner, confidence = v.confidence,"
+                " justification = v.justification, error_code = v.error_code,"
+                " error_details = CAST(v.error_details AS jsonb), provider = v.provider,"
+                " model = v.model, prompt_tokens = v.prompt_tokens,"
+                " completion_tokens = v.completion_tokens, total_tokens = v.total_tokens,"
+                " cost_estimate = v.cost_estimate, response_time_ms = v.response_time_ms,"
+                " is_late = v.is_late"
+                " FROM unnest(CAST(:id AS bigint[]), CAST(:status AS text[]),"
+                " CAST(:completed_at AS timestamptz[]), CAST(:winner AS text[]),"
+                " CAST(:confidence AS float8[]), CAST(:justification AS text[]),"
+                " CAST(:error_code AS text[]), CAST(:error_details AS text[]),"
+                " CAST(:provider AS text[]), CAST(:model AS text[]),"
+                " CAST(:prompt_tokens AS integer[]), CAST(:completion_tokens AS integer[]),"
+                " CAST(:total_tokens AS integer[]), CAST(:cost_estimate AS float8[]),"
+                " CAST(:response_time_ms AS integer[]), CAST(:is_late AS boolean[]))"
+                " AS v(id, status, completed_at, winner, confidence, justification, error_code,"
+                " error_details, provider, model, prompt_tokens, completion_tokens,"
+                " total_tokens, cost_estimate, response_time_ms, is_late)"
+                " WHERE p.id = v.id"
+            ),
+            {
+                "id": [r.id for r in records],
+                "status": [r.status for r in records],
+                "completed_at": [r.completed_at for r in records],
+                "winner": [r.winner for r in records],
+                "confidence": [r.confidence for r in records],
+                "justification": [r.justification for r in records],
+                "error_code": [r.error_code for r in records],
+                "error_details": [
+                    None if r.error_details is None else json.dumps(r.error_details)
+                    for r in records
+                ],
+                "provider": [r.provider for r in records],
+                "model": [r.model for r in records],
+                "prompt_tokens": [r.prompt_tokens for r in records],
+                "completion_tokens": [r.completion_tokens for r in records],
+                "total_tokens": [r.total_tokens for r in records],
+                "cost_estimate": [r.cost_estimate for r in records],
+                "response_time_ms": [r.response_time_ms for r in records],
+                "is_late": [r.is_late for r in records],
+            },
+        )
 
     async def planned_pairs(self, cj_batch_id: int) -> list[tuple[str, str]]:
         stmt = select(CJComparisonPair.essay_a_els_id, CJComparisonPair.essay_b_els_id).where(
