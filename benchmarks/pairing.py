@@ -19,7 +19,18 @@ reliability with its median signed and absolute error, the raw SSR and its error
 contrast, and the median estimated position bias (logit) against the true 0.3. The "scatter
 of true ρ²" column, the median distance of a run's true ρ² from the median, is the floor
 any reliability estimate faces: a run's own ρ² varies that much around what its data can
-reveal. Then one PASS/FAIL line per target of the issue.
+reveal. The "with τ² known" column scores the same judgements with the abilities' true
+prior variance (1.5²) given instead of estimated: no estimator that has to learn the spread
+from the judgements can be expected to do better.
+
+A third table shows what limits adaptive pairing, for the essays within one standard
+deviation of the mean (where most rank swaps happen): the judge's outcome uncertainty
+p(1 − p), at the true abilities, of their comparison in the iteration, against a reference:
+the same for the partner whose estimate (as the pairing saw it) is nearest to their own,
+ignoring every constraint of a matching. Random pairing gets about 0.17 there, a true equal
+would give 0.25; a pairing rule that chooses from the estimates can hardly expect more than
+the nearest estimate gives. Then one PASS/FAIL line per
+target of the issue.
 """
 
 from __future__ import annotations
@@ -72,6 +83,34 @@ class Step:
     ssr: float | None
     position_bias: float
     a_win_share: float
+    known_prior_reliability: float | None  # computed at the reported budgets only
+    middle_uncertainty: float  # p(1 − p) of the comparisons of essays within 1 SD of the mean
+    middle_reference: float  # the same against the partner of nearest estimate
+
+
+def outcome_uncertainty(difference: np.ndarray) -> np.ndarray:
+    """The judge's p(1 − p) for essays this far apart, averaged over the two orientations."""
+    return 0.5 * sum(
+        expit(difference + bias) * (1.0 - expit(difference + bias))
+        for bias in (POSITION_BIAS, -POSITION_BIAS)
+    )
+
+
+def nearest_estimate_uncertainty(
+    theta: np.ndarray, estimated: np.ndarray, essays: np.ndarray
+) -> float:
+    """Mean p(1 − p) of ``essays`` against the essay whose estimate is nearest to theirs."""
+    order = np.argsort(estimated, kind="stable")
+    position = np.empty_like(order)
+    position[order] = np.arange(order.size)
+    sorted_estimates = estimated[order]
+    values = []
+    for essay in essays:
+        k = position[essay]
+        neighbours = [j for j in (k - 1, k + 1) if 0 <= j < order.size]
+        nearest = min(neighbours, key=lambda j: abs(sorted_estimates[j] - sorted_estimates[k]))
+        values.append(outcome_uncertainty(theta[essay] - theta[order[nearest]]))
+    return float(np.mean(values))
 
 
 def simulate(n: int, seed: int, strategy: PairingStrategy) -> list[Step]:
@@ -86,7 +125,17 @@ def simulate(n: int, seed: int, strategy: PairingStrategy) -> list[Step]:
     judgements: list[tuple[str, str, bool]] = []
     estimates: AbilityEstimates | None = None
     steps: list[Step] = []
+    middle = np.abs(theta) < ABILITY_SD
     for iteration in range(1, MAX_COMPARISONS_PER_ESSAY + 1):
+        reference = (
+            nearest_estimate_uncertainty(
+                theta,
+                np.array([estimates.scores[essay_id] for essay_id in ids]),
+                np.flatnonzero(middle),
+            )
+            if estimates is not None
+            else float("nan")
+        )
         pairs = generate_pairs(
             ids,
             PairingHistory.from_pairs(planned),
@@ -99,7 +148,10 @@ def simulate(n: int, seed: int, strategy: PairingStrategy) -> list[Step]:
         planned += pairs
         a = np.array([index[essay_a] for essay_a, _ in pairs])
         b = np.array([index[essay_b] for _, essay_b in pairs])
-        a_wins = judge_rng.random(a.size) < expit(theta[a] - theta[b] + POSITION_BIAS)
+        p_a = expit(theta[a] - theta[b] + POSITION_BIAS)
+        essay_uncertainty = np.full(n, np.nan)
+        essay_uncertainty[a] = essay_uncertainty[b] = p_a * (1.0 - p_a)
+        a_wins = judge_rng.random(a.size) < p_a
         coin = judge_rng.random(a.size) < RANDOM_ANSWER_SHARE
         a_wins = np.where(coin, judge_rng.random(a.size) < 0.5, a_wins)
         judgements += [
@@ -112,15 +164,24 @@ def simulate(n: int, seed: int, strategy: PairingStrategy) -> list[Step]:
         estimated = np.array([scores[essay_id] for essay_id in ids])
         bias = result.position_bias
         assert bias is not None
+        comparisons_per_essay = 2 * len(judgements) / n
+        known = (
+            score_judgements(ids, judgements, prior_variance=ABILITY_SD**2).reliability
+            if any(np.isclose(comparisons_per_essay, budget) for budget in BUDGETS)
+            else None
+        )
         steps.append(
             Step(
-                comparisons_per_essay=2 * len(judgements) / n,
+                comparisons_per_essay=comparisons_per_essay,
                 spearman=float(spearmanr(estimated, theta).statistic),
                 true_r2=float(np.corrcoef(estimated, theta)[0, 1] ** 2),
                 reliability=result.reliability,
                 ssr=result.scale_separation_reliability,
                 position_bias=bias.logit,
                 a_win_share=bias.a_win_share,
+                known_prior_reliability=known,
+                middle_uncertainty=float(np.nanmean(essay_uncertainty[middle])),
+                middle_reference=reference,
             )
         )
         reached = steps[-1].spearman >= max(ACCURACY_LEVELS)
@@ -185,10 +246,10 @@ def report_size(n: int, runs: dict[str, list[list[Step]]]) -> SizeReport:
 
     print(
         "\n| strategy | comparisons/essay | true ρ² | scatter of true ρ² | reliability"
-        " | median error | median abs error | SSR | SSR median abs error"
-        " | position bias (logit) | Essay A win share |"
+        " | median error | median abs error | with τ² known: median abs error"
+        " | SSR | SSR median abs error | position bias (logit) | Essay A win share |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     worst_reliability: dict[str, float] = {}
     pooled_bias: dict[str, float] = {}
     for strategy, all_steps in runs.items():
@@ -202,6 +263,11 @@ def report_size(n: int, runs: dict[str, list[list[Step]]]) -> SizeReport:
             truth = [s.true_r2 for s in points]
             errors = [s.reliability - s.true_r2 for s in points]  # type: ignore[operator]
             ssr_errors = [s.ssr - s.true_r2 for s in points]  # type: ignore[operator]
+            known_errors = [
+                abs(s.known_prior_reliability - s.true_r2)
+                for s in points
+                if s.known_prior_reliability is not None
+            ]
             reliability_error = _median([abs(e) for e in errors])
             worst_reliability[strategy] = max(worst_reliability[strategy], reliability_error)
             biases += [s.position_bias for s in points]
@@ -210,12 +276,28 @@ def report_size(n: int, runs: dict[str, list[list[Step]]]) -> SizeReport:
                 f" | {_median([abs(t - _median(truth)) for t in truth]):.3f}"
                 f" | {_median([s.reliability for s in points]):.3f}"  # type: ignore[misc]
                 f" | {_median(errors):+.3f} | {reliability_error:.3f}"
+                f" | {_median(known_errors):.3f}"
                 f" | {_median([s.ssr for s in points]):.3f}"  # type: ignore[misc]
                 f" | {_median([abs(e) for e in ssr_errors]):.3f}"
                 f" | {_median([s.position_bias for s in points]):.3f}"
                 f" | {_median([s.a_win_share for s in points]):.3f} |"
             )
         pooled_bias[strategy] = _median(biases)
+
+    print(
+        "\n| strategy | comparisons/essay | p(1 − p) of essays within 1 SD"
+        " | against the nearest estimate |"
+    )
+    print("|---|---|---|---|")
+    for strategy, all_steps in runs.items():
+        for budget in (3, *BUDGETS):
+            points = [s for s in (at_budget(steps, budget) for steps in all_steps) if s]
+            if points:
+                print(
+                    f"| {strategy} | {budget}"
+                    f" | {_median([s.middle_uncertainty for s in points]):.3f}"
+                    f" | {_median([s.middle_reference for s in points]):.3f} |"
+                )
     return SizeReport(reductions[0.90], worst_reliability, pooled_bias)
 
 

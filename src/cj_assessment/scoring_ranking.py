@@ -174,6 +174,7 @@ def score_judgements(
     *,
     fit_position_bias: bool = True,
     alpha: float | None = None,
+    prior_variance: float | None = None,
 ) -> ScoringResult:
     """Score essays from ``(essay_a, essay_b, a_won)`` judgements.
 
@@ -192,8 +193,12 @@ def score_judgements(
 
     With ``fit_position_bias`` false, β is held at 0 (the plain Bradley–Terry model).
 
+    With ``prior_variance`` the abilities' prior variance τ² is taken as given instead of
+    estimated, for when the spread of the abilities is known (or to measure how much of the
+    reliability's error comes from estimating it; see ``benchmarks/pairing.py``).
+
     Raises ``ValueError`` when there are no judgements, ids are duplicated or unknown, an
-    essay is compared with itself, or ``alpha`` is not positive.
+    essay is compared with itself, or ``alpha`` or ``prior_variance`` is not positive.
     """
     ids = list(essay_ids)
     index = {essay_id: position for position, essay_id in enumerate(ids)}
@@ -201,6 +206,8 @@ def score_judgements(
         raise ValueError("essay_ids contains duplicates")
     if alpha is not None and not alpha > 0.0:
         raise ValueError("alpha must be positive")
+    if prior_variance is not None and not (0.0 < prior_variance < np.inf):
+        raise ValueError("prior_variance must be positive and finite")
     shown_a, shown_b, a_won = _encode_judgements(judgements, index)
     if shown_a.size == 0:
         raise ValueError("cannot score without any judgements")
@@ -229,9 +236,16 @@ def score_judgements(
     # comparisons are few.
     signal = float(np.var(raw.theta) - np.mean(raw_posterior.theta_variance))
     guess = float(np.clip(signal * (ssr or 0.0), 0.1, 10.0))
+    if prior_variance is not None:
+        guess = prior_variance
     start = _fit(edges, scored.size, ridge=1.0 / guess, fit_bias=fit_position_bias, start=raw)
     bayes = _expectation_propagation(
-        edges, scored.size, start, prior_variance=guess, fit_bias=fit_position_bias
+        edges,
+        scored.size,
+        start,
+        prior_variance=guess,
+        fit_bias=fit_position_bias,
+        estimate_prior=prior_variance is None,
     )
     if alpha is None:
         theta, theta_variance = bayes.theta, bayes.theta_variance
@@ -329,9 +343,16 @@ class _Gaussian:
 
 
 def _expectation_propagation(
-    edges: _Edges, n: int, start: _Fit, *, prior_variance: float, fit_bias: bool
+    edges: _Edges,
+    n: int,
+    start: _Fit,
+    *,
+    prior_variance: float,
+    fit_bias: bool,
+    estimate_prior: bool = True,
 ) -> _Bayes:
-    """Posterior under the prior θ ~ N(0, τ² I), with τ² estimated, by expectation propagation.
+    """Posterior under the prior θ ~ N(0, τ² I), with τ² estimated (unless ``estimate_prior``
+    is false), by expectation propagation.
 
     Every edge's likelihood σ(x)^wins σ(−x)^losses, x = θ_a − θ_b + β, is replaced by a
     Gaussian site chosen so that the approximation matches the mean and variance of the
@@ -356,7 +377,9 @@ def _expectation_propagation(
             edges, n, site_precision, site_shift, prior_variance=prior_variance, fit_bias=fit_bias
         )
         current = _bayes_summary(gaussian, n, prior_variance, fit_bias=fit_bias)
-        prior_variance, prior_distance = _update_prior_variance(gaussian, n, prior_variance)
+        prior_distance = 0.0
+        if estimate_prior:
+            prior_variance, prior_distance = _update_prior_variance(gaussian, n, prior_variance)
         # Stop once τ² is close to its fixed point and what is reported has settled: the
         # scores (relative to their spread), β and the reliability.
         if previous is not None and prior_distance < _EP_PRIOR_TOLERANCE:

@@ -272,6 +272,14 @@ def test_non_positive_alpha_raises_value_error() -> None:
         score_comparisons(["a", "b"], [("a", "b")], alpha=0.0)
 
 
+@pytest.mark.parametrize("prior_variance", [0.0, -1.0, math.inf, math.nan])
+def test_prior_variance_that_is_not_positive_and_finite_raises_value_error(
+    prior_variance: float,
+) -> None:
+    with pytest.raises(ValueError):
+        score_judgements(["a", "b"], [("a", "b", True)], prior_variance=prior_variance)
+
+
 def test_simulated_judgements_recover_true_ranking() -> None:
     correlations = []
     for seed in range(20):
@@ -432,6 +440,17 @@ def test_calibrated_reliability_has_no_systematic_error_at_five_comparisons_per_
     # A single run's true squared correlation itself scatters by about ±0.05 at this budget.
     assert all(abs(error) < 0.1 for error in errors)
     assert float(np.median(errors)) == pytest.approx(0.0, abs=0.05)
+
+
+def test_a_given_prior_variance_sets_the_spread_of_the_scores_and_their_reliability() -> None:
+    ids, _, judgements = _assessment(seed=31, n=60, iterations=6)
+
+    narrow = score_judgements(ids, judgements, prior_variance=0.2)
+    wide = score_judgements(ids, judgements, prior_variance=5.0)
+
+    assert narrow.reliability is not None and wide.reliability is not None
+    assert np.std(list(narrow.scores().values())) < np.std(list(wide.scores().values()))
+    assert narrow.reliability < wide.reliability
 
 
 def test_empirical_bayes_keeps_an_essay_that_won_its_few_comparisons_moderate() -> None:
