@@ -388,22 +388,34 @@ class AssessmentRepository:
     async def insert_attempts(self, cj_batch_id: int, attempts: Sequence[NewAttempt]) -> None:
         if not attempts:
             return
-        rows = [
+        # One statement over arrays: an iteration of a large assessment plans thousands.
+        await self.session.execute(
+            text(
+                "INSERT INTO cj_comparison_pairs (cj_batch_id, comparison_id,"
+                " request_correlation_id, essay_a_els_id, essay_b_els_id, iteration, attempt,"
+                " submission_batch_id, status, is_late)"
+                " SELECT :cj_batch_id, v.comparison_id, v.correlation_id, v.essay_a, v.essay_b,"
+                " v.iteration, v.attempt, v.submission_batch_id, :queued, false"
+                " FROM unnest(CAST(:comparison_ids AS uuid[]), CAST(:correlation_ids AS uuid[]),"
+                " CAST(:essays_a AS text[]), CAST(:essays_b AS text[]),"
+                " CAST(:iterations AS integer[]), CAST(:attempts AS integer[]),"
+                " CAST(:batch_ids AS uuid[])) WITH ORDINALITY"
+                " AS v(comparison_id, correlation_id, essay_a, essay_b, iteration, attempt,"
+                " submission_batch_id, position)"
+                " ORDER BY v.position"
+            ),
             {
                 "cj_batch_id": cj_batch_id,
-                "comparison_id": a.comparison_id,
-                "request_correlation_id": a.correlation_id,
-                "essay_a_els_id": a.essay_a_id,
-                "essay_b_els_id": a.essay_b_id,
-                "iteration": a.iteration,
-                "attempt": a.attempt,
-                "submission_batch_id": a.submission_batch_id,
-                "status": AttemptStatus.QUEUED.value,
-                "is_late": False,
-            }
-            for a in attempts
-        ]
-        await self.session.execute(insert(CJComparisonPair), rows)
+                "queued": AttemptStatus.QUEUED.value,
+                "comparison_ids": [a.comparison_id for a in attempts],
+                "correlation_ids": [a.correlation_id for a in attempts],
+                "essays_a": [a.essay_a_id for a in attempts],
+                "essays_b": [a.essay_b_id for a in attempts],
+                "iterations": [a.iteration for a in attempts],
+                "attempts": [a.attempt for a in attempts],
+                "batch_ids": [a.submission_batch_id for a in attempts],
+            },
+        )
 
     async def send_batches(self, batch_ids: Sequence[uuid.UUID], now: datetime) -> list[Any]:
         """Mark the attempts of these submission batches in flight and return them (rows with
