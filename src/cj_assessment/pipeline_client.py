@@ -118,6 +118,7 @@ class OutcomeWatcher:
             fetch_max_wait_ms=20,
         )
         self.events: list[dict[str, Any]] = []
+        self._by_entity: dict[str, list[dict[str, Any]]] = {}
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -129,10 +130,12 @@ class OutcomeWatcher:
         batch = await self._consumer.getmany(timeout_ms=int(timeout * 1000))
         for records in batch.values():
             for record in records:
-                self.events.append(json.loads(record.value))
+                event = json.loads(record.value)
+                self.events.append(event)
+                self._by_entity.setdefault(event["data"].get("entity_id"), []).append(event)
 
     def outcomes_for(self, bos_batch_id: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["data"].get("entity_id") == bos_batch_id]
+        return list(self._by_entity.get(bos_batch_id, ()))
 
     async def wait_for(
         self, bos_batch_ids: list[str], timeout: float, *, settle: float = 0.0
@@ -140,12 +143,14 @@ class OutcomeWatcher:
         """Wait until every id has an outcome; then keep listening `settle` seconds more so
         that a duplicate would be seen."""
         deadline = time.monotonic() + timeout
+        waiting = set(bos_batch_ids)
         while time.monotonic() < deadline:
             await self.poll()
-            if all(self.outcomes_for(b) for b in bos_batch_ids):
+            waiting = {b for b in waiting if b not in self._by_entity}
+            if not waiting:
                 break
         else:
-            missing = [b for b in bos_batch_ids if not self.outcomes_for(b)]
+            missing = sorted(waiting)
             raise TimeoutError(f"no outcome within {timeout:.0f} s for {missing[:5]}")
         settle_until = time.monotonic() + settle
         while time.monotonic() < settle_until:

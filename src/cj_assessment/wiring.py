@@ -51,6 +51,9 @@ class ServiceProvider(Provider):
             enable_idempotence=settings.kafka_enable_idempotence,
             acks="all",
             linger_ms=5,
+            # An iteration's requests share one key, so one partition: with aiokafka's 16 KB
+            # batches (two prompts each) they left as hundreds of sequential produce requests.
+            max_batch_size=1024 * 1024,
             max_request_size=4 * 1024 * 1024,
         )
         await producer.start()

@@ -4,6 +4,7 @@ emits has exactly the documented shape."""
 from __future__ import annotations
 
 import copy
+import json
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -25,6 +26,7 @@ from cj_assessment.contracts import (
     RankingEntry,
     deterministic_event_id,
     envelope_json,
+    envelope_text,
     outcome_header,
     utc_iso,
 )
@@ -229,6 +231,37 @@ def test_envelope_json_emits_exactly_the_contract_keys() -> None:
     assert envelope["metadata"] == {}
     # What it emits, it also accepts.
     assert EventEnvelope.model_validate(envelope).event_id == str(event_id)
+
+
+def test_envelope_text_is_the_envelope_serialised_as_the_outbox_stores_it() -> None:
+    request = LLMComparisonRequestV1(
+        correlation_id=str(uuid.UUID(int=3)),
+        user_prompt='Essay "A":\n«naïve» text\tand a backslash \\ and 💡',
+        callback_topic="huleedu.llm_provider.comparison_result.v1",
+        llm_config_overrides=LLMConfigOverrides(temperature_override=0.25),
+        user_id="teacher-1",
+        metadata=ComparisonRequestMetadata(
+            essay_a_id="e1",
+            essay_b_id="e2",
+            bos_batch_id="bos-1",
+            cj_batch_id="7",
+            submission_batch_id=str(uuid.UUID(int=4)),
+            comparison_iteration=2,
+            attempt=1,
+            cj_request_type="cj_comparison",
+        ),
+    )
+    fields = dict(
+        event_id=deterministic_event_id("topic", "x"),
+        event_type="huleedu.llm_provider.comparison_request.v1",
+        correlation_id="corr-1",
+        data=request,
+        now=FINISHED,
+    )
+    text = envelope_text(**fields)  # type: ignore[arg-type]
+    as_dict = envelope_json(**fields)  # type: ignore[arg-type]
+    assert text == json.dumps(as_dict, separators=(",", ":"), ensure_ascii=False)
+    assert json.loads(text) == as_dict
 
 
 def test_deterministic_event_id_is_stable_and_distinguishes_events() -> None:
