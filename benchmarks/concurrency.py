@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -46,163 +50,56 @@ def _environment(settings: Settings, **extra: str) -> dict[str, str]:
     return {**inherited, **environment_of(settings, **extra)}
 
 
-def _peak_rss_mb(pid: int) -> float:
+def _memory_mb(pid: int, field: str) -> float:
+    """VmHWM (peak) or VmRSS (current) of a process, in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+@dataclass
+class _Load:
+    """A fresh database and topics, `serve` instances and the provider as child processes, an
+    outcome watcher, a producer of requests and an engine on the database."""
 
+    settings: Settings
+    services: list[subprocess.Popen]
+    watcher: OutcomeWatcher
+    producer: AIOKafkaProducer
+    engine: Any
 
-async def _sample(engine: Any) -> tuple[int, int, float]:
-    """(attempts answered, outbox rows waiting, database MB)."""
-    async with engine.connect() as conn:
-        answered = (
-            await conn.execute(
-                text("SELECT count(*) FROM cj_comparison_pairs WHERE completed_at IS NOT NULL")
+    async def submit(self, ids: list[str]) -> float:
+        """Publish one request of ESSAYS essays per id; returns the moment the first went."""
+        essays = make_essays(ESSAYS)
+        started = time.monotonic()
+        for bos_batch_id in ids:
+            envelope = request_envelope(bos_batch_id=bos_batch_id, essays=essays)
+            await self.producer.send(
+                self.settings.topic_assessment_requested,
+                json.dumps(envelope).encode(),
+                key=bos_batch_id.encode(),
             )
-        ).scalar_one()
-        waiting = (
-            await conn.execute(
-                text("SELECT count(*) FROM cj_event_outbox WHERE published_at IS NULL")
+        await self.producer.flush()
+        return started
+
+    async def scalar(self, sql: str) -> Any:
+        async with self.engine.connect() as conn:
+            return (await conn.execute(text(sql))).scalar_one()
+
+    async def answered(self) -> int:
+        return int(
+            await self.scalar(
+                "SELECT count(*) FROM cj_comparison_pairs WHERE completed_at IS NOT NULL"
             )
-        ).scalar_one()
-        size = (
-            await conn.execute(text("SELECT pg_database_size(current_database())"))
-        ).scalar_one()
-    return int(answered), int(waiting), size / 1024 / 1024
-
-
-async def _watch(
-    watcher: OutcomeWatcher,
-    ids: list[str],
-    engine: Any,
-    service_pid: int,
-    *,
-    started: float,
-    minutes: float,
-    every: float = 30.0,
-) -> list[dict]:
-    """Progress of a stretch run, sampled every `every` seconds until all ids have an
-    outcome or `minutes` have passed."""
-    samples: list[dict] = []
-    waiting = set(ids)
-    next_sample = started + every
-    last_answered, last_at = 0, started
-    while waiting and time.monotonic() - started < minutes * 60:
-        await watcher.poll(0.5)
-        waiting = {b for b in waiting if not watcher.outcomes_for(b)}
-        now = time.monotonic()
-        if now >= next_sample or not waiting:
-            answered, backlog, database_mb = await _sample(engine)
-            samples.append(
-                {
-                    "seconds": now - started,
-                    "done": len(ids) - len(waiting),
-                    "answered": answered,
-                    "results_per_second": (answered - last_answered) / max(now - last_at, 1e-9),
-                    "outbox_waiting": backlog,
-                    "rss_mb": _rss_mb(service_pid),
-                    "database_mb": database_mb,
-                }
-            )
-            last_answered, last_at = answered, now
-            next_sample = now + every
-    return samples
-
-
-async def _stretch(assessments: int, minutes: float) -> str:
-    infra = await asyncio.to_thread(infrastructure)
-    async with fresh_database(infra.postgres_url) as database_url:
-        settings = _scenario_settings(
-            infra, database_url, {"kafka_topic_partitions": 6, "log_level": "WARNING"}
         )
-        await ensure_topics(settings.kafka_bootstrap_servers, service_topics(settings), 6)
-        cli = [sys.executable, "-m", "cj_assessment.cli"]
-        service = subprocess.Popen(
-            [*cli, "serve"],
-            env=_environment(settings.model_copy(update={"http_port": free_port()})),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        provider = subprocess.Popen(
-            [*cli, "provider"],
-            env=_environment(
-                settings,
-                CJ_PROVIDER_LATENCY_MEDIAN_MS="20",
-                CJ_PROVIDER_SLOTS="512",
-                CJ_PROVIDER_GROUP_ID=f"{settings.kafka_consumer_group}-provider",
-                CJ_PROVIDER_SEED="3",
-            ),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        watcher = OutcomeWatcher(settings)
-        await watcher.start()
-        producer = make_producer(settings)
-        await producer.start()
-        engine = create_async_engine(database_url)
-        try:
-            await asyncio.sleep(3)
-            essays = make_essays(ESSAYS)
-            ids = [f"stretch-{i}" for i in range(assessments)]
-            started = time.monotonic()
-            for bos_batch_id in ids:
-                envelope = request_envelope(bos_batch_id=bos_batch_id, essays=essays)
-                await producer.send(
-                    settings.topic_assessment_requested,
-                    json.dumps(envelope).encode(),
-                    key=bos_batch_id.encode(),
-                )
-            await producer.flush()
-            submitted = time.monotonic() - started
-            samples = await _watch(
-                watcher, ids, engine, service.pid, started=started, minutes=minutes
-            )
-            alive = service.poll() is None
-            peak = _peak_rss_mb(service.pid) if alive else float("nan")
-            events = sum(len(watcher.outcomes_for(b)) for b in ids)
-        finally:
-            await producer.stop()
-            await watcher.stop()
-            await engine.dispose()
-            for process in (service, provider):
-                process.send_signal(signal.SIGTERM)
-            for process in (service, provider):
-                try:
-                    process.wait(timeout=40)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-    lines = [
-        f"Stretch: {assessments} assessments of {ESSAYS} essays on one instance (provider"
-        f" latency 20 ms), sampled every 30 s, stopped after {minutes:g} min at the latest;"
-        f" requests published in {submitted:.1f} s",
-        "",
-        f"{'seconds':>8} {'outcomes':>9} {'answered':>9} {'results/s':>10} "
-        f"{'outbox waiting':>15} {'RSS MB':>8} {'DB MB':>8}",
-    ]
-    for x in samples:
-        lines.append(
-            f"{x['seconds']:>8.0f} {x['done']:>9} {x['answered']:>9} "
-            f"{x['results_per_second']:>10.0f} {x['outbox_waiting']:>15} {x['rss_mb']:>8.0f} "
-            f"{x['database_mb']:>8.0f}"
-        )
-    done = samples[-1]["done"] if samples else 0
-    lines += [
-        "",
-        f"outcome events: {events} for {done} assessments with an outcome (one each: "
-        f"{events == done}); service {'alive' if alive else 'DEAD'}, peak RSS {peak:.0f} MB",
-    ]
-    return "\n".join(lines)
+
+    async def database_mb(self) -> float:
+        return float(await self.scalar("SELECT pg_database_size(current_database())")) / 2**20
 
 
-async def _scenario(assessments: int, instances: int, timeout: float) -> dict:
+@contextlib.asynccontextmanager
+async def _load(instances: int) -> AsyncIterator[_Load]:
     infra = await asyncio.to_thread(infrastructure)
     async with fresh_database(infra.postgres_url) as database_url:
         settings = _scenario_settings(
@@ -238,52 +135,7 @@ async def _scenario(assessments: int, instances: int, timeout: float) -> dict:
         engine = create_async_engine(database_url)
         try:
             await asyncio.sleep(3)  # consumer groups joined
-            essays = make_essays(ESSAYS)
-            ids = [f"load-{i}" for i in range(assessments)]
-            started = time.monotonic()
-            for bos_batch_id in ids:
-                envelope = request_envelope(bos_batch_id=bos_batch_id, essays=essays)
-                await producer.send(
-                    settings.topic_assessment_requested,
-                    json.dumps(envelope).encode(),
-                    key=bos_batch_id.encode(),
-                )
-            await producer.flush()
-            await watcher.wait_for(ids, timeout=timeout)
-            elapsed = time.monotonic() - started
-            await asyncio.sleep(2)
-            await watcher.poll(0.5)
-            exactly_once = all(
-                len({e["event_id"] for e in watcher.outcomes_for(b)}) == 1 for b in ids
-            )
-            completed = sum(
-                1
-                for b in ids
-                if watcher.outcomes_for(b)[0]["data"]["event_name"] == "cj_assessment.completed"
-            )
-            async with engine.connect() as conn:
-                attempts = (
-                    await conn.execute(
-                        text(
-                            "SELECT count(*) FROM cj_comparison_pairs"
-                            " WHERE completed_at IS NOT NULL"
-                        )
-                    )
-                ).scalar_one()
-                size = (
-                    await conn.execute(text("SELECT pg_database_size(current_database())"))
-                ).scalar_one()
-            rss = [_peak_rss_mb(p.pid) for p in services]
-            return {
-                "assessments": assessments,
-                "instances": instances,
-                "seconds": elapsed,
-                "results_per_second": attempts / elapsed,
-                "exactly_once": exactly_once,
-                "completed": completed,
-                "peak_rss_mb": max(rss),
-                "database_mb": size / 1024 / 1024,
-            }
+            yield _Load(settings, services, watcher, producer, engine)
         finally:
             await producer.stop()
             await watcher.stop()
@@ -295,6 +147,99 @@ async def _scenario(assessments: int, instances: int, timeout: float) -> dict:
                     process.wait(timeout=40)
                 except subprocess.TimeoutExpired:
                     process.kill()
+
+
+async def _watch(load: _Load, ids: list[str], *, started: float, minutes: float) -> list[dict]:
+    """Progress of a stretch run, sampled every 30 s until every id has an outcome or
+    `minutes` have passed."""
+    every = 30.0
+    samples: list[dict] = []
+    waiting = set(ids)
+    next_sample = started + every
+    last_answered, last_at = 0, started
+    pid = load.services[0].pid
+    while waiting and time.monotonic() - started < minutes * 60:
+        await load.watcher.poll(0.5)
+        waiting = {b for b in waiting if not load.watcher.outcomes_for(b)}
+        now = time.monotonic()
+        if now >= next_sample or not waiting:
+            answered = await load.answered()
+            samples.append(
+                {
+                    "seconds": now - started,
+                    "done": len(ids) - len(waiting),
+                    "answered": answered,
+                    "results_per_second": (answered - last_answered) / max(now - last_at, 1e-9),
+                    "outbox_waiting": int(
+                        await load.scalar(
+                            "SELECT count(*) FROM cj_event_outbox WHERE published_at IS NULL"
+                        )
+                    ),
+                    "rss_mb": _memory_mb(pid, "VmRSS"),
+                    "database_mb": await load.database_mb(),
+                }
+            )
+            last_answered, last_at = answered, now
+            next_sample = now + every
+    return samples
+
+
+async def _stretch(assessments: int, minutes: float) -> str:
+    async with _load(1) as load:
+        ids = [f"stretch-{i}" for i in range(assessments)]
+        started = await load.submit(ids)
+        submitted = time.monotonic() - started
+        samples = await _watch(load, ids, started=started, minutes=minutes)
+        service = load.services[0]
+        alive = service.poll() is None
+        peak = _memory_mb(service.pid, "VmHWM") if alive else float("nan")
+        events = sum(len(load.watcher.outcomes_for(b)) for b in ids)
+    lines = [
+        f"Stretch: {assessments} assessments of {ESSAYS} essays on one instance (provider"
+        f" latency 20 ms), sampled every 30 s, stopped after {minutes:g} min at the latest;"
+        f" requests published in {submitted:.1f} s",
+        "",
+        f"{'seconds':>8} {'outcomes':>9} {'answered':>9} {'results/s':>10} "
+        f"{'outbox waiting':>15} {'RSS MB':>8} {'DB MB':>8}",
+    ]
+    for x in samples:
+        lines.append(
+            f"{x['seconds']:>8.0f} {x['done']:>9} {x['answered']:>9} "
+            f"{x['results_per_second']:>10.0f} {x['outbox_waiting']:>15} {x['rss_mb']:>8.0f} "
+            f"{x['database_mb']:>8.0f}"
+        )
+    done = samples[-1]["done"] if samples else 0
+    lines += [
+        "",
+        f"outcome events: {events} for {done} assessments with an outcome (one each: "
+        f"{events == done}); service {'alive' if alive else 'DEAD'}, peak RSS {peak:.0f} MB",
+    ]
+    return "\n".join(lines)
+
+
+async def _scenario(assessments: int, instances: int, timeout: float) -> dict:
+    async with _load(instances) as load:
+        ids = [f"load-{i}" for i in range(assessments)]
+        started = await load.submit(ids)
+        await load.watcher.wait_for(ids, timeout=timeout)
+        elapsed = time.monotonic() - started
+        await asyncio.sleep(2)
+        await load.watcher.poll(0.5)
+        outcomes = {b: load.watcher.outcomes_for(b) for b in ids}
+        return {
+            "assessments": assessments,
+            "instances": instances,
+            "seconds": elapsed,
+            "results_per_second": await load.answered() / elapsed,
+            "exactly_once": all(len({e["event_id"] for e in o}) == 1 for o in outcomes.values()),
+            "completed": sum(
+                1
+                for o in outcomes.values()
+                if o[0]["data"]["event_name"] == "cj_assessment.completed"
+            ),
+            "peak_rss_mb": max(_memory_mb(p.pid, "VmHWM") for p in load.services),
+            "database_mb": await load.database_mb(),
+        }
 
 
 def _row(r: dict) -> str:

@@ -17,15 +17,28 @@ from cj_assessment.pipeline_client import request_envelope
 HOT_QUERIES = {
     "claim inbox (per poll)": (
         'INSERT INTO cj_event_inbox (event_id, topic, partition, "offset", outcome)'
-        " VALUES ('x', 't', 0, 0, 'handled') ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+        " SELECT v.event_id, v.topic, v.partition, v.record_offset, 'handled'"
+        " FROM unnest(ARRAY['x', 'y'], ARRAY['t', 't'], ARRAY[0, 0], ARRAY[0, 1]::bigint[])"
+        " AS v(event_id, topic, partition, record_offset)"
+        " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
     ),
-    "result -> attempt (per poll)": (
-        "SELECT * FROM cj_comparison_pairs WHERE request_correlation_id = ANY("
+    "result -> owning assessment (per poll)": (
+        "SELECT request_correlation_id, cj_batch_id FROM cj_comparison_pairs"
+        " WHERE request_correlation_id = ANY("
         "ARRAY(SELECT request_correlation_id FROM cj_comparison_pairs LIMIT 50))"
     ),
-    "attempts of a comparison (per poll)": (
-        "SELECT comparison_id, attempt, status FROM cj_comparison_pairs WHERE comparison_id = ANY("
-        "ARRAY(SELECT comparison_id FROM cj_comparison_pairs LIMIT 50))"
+    "result -> attempt with its siblings (per poll)": (
+        "SELECT p.*, s.attempts, s.statuses FROM cj_comparison_pairs AS p"
+        " CROSS JOIN LATERAL (SELECT array_agg(q.attempt) AS attempts,"
+        " array_agg(q.status) AS statuses FROM cj_comparison_pairs AS q"
+        " WHERE q.comparison_id = p.comparison_id) AS s"
+        " WHERE p.request_correlation_id = ANY("
+        "ARRAY(SELECT request_correlation_id FROM cj_comparison_pairs LIMIT 50))"
+    ),
+    "write attempt outcomes (per poll)": (
+        "UPDATE cj_comparison_pairs AS p SET status = v.status"
+        " FROM unnest(ARRAY(SELECT id FROM cj_comparison_pairs LIMIT 50),"
+        " array_fill('succeeded'::text, ARRAY[50])) AS v(id, status) WHERE p.id = v.id"
     ),
     "lock assessments (per poll)": (
         "SELECT * FROM cj_batch_states WHERE cj_batch_id IN (1, 2, 3)"

@@ -74,6 +74,17 @@ def envelope_json(
 ) -> dict[str, Any]:
     """The exact envelope this service emits (CONTRACT §3)."""
     return {
+        **_envelope_head(event_id, event_type, correlation_id, now),
+        "data": data.model_dump(mode="json"),
+        "metadata": metadata or {},
+    }
+
+
+def _envelope_head(
+    event_id: uuid.UUID, event_type: str, correlation_id: str, now: datetime
+) -> dict[str, Any]:
+    """The envelope's fields before `data` and `metadata`, in the contract's order."""
+    return {
         "event_id": str(event_id),
         "event_type": event_type,
         "event_timestamp": utc_iso(now),
@@ -81,8 +92,6 @@ def envelope_json(
         "schema_version": 1,
         "correlation_id": correlation_id,
         "data_schema_uri": None,
-        "data": data.model_dump(mode="json"),
-        "metadata": metadata or {},
     }
 
 
@@ -98,15 +107,7 @@ def envelope_text(
     pydantic directly, at a third of the cost of building it as a dict and dumping that, which
     counts when an iteration publishes hundreds of prompts."""
     head = json.dumps(
-        {
-            "event_id": str(event_id),
-            "event_type": event_type,
-            "event_timestamp": utc_iso(now),
-            "source_service": SOURCE_SERVICE,
-            "schema_version": 1,
-            "correlation_id": correlation_id,
-            "data_schema_uri": None,
-        },
+        _envelope_head(event_id, event_type, correlation_id, now),
         separators=(",", ":"),
         ensure_ascii=False,
     )

@@ -125,6 +125,84 @@ def _attempt_record(row: Any) -> AttemptRecord:
     )
 
 
+def _unnest(columns: dict[str, str], *, ordinality: bool = False) -> str:
+    """`unnest(CAST(:name AS type[]), …) AS v(name, …)`: many rows as one statement's
+    parameters, one array per column (bound under the column's name), so a poll's or an
+    iteration's rows cost one round trip and one cached statement whatever their number."""
+    arrays = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in columns.items())
+    names = ", ".join([*columns, "position"] if ordinality else columns)
+    return f"unnest({arrays}){' WITH ORDINALITY' if ordinality else ''} AS v({names})"
+
+
+_INBOX_CLAIM = text(
+    'INSERT INTO cj_event_inbox (event_id, topic, partition, "offset", outcome)'
+    " SELECT v.event_id, v.topic, v.partition, v.record_offset, 'handled' FROM "
+    + _unnest(
+        {"event_id": "text", "topic": "text", "partition": "integer", "record_offset": "bigint"}
+    )
+    + " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+)
+_INBOX_OUTCOMES = text(
+    "UPDATE cj_event_inbox AS i SET outcome = v.outcome FROM "
+    + _unnest({"event_id": "text", "outcome": "text"})
+    + " WHERE i.event_id = v.event_id"
+)
+_SCORE_COLUMNS = {
+    "els_essay_id": "text",
+    "score": "float8",
+    "standard_error": "float8",
+    "comparison_count": "integer",
+    "wins": "integer",
+    "losses": "integer",
+    "rank": "integer",
+}
+_SCORES = text(
+    "UPDATE cj_processed_essays AS e SET current_bt_score = v.score,"
+    " current_bt_se = v.standard_error, comparison_count = v.comparison_count, wins = v.wins,"
+    " losses = v.losses, rank = v.rank FROM "
+    + _unnest(_SCORE_COLUMNS)
+    + " WHERE e.cj_batch_id = :cj_batch_id AND e.els_essay_id = v.els_essay_id"
+)
+_NEW_ATTEMPT_COLUMNS = {
+    "comparison_id": "uuid",
+    "request_correlation_id": "uuid",
+    "essay_a_els_id": "text",
+    "essay_b_els_id": "text",
+    "iteration": "integer",
+    "attempt": "integer",
+    "submission_batch_id": "uuid",
+}
+# WITH ORDINALITY: ids are assigned in planning order, which is the order requests go out.
+_INSERT_ATTEMPTS = text(
+    f"INSERT INTO cj_comparison_pairs (cj_batch_id, {', '.join(_NEW_ATTEMPT_COLUMNS)},"
+    " status, is_late)"
+    f" SELECT :cj_batch_id, {', '.join('v.' + c for c in _NEW_ATTEMPT_COLUMNS)}, :queued, false"
+    f" FROM {_unnest(_NEW_ATTEMPT_COLUMNS, ordinality=True)} ORDER BY v.position"
+)
+_OUTCOME_COLUMNS = {
+    "status": "text",
+    "completed_at": "timestamptz",
+    "winner": "text",
+    "confidence": "float8",
+    "justification": "text",
+    "error_code": "text",
+    "error_details": "jsonb",
+    "provider": "text",
+    "model": "text",
+    "prompt_tokens": "integer",
+    "completion_tokens": "integer",
+    "total_tokens": "integer",
+    "cost_estimate": "float8",
+    "response_time_ms": "integer",
+    "is_late": "boolean",
+}
+_SAVE_ATTEMPTS = text(
+    "UPDATE cj_comparison_pairs AS p SET "
+    + ", ".join(f"{c} = v.{c}" for c in _OUTCOME_COLUMNS)
+    + f" FROM {_unnest({'id': 'bigint', **_OUTCOME_COLUMNS})} WHERE p.id = v.id"
+)
+
+
 class AssessmentRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
@@ -135,21 +213,13 @@ class AssessmentRepository:
         """Record consumed event ids; returns those not handled before (first occurrence)."""
         if not entries:
             return set()
-        # One statement over arrays, whatever the poll size: no per-row round of Bind/Execute.
         rows = await self.session.execute(
-            text(
-                'INSERT INTO cj_event_inbox (event_id, topic, partition, "offset", outcome)'
-                " SELECT v.event_id, v.topic, v.partition, v.record_offset, 'handled'"
-                " FROM unnest(CAST(:ids AS text[]), CAST(:topics AS text[]),"
-                " CAST(:partitions AS integer[]), CAST(:offsets AS bigint[]))"
-                " AS v(event_id, topic, partition, record_offset)"
-                " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
-            ),
+            _INBOX_CLAIM,
             {
-                "ids": [e.event_id for e in entries],
-                "topics": [e.topic for e in entries],
-                "partitions": [e.partition for e in entries],
-                "offsets": [e.offset for e in entries],
+                "event_id": [e.event_id for e in entries],
+                "topic": [e.topic for e in entries],
+                "partition": [e.partition for e in entries],
+                "record_offset": [e.offset for e in entries],
             },
         )
         return set(rows.scalars())
@@ -158,12 +228,8 @@ class AssessmentRepository:
         if not outcomes:
             return
         await self.session.execute(
-            text(
-                "UPDATE cj_event_inbox AS i SET outcome = v.outcome"
-                " FROM unnest(CAST(:ids AS text[]), CAST(:outcomes AS text[]))"
-                " AS v(event_id, outcome) WHERE i.event_id = v.event_id"
-            ),
-            {"ids": list(outcomes), "outcomes": list(outcomes.values())},
+            _INBOX_OUTCOMES,
+            {"event_id": list(outcomes), "outcome": list(outcomes.values())},
         )
 
     async def add_outbox(self, rows: Sequence[OutboxRow]) -> None:
@@ -262,26 +328,9 @@ class AssessmentRepository:
         if not rows:
             return
         await self.session.execute(
-            text(
-                "UPDATE cj_processed_essays AS e SET current_bt_score = v.score,"
-                " current_bt_se = v.se, comparison_count = v.cnt, wins = v.wins,"
-                " losses = v.losses, rank = v.rank"
-                " FROM unnest(CAST(:ids AS text[]), CAST(:scores AS float8[]),"
-                " CAST(:ses AS float8[]), CAST(:cnts AS int[]), CAST(:wins AS int[]),"
-                " CAST(:losses AS int[]), CAST(:ranks AS int[]))"
-                " AS v(id, score, se, cnt, wins, losses, rank)"
-                " WHERE e.cj_batch_id = :batch AND e.els_essay_id = v.id"
-            ),
-            {
-                "batch": cj_batch_id,
-                "ids": [r["els_essay_id"] for r in rows],
-                "scores": [r["score"] for r in rows],
-                "ses": [r["standard_error"] for r in rows],
-                "cnts": [r["comparison_count"] for r in rows],
-                "wins": [r["wins"] for r in rows],
-                "losses": [r["losses"] for r in rows],
-                "ranks": [r["rank"] for r in rows],
-            },
+            _SCORES,
+            {"cj_batch_id": cj_batch_id}
+            | {column: [r[column] for r in rows] for column in _SCORE_COLUMNS},
         )
 
     # --- state ----------------------------------------------------------------------------
@@ -388,32 +437,18 @@ class AssessmentRepository:
     async def insert_attempts(self, cj_batch_id: int, attempts: Sequence[NewAttempt]) -> None:
         if not attempts:
             return
-        # One statement over arrays: an iteration of a large assessment plans thousands.
         await self.session.execute(
-            text(
-                "INSERT INTO cj_comparison_pairs (cj_batch_id, comparison_id,"
-                " request_correlation_id, essay_a_els_id, essay_b_els_id, iteration, attempt,"
-                " submission_batch_id, status, is_late)"
-                " SELECT :cj_batch_id, v.comparison_id, v.correlation_id, v.essay_a, v.essay_b,"
-                " v.iteration, v.attempt, v.submission_batch_id, :queued, false"
-                " FROM unnest(CAST(:comparison_ids AS uuid[]), CAST(:correlation_ids AS uuid[]),"
-                " CAST(:essays_a AS text[]), CAST(:essays_b AS text[]),"
-                " CAST(:iterations AS integer[]), CAST(:attempts AS integer[]),"
-                " CAST(:batch_ids AS uuid[])) WITH ORDINALITY"
-                " AS v(comparison_id, correlation_id, essay_a, essay_b, iteration, attempt,"
-                " submission_batch_id, position)"
-                " ORDER BY v.position"
-            ),
+            _INSERT_ATTEMPTS,
             {
                 "cj_batch_id": cj_batch_id,
                 "queued": AttemptStatus.QUEUED.value,
-                "comparison_ids": [a.comparison_id for a in attempts],
-                "correlation_ids": [a.correlation_id for a in attempts],
-                "essays_a": [a.essay_a_id for a in attempts],
-                "essays_b": [a.essay_b_id for a in attempts],
-                "iterations": [a.iteration for a in attempts],
-                "attempts": [a.attempt for a in attempts],
-                "batch_ids": [a.submission_batch_id for a in attempts],
+                "comparison_id": [a.comparison_id for a in attempts],
+                "request_correlation_id": [a.correlation_id for a in attempts],
+                "essay_a_els_id": [a.essay_a_id for a in attempts],
+                "essay_b_els_id": [a.essay_b_id for a in attempts],
+                "iteration": [a.iteration for a in attempts],
+                "attempt": [a.attempt for a in attempts],
+                "submission_batch_id": [a.submission_batch_id for a in attempts],
             },
         )
 
@@ -489,51 +524,13 @@ class AssessmentRepository:
         """Write the outcome of these attempts in one statement."""
         if not records:
             return
-        await self.session.execute(
-            text(
-                "UPDATE cj_comparison_pairs AS p SET status = v.status,"
-                " completed_at = v.completed_at, winner = v.winner, confidence = v.confidence,"
-                " justification = v.justification, error_code = v.error_code,"
-                " error_details = CAST(v.error_details AS jsonb), provider = v.provider,"
-                " model = v.model, prompt_tokens = v.prompt_tokens,"
-                " completion_tokens = v.completion_tokens, total_tokens = v.total_tokens,"
-                " cost_estimate = v.cost_estimate, response_time_ms = v.response_time_ms,"
-                " is_late = v.is_late"
-                " FROM unnest(CAST(:id AS bigint[]), CAST(:status AS text[]),"
-                " CAST(:completed_at AS timestamptz[]), CAST(:winner AS text[]),"
-                " CAST(:confidence AS float8[]), CAST(:justification AS text[]),"
-                " CAST(:error_code AS text[]), CAST(:error_details AS text[]),"
-                " CAST(:provider AS text[]), CAST(:model AS text[]),"
-                " CAST(:prompt_tokens AS integer[]), CAST(:completion_tokens AS integer[]),"
-                " CAST(:total_tokens AS integer[]), CAST(:cost_estimate AS float8[]),"
-                " CAST(:response_time_ms AS integer[]), CAST(:is_late AS boolean[]))"
-                " AS v(id, status, completed_at, winner, confidence, justification, error_code,"
-                " error_details, provider, model, prompt_tokens, completion_tokens,"
-                " total_tokens, cost_estimate, response_time_ms, is_late)"
-                " WHERE p.id = v.id"
-            ),
-            {
-                "id": [r.id for r in records],
-                "status": [r.status for r in records],
-                "completed_at": [r.completed_at for r in records],
-                "winner": [r.winner for r in records],
-                "confidence": [r.confidence for r in records],
-                "justification": [r.justification for r in records],
-                "error_code": [r.error_code for r in records],
-                "error_details": [
-                    None if r.error_details is None else json.dumps(r.error_details)
-                    for r in records
-                ],
-                "provider": [r.provider for r in records],
-                "model": [r.model for r in records],
-                "prompt_tokens": [r.prompt_tokens for r in records],
-                "completion_tokens": [r.completion_tokens for r in records],
-                "total_tokens": [r.total_tokens for r in records],
-                "cost_estimate": [r.cost_estimate for r in records],
-                "response_time_ms": [r.response_time_ms for r in records],
-                "is_late": [r.is_late for r in records],
-            },
-        )
+        values: dict[str, list[Any]] = {"id": [r.id for r in records]}
+        for column in _OUTCOME_COLUMNS:
+            values[column] = [getattr(r, column) for r in records]
+        values["error_details"] = [
+            None if details is None else json.dumps(details) for details in values["error_details"]
+        ]
+        await self.session.execute(_SAVE_ATTEMPTS, values)
 
     async def planned_pairs(self, cj_batch_id: int) -> list[tuple[str, str]]:
         stmt = select(CJComparisonPair.essay_a_els_id, CJComparisonPair.essay_b_els_id).where(

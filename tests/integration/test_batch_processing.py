@@ -59,7 +59,8 @@ async def test_sixty_essays_with_errors_and_stragglers_complete_once_within_batc
         assert len(system.watcher.outcomes_for("batch-60")) == 1
         rows = await system.rows(
             "SELECT comparison_id, essay_a_els_id, essay_b_els_id, iteration, attempt,"
-            " submission_batch_id, status, submitted_at, completed_at, is_late"
+            " submission_batch_id, status, submitted_at, completed_at, is_late, winner,"
+            " justification, error_code, error_details"
             " FROM cj_comparison_pairs ORDER BY id"
         )
         finished_at = (await system.rows("SELECT completed_at FROM cj_batch_uploads"))[0][0]
@@ -109,6 +110,16 @@ async def test_sixty_essays_with_errors_and_stragglers_complete_once_within_batc
             first[r.comparison_id].essay_a_els_id,
             first[r.comparison_id].essay_b_els_id,
         )
+
+    # Each answer is stored with what the provider said: a verdict with its justification, an
+    # error with its code and details.
+    for r in rows:
+        if r.status == "succeeded":
+            assert r.winner in ("essay_a", "essay_b") and r.justification
+            assert r.error_code is None
+        elif r.status == "failed":
+            assert r.winner == "error" and r.error_code
+            assert set(r.error_details) == {"message", "operation", "service"}
 
     # Planned comparisons per essay differ by at most one.
     planned: Counter[str] = Counter()
