@@ -405,4 +405,12 @@ def close_iteration(
         else {k: round(v, 6) for k, v in standard_errors.items()},
         scale_separation_reliability=scale_separation_reliability,
     )
-    return _with_iteration(progress, closed)
+    # Only the latest scores are read again (stability, adaptive pairing); older ones would
+    # make the metadata that every result rewrites grow with essays x iterations.
+    iterations = tuple(
+        closed
+        if i.iteration == iteration
+        else (_evolve(i, scores=None, standard_errors=None) if i.scores is not None else i)
+        for i in progress.iterations
+    )
+    return _evolve(progress, iterations=iterations)

@@ -393,6 +393,32 @@ def test_comparison_resolved_by_success_or_by_the_last_allowed_failure() -> None
 # --- metadata round trip -------------------------------------------------------------------------
 
 
+def test_closing_an_iteration_keeps_only_the_latest_scores() -> None:
+    progress = Progress()
+    for iteration in (1, 2):
+        progress, _ = plan_iteration(
+            progress,
+            iteration=iteration,
+            batch_ids=[f"b{iteration}"],
+            comparisons=4,
+            batch_size=10,
+        )
+        progress = close_iteration(
+            progress,
+            iteration=iteration,
+            now=NOW,
+            scores={"e1": 0.1 * iteration, "e2": -0.1 * iteration},
+            max_score_change=None,
+            reliability=0.5 + 0.1 * iteration,
+            standard_errors={"e1": 0.3, "e2": 0.3},
+        )
+    first, second = progress.iterations
+    assert first.scores is None and first.standard_errors is None
+    assert first.reliability == pytest.approx(0.6) and first.completed_at == NOW
+    assert second.scores == {"e1": 0.2, "e2": -0.2}
+    assert second.standard_errors == {"e1": 0.3, "e2": 0.3}
+
+
 def test_progress_round_trips_through_its_metadata_json() -> None:
     progress, _ = plan_iteration(
         Progress(), iteration=1, batch_ids=_ids("b", 3), comparisons=25, batch_size=10
