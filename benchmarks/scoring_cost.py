@@ -1,9 +1,11 @@
 """Benchmark 4 of issue 5: scoring and pairing cost per iteration, 20 / 100 / 500 / 2,000 essays.
 
 What the orchestrator computes (in-process, no I/O) when an iteration closes:
-`score_comparisons` over every successful comparison so far (Bradley–Terry MAP fit, standard
-errors, reliability), `PairingHistory.from_pairs` twice (decision, next plan), `all_pairs_seen`
-and `generate_pairs` for the next iteration (5 matchings).
+`score_judgements` over every successful comparison so far (Bradley–Terry with the judge's
+position bias, standard errors, calibrated reliability and SSR), `PairingHistory.from_pairs`
+once, `all_pairs_seen` and adaptive `generate_pairs` for the next iteration (5 matchings).
+`score_comparisons` (the plain Bradley–Terry MAP fit) is broken down into fit, standard errors
+and the rest for comparison.
 
 Data: essays with N(0, 1) abilities, pairs planned by `generate_pairs` itself (so the history
 is the service's own), judgements drawn from the Bradley–Terry model with a small first-position
@@ -96,7 +98,6 @@ def measure(n: int, repeats: int, *, only_score: bool = False) -> dict[str, floa
     outcomes = [(a, b) if a_won else (b, a) for a, b, a_won in judgements]
     before_last = planned[: per_iteration * (iterations - 1)]
     history = pair_generation.PairingHistory.from_pairs(before_last)
-    scores = None
 
     row: dict[str, float | None] = {"comparisons": float(len(outcomes))}
     row["score"] = _timed(lambda: scoring_ranking.score_comparisons(ids, outcomes), repeats)
@@ -115,23 +116,20 @@ def measure(n: int, repeats: int, *, only_score: bool = False) -> dict[str, floa
     full_history = pair_generation.PairingHistory.from_pairs(planned)
     row["seen"] = _timed(lambda: pair_generation.all_pairs_seen(ids, full_history), repeats)
     kwargs: dict[str, Any] = {"matchings": MATCHINGS, "max_pairs": per_iteration}
-    if "scores" in inspect.signature(pair_generation.generate_pairs).parameters:
-        scores = scoring_ranking.score_comparisons(ids, outcomes).scores()
-        kwargs["scores"] = scores
-    row["adaptive"] = 1.0 if scores is not None else 0.0
+    if "estimates" in inspect.signature(pair_generation.generate_pairs).parameters:
+        scored = scoring_ranking.score_judgements(ids, judgements)
+        kwargs["estimates"] = pair_generation.AbilityEstimates(
+            scored.scores(), scored.standard_errors()
+        )
+        kwargs["strategy"] = pair_generation.PairingStrategy.ADAPTIVE
+    row["adaptive"] = 1.0 if "estimates" in kwargs else 0.0
     row["generate"] = _timed(
         lambda: pair_generation.generate_pairs(
             ids, history, np.random.default_rng([1, iterations]), **kwargs
         ),
         repeats,
     )
-    parts = [
-        row.get("score"),
-        row.get("history"),
-        row.get("history"),
-        row.get("seen"),
-        row.get("generate"),
-    ]
+    parts = [row.get("judgements"), row.get("history"), row.get("seen"), row.get("generate")]
     row["total"] = None if any(p is None for p in parts) else sum(parts)  # type: ignore[misc]
     return row
 
@@ -201,19 +199,19 @@ def report(rows: dict[int, dict[str, float | None]], repeats: int, limited: bool
         f"Scoring: {COMPARISONS_PER_ESSAY} x essays comparisons (the default budget, the last "
         "iteration's scoring); judgements from Bradley-Terry with N(0,1) abilities.",
         f"Pairing: iteration 4 of 4, {MATCHINGS} matchings, 3 iterations of history"
-        + (" (adaptive: scores passed)." if adaptive else "."),
+        + (" (adaptive, from the scores)." if adaptive else "."),
         "All columns on ONE BLAS thread"
         + ("" if limited else " (NOT POSSIBLE here: process default)")
-        + " (stable, algorithmic cost), except the last: score_comparisons with this process's",
-        f"  default BLAS threads ({describe()}" + (f"; {blas}" if blas else "") + "), as the "
-        "service runs it today (baseline vs. a 1-thread service).",
-        "score_comparisons = what the orchestrator calls: BT fit + SEs (the fit's posterior) + "
+        + " (stable, algorithmic cost; `cj-assessment serve` pins one thread), except the last:",
+        f"  score_comparisons with this process's default BLAS threads ({describe()}"
+        + (f"; {blas}" if blas else "")
+        + ").",
+        "score_comparisons = plain Bradley-Terry: BT fit + SEs (the fit's posterior) + "
         "reliab.+rest (the calibrated",
         "  reliability, i.e. a second, Bayesian fit, and bookkeeping; = total - fit - SEs);",
-        "score_judgements = the position-bias-aware variant (not on the service path); "
-        "history = PairingHistory.from_pairs",
-        "  (built twice per iteration); per iteration = score_comparisons + 2 x history + "
-        "all_pairs_seen + generate_pairs.",
+        "score_judgements = what the orchestrator calls (with the judge's position bias); "
+        "history = PairingHistory.from_pairs;",
+        "  per iteration = score_judgements + history + all_pairs_seen + generate_pairs.",
         "",
         f"{'essays':>6} {'compars':>7} "
         + " ".join(f"{title:>{max(len(title), 8)}}" for _, title in COLUMNS),

@@ -54,6 +54,7 @@ _STEP_TOLERANCE = 1e-12
 _MIN_STEP_FRACTION = 1e-10
 _CG_TOLERANCE = 1e-10
 _CG_MIN_ITERATIONS = 200
+_DENSE_SOLVE_MAX_ESSAYS = 200
 
 RAW_ALPHA = 0.01
 """Prior strength of the weakly regularised fit behind the raw SSR (``choix``'s ``alpha``)."""
@@ -623,6 +624,12 @@ def _solve_precision(
     cheap for thousands of essays where dense factorisations would dominate.
     """
     n = rhs.size
+    if n <= _DENSE_SOLVE_MAX_ESSAYS:
+        # Small scales: one dense factorisation beats dozens of CG iterations of numpy calls,
+        # and most assessments are this small.
+        matrix = _dense_precision(edges, weight, n, 0.0)
+        matrix[np.arange(n), np.arange(n)] = diagonal
+        return linalg.cho_solve(linalg.cho_factor(matrix, lower=True), rhs)
     solution = np.zeros(n)
     residual = rhs.copy()
     preconditioned = residual / diagonal
