@@ -21,7 +21,6 @@ from cj_assessment.tables import (
     CJBatchUpload,
     CJComparisonPair,
     CJProcessedEssay,
-    OutboxMessage,
     UnmatchedResult,
 )
 
@@ -163,6 +162,14 @@ _SCORES = text(
     + _unnest(_SCORE_COLUMNS)
     + " WHERE e.cj_batch_id = :cj_batch_id AND e.els_essay_id = v.els_essay_id"
 )
+_OUTBOX_COLUMNS = {"event_id": "uuid", "topic": "text", "message_key": "text", "payload": "text"}
+# Ids follow the order of the rows: the relay publishes in id order.
+_ADD_OUTBOX = text(
+    f"INSERT INTO cj_event_outbox ({', '.join(_OUTBOX_COLUMNS)})"
+    f" SELECT {', '.join('v.' + c for c in _OUTBOX_COLUMNS)}"
+    f" FROM {_unnest(_OUTBOX_COLUMNS, ordinality=True)} ORDER BY v.position"
+    " ON CONFLICT (event_id) DO NOTHING"
+)
 _NEW_ATTEMPT_COLUMNS = {
     "comparison_id": "uuid",
     "request_correlation_id": "uuid",
@@ -235,18 +242,14 @@ class AssessmentRepository:
     async def add_outbox(self, rows: Sequence[OutboxRow]) -> None:
         if not rows:
             return
-        stmt = insert(OutboxMessage).on_conflict_do_nothing(index_elements=["event_id"])
         await self.session.execute(
-            stmt,
-            [
-                {
-                    "event_id": r.event_id,
-                    "topic": r.topic,
-                    "message_key": r.key,
-                    "payload": r.payload,
-                }
-                for r in rows
-            ],
+            _ADD_OUTBOX,
+            {
+                "event_id": [r.event_id for r in rows],
+                "topic": [r.topic for r in rows],
+                "message_key": [r.key for r in rows],
+                "payload": [r.payload for r in rows],
+            },
         )
 
     # --- uploads and essays ---------------------------------------------------------------
