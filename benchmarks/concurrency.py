@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -39,15 +38,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from benchmarks.system import _scenario_settings, fresh_database, infrastructure, make_essays
 from cj_assessment.embedded import free_port
 from cj_assessment.pipeline_client import OutcomeWatcher, make_producer, request_envelope
-from cj_assessment.settings import Settings, environment_of
+from cj_assessment.settings import Settings, child_environment
 from cj_assessment.topics import ensure_topics, service_topics
 
 ESSAYS = 20
-
-
-def _environment(settings: Settings, **extra: str) -> dict[str, str]:
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("CJ_")}
-    return {**inherited, **environment_of(settings, **extra)}
 
 
 def _memory_mb(pid: int, field: str) -> float:
@@ -110,7 +104,7 @@ async def _load(instances: int) -> AsyncIterator[_Load]:
         services = [
             subprocess.Popen(
                 [*cli, "serve"],
-                env=_environment(settings.model_copy(update={"http_port": free_port()})),
+                env=child_environment(settings.model_copy(update={"http_port": free_port()})),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -118,7 +112,7 @@ async def _load(instances: int) -> AsyncIterator[_Load]:
         ]
         provider = subprocess.Popen(
             [*cli, "provider"],
-            env=_environment(
+            env=child_environment(
                 settings,
                 CJ_PROVIDER_LATENCY_MEDIAN_MS="20",
                 CJ_PROVIDER_SLOTS="512",

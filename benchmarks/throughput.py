@@ -44,15 +44,10 @@ from benchmarks.system import (
 )
 from cj_assessment.embedded import free_port
 from cj_assessment.pipeline_client import make_producer, request_envelope
-from cj_assessment.settings import Settings, environment_of
+from cj_assessment.settings import Settings, child_environment
 from cj_assessment.topics import ensure_topics, service_topics
 
 ESSAYS = 20
-
-
-def _environment(settings: Settings, **extra: str) -> dict[str, str]:
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("CJ_")}
-    return {**inherited, **environment_of(settings, **extra)}
 
 
 def _get(port: int, path: str) -> str:
@@ -135,7 +130,7 @@ async def _scenario(
             {"http_port": free_port(), "monitor_interval_seconds": 30.0, "log_level": "WARNING"},
         )
         await ensure_topics(settings.kafka_bootstrap_servers, service_topics(settings), 3)
-        env = _environment(settings, CJ_CONSUMER_BATCH_TRANSACTIONS=str(batched).lower())
+        env = child_environment(settings, CJ_CONSUMER_BATCH_TRANSACTIONS=str(batched).lower())
         service = subprocess.Popen(
             [sys.executable, "-m", "cj_assessment.cli", "serve"],
             env=env,

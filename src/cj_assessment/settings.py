@@ -6,6 +6,7 @@ nothing in the package reads the environment at import time.
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field
@@ -144,3 +145,10 @@ def environment_of(settings: Settings, **extra: str) -> dict[str, str]:
             env[f"CJ_{name.upper()}"] = text
     env.update(extra)
     return env
+
+
+def child_environment(settings: Settings, **extra: str) -> dict[str, str]:
+    """The whole environment of a child `cj-assessment` process: this process's variables
+    except its own `CJ_*` ones, which `environment_of(settings, **extra)` replaces."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("CJ_")}
+    return {**inherited, **environment_of(settings, **extra)}

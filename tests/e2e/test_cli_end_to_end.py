@@ -15,13 +15,14 @@ from scipy.stats import spearmanr
 from cj_assessment.embedded import free_port
 from cj_assessment.pipeline_client import OutcomeWatcher
 from cj_assessment.samples import load_sample_essays
+from cj_assessment.settings import child_environment
 from cj_assessment.simulated_judge import latent_quality
 from tests.support.harness import system_settings
-from tests.support.processes import CLI, environment, http_get, wait_http
+from tests.support.processes import CLI, http_get, wait_http
 
 
 def _env(settings) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    return environment(
+    return child_environment(
         settings,
         CJ_PROVIDER_LATENCY_MEDIAN_MS="20",
         CJ_PROVIDER_SEED="5",

@@ -13,10 +13,11 @@ import pytest
 
 from cj_assessment.embedded import free_port
 from cj_assessment.pipeline_client import request_envelope, sleep_until
+from cj_assessment.settings import child_environment
 from tests.integration.test_assessment_flow import _essays
 from tests.integration.test_result_delivery import _read_all
 from tests.support.harness import provider_config, running_system, system_settings
-from tests.support.processes import CliProcess, environment, http_get, wait_http
+from tests.support.processes import CliProcess, http_get, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ SENTINEL = "SENTINEL-a11ce-91b2"
 
 def _serve(settings, tmp_path: Path, name: str, **extra: str) -> CliProcess:  # type: ignore[no-untyped-def]
     settings = settings.model_copy(update={"http_port": free_port()})
-    return CliProcess(["serve"], environment(settings, **extra), tmp_path / f"{name}.log")
+    return CliProcess(["serve"], child_environment(settings, **extra), tmp_path / f"{name}.log")
 
 
 async def test_crash_between_database_commit_and_offset_commit_changes_nothing_on_restart(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,14 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from cj_assessment.settings import Settings, environment_of
-
 CLI = [sys.executable, "-m", "cj_assessment.cli"]
-
-
-def environment(settings: Settings, **extra: str) -> dict[str, str]:
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("CJ_")}
-    return {**inherited, **environment_of(settings, **extra)}
 
 
 class CliProcess:

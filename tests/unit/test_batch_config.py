@@ -259,3 +259,18 @@ def test_out_of_range_pairing_and_precision_settings_are_refused(values: dict[st
 def test_a_nan_override_is_rejected(field: str) -> None:
     with pytest.raises(RequestRejected):
         _resolve({field: math.nan})
+
+
+def test_child_environment_reproduces_the_settings_and_drops_this_process_cj_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cj_assessment.settings import child_environment
+
+    monkeypatch.setenv("CJ_BATCH_SIZE", "7")
+    monkeypatch.setenv("CJ_SOMETHING_STALE", "x")
+    monkeypatch.setenv("PATH_FOR_CHILD", "kept")
+    env = child_environment(Settings(batch_size=30), CJ_LOG_LEVEL="DEBUG")
+    assert env["CJ_BATCH_SIZE"] == "30"
+    assert env["CJ_LOG_LEVEL"] == "DEBUG"
+    assert env["PATH_FOR_CHILD"] == "kept"
+    assert "CJ_SOMETHING_STALE" not in env
