@@ -68,11 +68,11 @@ class BatchCallbackHandler:
     async def handle_results(
         self,
         repo: AssessmentRepository,
-        results: Sequence[tuple[LLMComparisonResultV1, str]],
+        results: Sequence[tuple[LLMComparisonResultV1, bytes]],
         *,
         now: datetime,
     ) -> list[ResultOutcome]:
-        """Record (result, raw payload) pairs of one poll in the caller's transaction: each
+        """Record (result, raw record value) pairs of one poll in the caller's transaction: each
         assessment is locked once, takes its results in arrival order, and is advanced once."""
         outcomes: list[ResultOutcome | None] = [None] * len(results)
         wanted = {i: _correlation_uuid(r.correlation_id) for i, (r, _) in enumerate(results)}
@@ -80,7 +80,11 @@ class BatchCallbackHandler:
         unmatched = [i for i, c in wanted.items() if c is None or c not in owners]
         await repo.store_unmatched(
             [
-                (results[i][0].correlation_id, "unknown_correlation_id", results[i][1])
+                (
+                    results[i][0].correlation_id,
+                    "unknown_correlation_id",
+                    results[i][1].decode("utf-8", "replace"),
+                )
                 for i in unmatched
             ]
         )
@@ -148,14 +152,16 @@ class BatchCallbackHandler:
         return [o if o is not None else ResultOutcome.DUPLICATE for o in outcomes]
 
     async def time_out(
-        self, repo: AssessmentRepository, attempts: list[AttemptRecord], *, now: datetime
+        self,
+        repo: AssessmentRepository,
+        state: CJBatchState,
+        attempts: list[AttemptRecord],
+        *,
+        now: datetime,
     ) -> int:
-        """Count overdue attempts of one assessment (whose row lock the caller holds) as failed."""
-        if not attempts:
-            return 0
-        state = await repo.lock_state(attempts[0].cj_batch_id)
-        assert state is not None
-        if state.state in TERMINAL_STATES:
+        """Count overdue attempts of one assessment, whose state row the caller has locked, as
+        failed."""
+        if not attempts or state.state in TERMINAL_STATES:
             return 0
         upload = await repo.upload(state.cj_batch_id)
         ctx = context_of(upload, state)

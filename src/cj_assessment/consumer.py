@@ -341,7 +341,8 @@ class EventConsumer:
                     outcomes[index] = "duplicate"
             handled = await self._callbacks.handle_results(
                 repo,
-                [(result, parsed[i][0].value.decode("utf-8", "replace")) for i, _, result in fresh],
+                # Raw bytes: only a result matching nothing is stored with its payload.
+                [(result, parsed[i][0].value) for i, _, result in fresh],
                 now=self._clock(),
             )
             for (index, _, _), outcome in zip(fresh, handled, strict=True):

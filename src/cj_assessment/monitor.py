@@ -92,10 +92,11 @@ class StuckAssessmentMonitor:
     ) -> int:
         async with self._sessions() as session, session.begin():
             repo = AssessmentRepository(session)
-            if await repo.lock_state(cj_batch_id, skip_locked=True) is None:
+            state = await repo.lock_state(cj_batch_id, skip_locked=True)
+            if state is None:
                 return 0
             attempts = await repo.overdue_attempts(cj_batch_id, overdue_since)
-            count = await self._callbacks.time_out(repo, attempts, now=now)
+            count = await self._callbacks.time_out(repo, state, attempts, now=now)
         if count:
             self._on_commit()
             self._metrics.monitor_actions.labels(action).inc(count)

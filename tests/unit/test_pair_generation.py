@@ -340,11 +340,7 @@ def test_all_pairs_seen_only_when_every_pair_of_listed_essays_was_planned() -> N
 
 def test_two_thousand_essays_get_five_full_matchings() -> None:
     ids = _ids(2000)
-    history = PairingHistory.from_pairs(
-        generate_pairs(
-            ids, PairingHistory.empty(), np.random.default_rng(1), matchings=5, max_pairs=UNLIMITED
-        )
-    )
+    history = _random_rounds(ids, seed=1, matchings=5)
 
     pairs = generate_pairs(ids, history, np.random.default_rng(2), matchings=5, max_pairs=UNLIMITED)
     assert len(pairs) == 5 * 1000
@@ -356,6 +352,19 @@ def test_two_thousand_essays_get_five_full_matchings() -> None:
 
 
 # --- adaptive pairing -------------------------------------------------------------------------
+
+
+def _random_rounds(ids: list[str], *, seed: int, matchings: int) -> PairingHistory:
+    """The history after `matchings` full random rounds."""
+    return PairingHistory.from_pairs(
+        generate_pairs(
+            ids,
+            PairingHistory.empty(),
+            np.random.default_rng(seed),
+            matchings=matchings,
+            max_pairs=UNLIMITED,
+        )
+    )
 
 
 def _spread_estimates(ids: list[str], seed: int) -> AbilityEstimates:
@@ -374,11 +383,7 @@ def _mean_score_gap(pairs: list[Pair], estimates: AbilityEstimates) -> float:
 @pytest.mark.parametrize("seed", range(5))
 def test_adaptive_rounds_pair_essays_whose_outcome_is_uncertain(seed: int) -> None:
     ids = _ids(60)
-    history = PairingHistory.from_pairs(
-        generate_pairs(
-            ids, PairingHistory.empty(), np.random.default_rng(seed), matchings=3, max_pairs=90
-        )
-    )
+    history = _random_rounds(ids, seed=seed, matchings=3)
     estimates = _spread_estimates(ids, seed)
 
     def plan(strategy: PairingStrategy) -> list[Pair]:
@@ -401,11 +406,7 @@ def test_adaptive_rounds_pair_essays_whose_outcome_is_uncertain(seed: int) -> No
 
 def test_adaptive_pairing_without_estimates_plans_the_random_rounds() -> None:
     ids = _ids(30)
-    history = PairingHistory.from_pairs(
-        generate_pairs(
-            ids, PairingHistory.empty(), np.random.default_rng(1), matchings=3, max_pairs=45
-        )
-    )
+    history = _random_rounds(ids, seed=1, matchings=3)
 
     def plan(strategy: PairingStrategy) -> list[Pair]:
         return generate_pairs(
@@ -417,11 +418,7 @@ def test_adaptive_pairing_without_estimates_plans_the_random_rounds() -> None:
 
 def test_adaptive_pairing_stays_random_while_an_essay_has_fewer_than_two_comparisons() -> None:
     ids = _ids(30)
-    history = PairingHistory.from_pairs(
-        generate_pairs(
-            ids, PairingHistory.empty(), np.random.default_rng(3), matchings=1, max_pairs=15
-        )
-    )
+    history = _random_rounds(ids, seed=3, matchings=1)
     estimates = _spread_estimates(ids, 3)
 
     def plan(strategy: PairingStrategy) -> list[Pair]:
@@ -440,11 +437,7 @@ def test_adaptive_pairing_stays_random_while_an_essay_has_fewer_than_two_compari
 
 def test_adaptive_pairing_copes_with_essays_missing_from_the_estimates() -> None:
     ids = _ids(20)
-    history = PairingHistory.from_pairs(
-        generate_pairs(
-            ids, PairingHistory.empty(), np.random.default_rng(5), matchings=2, max_pairs=20
-        )
-    )
+    history = _random_rounds(ids, seed=5, matchings=2)
     partial = AbilityEstimates(
         scores={essay_id: float(k) for k, essay_id in enumerate(ids[:15])},
         standard_errors={essay_id: 0.4 for essay_id in ids[:15]},
