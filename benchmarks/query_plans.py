@@ -22,8 +22,8 @@ HOT_QUERIES = {
         " AS v(event_id, topic, partition, record_offset)"
         " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
     ),
-    "result -> owning assessment (per poll)": (
-        "SELECT request_correlation_id, cj_batch_id FROM cj_comparison_pairs"
+    "results -> owning assessments (per poll)": (
+        "SELECT DISTINCT cj_batch_id FROM cj_comparison_pairs"
         " WHERE request_correlation_id = ANY("
         "ARRAY(SELECT request_correlation_id FROM cj_comparison_pairs LIMIT 50))"
     ),
@@ -34,6 +34,7 @@ HOT_QUERIES = {
         " WHERE q.comparison_id = p.comparison_id) AS s"
         " WHERE p.request_correlation_id = ANY("
         "ARRAY(SELECT request_correlation_id FROM cj_comparison_pairs LIMIT 50))"
+        " AND p.cj_batch_id = ANY(ARRAY[1, 2, 3]::bigint[])"
     ),
     "write attempt outcomes (per poll)": (
         "UPDATE cj_comparison_pairs AS p SET status = v.status"

@@ -182,12 +182,19 @@ async def _scenario(
             ]
             results = [_result(p, rng) for p in chosen]
             results_topic = settings.topic_llm_comparison_result
-            cpu_before = _cpu_seconds(service.pid)
-            started = time.monotonic()
-            for value in results:
-                await producer.send(results_topic, value)
-            await producer.flush()
-            produced = time.monotonic() - started
+            # The burst is pre-loaded while the service is paused, so that the measurement is
+            # of the service draining a backlog, not of it keeping pace with this producer.
+            service.send_signal(signal.SIGSTOP)
+            try:
+                loading = time.monotonic()
+                for value in results:
+                    await producer.send(results_topic, value)
+                await producer.flush()
+                produced = time.monotonic() - loading
+            finally:
+                cpu_before = _cpu_seconds(service.pid)
+                started = time.monotonic()
+                service.send_signal(signal.SIGCONT)
             while await _count_handled(engine, results_topic) < len(results):
                 await asyncio.sleep(0.05)
             elapsed = time.monotonic() - started

@@ -76,8 +76,11 @@ class BatchCallbackHandler:
         assessment is locked once, takes its results in arrival order, and is advanced once."""
         outcomes: list[ResultOutcome | None] = [None] * len(results)
         wanted = {i: _correlation_uuid(r.correlation_id) for i, (r, _) in enumerate(results)}
-        owners = await repo.owners_of([c for c in wanted.values() if c is not None])
-        unmatched = [i for i, c in wanted.items() if c is None or c not in owners]
+        known = [c for c in wanted.values() if c is not None]
+        states = await repo.lock_states(await repo.assessments_answered(known))
+        # Read the attempts only under the locks: a concurrent handler may have resolved them.
+        attempts = await repo.attempts_by_correlation(known, within=list(states))
+        unmatched = [i for i, c in wanted.items() if c is None or c not in attempts]
         await repo.store_unmatched(
             [
                 (
@@ -93,16 +96,14 @@ class BatchCallbackHandler:
             self._metrics.unmatched_results.labels("unknown_correlation_id").inc()
             log.warning("result_unmatched", correlation_id=results[i][0].correlation_id)
 
-        states = await repo.lock_states(list(set(owners.values())))
-        # Read the attempts only under the locks: a concurrent handler may have resolved them.
-        attempts = await repo.attempts_by_correlation(list(owners))
         written: list[AttemptRecord] = []
         advancing: list[tuple[AssessmentContext, CJBatchState, Progress]] = []
         uploads = await repo.uploads(list(states))
         by_assessment: dict[int, list[int]] = {}
         for i, correlation in wanted.items():
-            if outcomes[i] is None and correlation is not None:
-                by_assessment.setdefault(owners[correlation], []).append(i)
+            if outcomes[i] is None:
+                by_assessment.setdefault(attempts[correlation].cj_batch_id, []).append(i)  # type: ignore[index]
+        stamp = utc_iso(now)
 
         for cj_batch_id in sorted(by_assessment):
             state = states[cj_batch_id]
@@ -128,7 +129,7 @@ class BatchCallbackHandler:
                     _attempt_view(attempt, ctx.config.max_retry_attempts),
                     succeeded=succeeded,
                     failure_reason=reason,
-                    now=utc_iso(now),
+                    now=stamp,
                     max_retry_attempts=ctx.config.max_retry_attempts,
                     threshold=ctx.config.partial_completion_threshold,
                 )

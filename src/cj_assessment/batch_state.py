@@ -178,25 +178,45 @@ def _evolve(record: Any, /, **changes: Any) -> Any:
     `__init__`: copies the fields instead of calling it. Every result applies several of
     these, and the generic version (field introspection plus a frozen `__init__`) was a
     quarter of the cost of handling a result."""
-    unknown = changes.keys() - record.__dataclass_fields__.keys()
-    if unknown:
+    values = record.__dict__.copy()
+    values.update(changes)
+    if len(values) != len(record.__dict__):  # a misspelt field would add a key
+        unknown = changes.keys() - record.__dict__.keys()
         raise TypeError(f"{type(record).__name__} has no field(s) {sorted(unknown)}")
     new = object.__new__(type(record))
-    new.__dict__.update(record.__dict__)
-    new.__dict__.update(changes)
+    object.__setattr__(new, "__dict__", values)
     return new
+
+
+def _replaced(items: tuple[Any, ...], index: int, item: Any) -> tuple[Any, ...]:
+    return items[:index] + (item,) + items[index + 1 :]
+
+
+def _batch_index(progress: Progress, batch_id: str) -> int:
+    for index, b in enumerate(progress.batches):
+        if b.id == batch_id:
+            return index
+    raise KeyError(batch_id)
+
+
+def _iteration_index(progress: Progress, number: int) -> int:
+    # Scanned from the end: results nearly always answer the latest iteration.
+    for index in range(len(progress.iterations) - 1, -1, -1):
+        if progress.iterations[index].iteration == number:
+            return index
+    raise KeyError(number)
 
 
 def _with_batch(progress: Progress, batch: SubmissionBatch) -> Progress:
     return _evolve(
-        progress, batches=tuple(batch if b.id == batch.id else b for b in progress.batches)
+        progress, batches=_replaced(progress.batches, _batch_index(progress, batch.id), batch)
     )
 
 
 def _with_iteration(progress: Progress, it: IterationProgress) -> Progress:
     return _evolve(
         progress,
-        iterations=tuple(it if i.iteration == it.iteration else i for i in progress.iterations),
+        iterations=_replaced(progress.iterations, _iteration_index(progress, it.iteration), it),
     )
 
 
@@ -325,52 +345,61 @@ def record_outcome(
             return progress, Disposition.DUPLICATE
         return _comparison_succeeded(progress, attempt, rescued=True), Disposition.RESCUED
 
-    progress = _count_attempt_result(progress, attempt, succeeded=succeeded, threshold=threshold)
-    if attempt.comparison_resolved:
-        return progress, Disposition.SUPERSEDED
-    if succeeded:
-        return _comparison_succeeded(progress, attempt, rescued=False), Disposition.SUCCEEDED
-
-    retries_sent = attempt.attempt - 1
-    if retries_sent >= max_retry_attempts:
-        it = progress.iteration(attempt.iteration)
-        progress = _with_iteration(
-            progress, _evolve(it, permanently_failed=it.permanently_failed + 1)
-        )
-        pool = progress.pool.count_failure().count_permanent_failure()
-        return _evolve(progress, failed=progress.failed + 1, pool=pool), (
-            Disposition.PERMANENTLY_FAILED
-        )
-    entry = PoolEntry(
-        comparison_id=attempt.comparison_id,
-        correlation_id=attempt.correlation_id,
-        essay_a_id=attempt.essay_a_id,
-        essay_b_id=attempt.essay_b_id,
-        iteration=attempt.iteration,
-        failure_reason=failure_reason or "error",
-        failed_at=now,
-        retry_count=retries_sent,
-        submission_batch_id=attempt.submission_batch_id,
-    )
-    return _evolve(progress, pool=progress.pool.add(entry)), Disposition.RETRY_POOLED
-
-
-def _count_attempt_result(
-    progress: Progress, attempt: AttemptView, *, succeeded: bool, threshold: float
-) -> Progress:
-    batch = progress.batch(attempt.submission_batch_id)
+    # One copy of the progress per result: the counters of the attempt's submission batch and
+    # iteration and the comparison's outcome are applied together.
+    batch_index = _batch_index(progress, attempt.submission_batch_id)
+    batch = progress.batches[batch_index]
     batch = _evolve(
         batch, results_in=batch.results_in + 1, failures=batch.failures + (0 if succeeded else 1)
     )
     if batch.status is BatchStatus.IN_FLIGHT and batch_reached_threshold(batch, threshold):
         batch = _evolve(batch, status=BatchStatus.DONE)
-    progress = _with_batch(progress, batch)
+    it_index = _iteration_index(progress, attempt.iteration)
+    it = progress.iterations[it_index]
+    it_changes: dict[str, int] = {}
     if attempt.attempt == 1:
-        it = progress.iteration(attempt.iteration)
-        progress = _with_iteration(
-            progress, _evolve(it, first_attempts_outstanding=it.first_attempts_outstanding - 1)
+        it_changes["first_attempts_outstanding"] = it.first_attempts_outstanding - 1
+    changes: dict[str, Any] = {}
+    retries_sent = attempt.attempt - 1
+    if attempt.comparison_resolved:
+        disposition = Disposition.SUPERSEDED
+    elif succeeded:
+        disposition = Disposition.SUCCEEDED
+        it_changes["succeeded"] = it.succeeded + 1
+        changes["completed"] = progress.completed + 1
+        if attempt.attempt > 1:
+            changes["pool"] = progress.pool.count_successful_retry()
+    elif retries_sent >= max_retry_attempts:
+        disposition = Disposition.PERMANENTLY_FAILED
+        it_changes["permanently_failed"] = it.permanently_failed + 1
+        changes["failed"] = progress.failed + 1
+        changes["pool"] = progress.pool.count_failure().count_permanent_failure()
+    else:
+        disposition = Disposition.RETRY_POOLED
+        entry = PoolEntry(
+            comparison_id=attempt.comparison_id,
+            correlation_id=attempt.correlation_id,
+            essay_a_id=attempt.essay_a_id,
+            essay_b_id=attempt.essay_b_id,
+            iteration=attempt.iteration,
+            failure_reason=failure_reason or "error",
+            failed_at=now,
+            retry_count=retries_sent,
+            submission_batch_id=attempt.submission_batch_id,
         )
-    return progress
+        changes["pool"] = progress.pool.add(entry)
+    iterations = (
+        _replaced(progress.iterations, it_index, _evolve(it, **it_changes))
+        if it_changes
+        else progress.iterations
+    )
+    progress = _evolve(
+        progress,
+        batches=_replaced(progress.batches, batch_index, batch),
+        iterations=iterations,
+        **changes,
+    )
+    return progress, disposition
 
 
 def _comparison_succeeded(progress: Progress, attempt: AttemptView, *, rescued: bool) -> Progress:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -355,8 +356,9 @@ class EventConsumer:
                 }
             )
         self._after_commit(parsed[0][0] if parsed else None)
-        for index, (record, _, _) in enumerate(parsed):
-            self._metrics.records.labels(record.topic, outcomes[index]).inc()
+        topic = self._settings.topic_llm_comparison_result
+        for outcome, count in Counter(outcomes.values()).items():
+            self._metrics.records.labels(topic, outcome).inc(count)
         if parsed:
             self._metrics.callback_processing.observe((time.perf_counter() - started) / len(parsed))
 

@@ -479,32 +479,34 @@ class AssessmentRepository:
         rows = list((await self.session.execute(stmt)).all())
         return sorted(rows, key=lambda r: r.id)
 
-    async def owners_of(self, correlation_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int]:
-        """The assessment each attempt belongs to (read before locking the assessments)."""
+    async def assessments_answered(self, correlation_ids: Sequence[uuid.UUID]) -> list[int]:
+        """The assessments these attempts belong to (read before locking them)."""
         if not correlation_ids:
-            return {}
+            return []
         rows = await self.session.execute(
             text(
-                "SELECT request_correlation_id, cj_batch_id FROM cj_comparison_pairs"
+                "SELECT DISTINCT cj_batch_id FROM cj_comparison_pairs"
                 " WHERE request_correlation_id = ANY(CAST(:ids AS uuid[]))"
             ),
             {"ids": list(correlation_ids)},
         )
-        return {row[0]: row[1] for row in rows.all()}
+        return list(rows.scalars())
 
     async def attempts_by_correlation(
-        self, correlation_ids: Sequence[uuid.UUID]
+        self, correlation_ids: Sequence[uuid.UUID], *, within: Sequence[int]
     ) -> dict[uuid.UUID, AttemptRecord]:
-        """The attempts these results answer, with their siblings; read them only under the
-        assessments' row locks, since a concurrent handler may have resolved them."""
-        if not correlation_ids:
+        """The attempts these results answer, with their siblings, of the assessments `within`;
+        read them only under those assessments' row locks, since a concurrent handler may have
+        resolved them."""
+        if not correlation_ids or not within:
             return {}
         rows = await self.session.execute(
             text(
                 f"SELECT {_ATTEMPT_COLUMNS} FROM cj_comparison_pairs AS p{_SIBLINGS}"
                 " WHERE p.request_correlation_id = ANY(CAST(:ids AS uuid[]))"
+                " AND p.cj_batch_id = ANY(CAST(:within AS bigint[]))"
             ),
-            {"ids": list(correlation_ids)},
+            {"ids": list(correlation_ids), "within": list(within)},
         )
         return {record.correlation_id: record for record in map(_attempt_record, rows.all())}
 

@@ -6,6 +6,7 @@ and exits 0."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 
 import structlog
@@ -39,6 +40,19 @@ async def check_schema(engine: AsyncEngine) -> None:
             f"database schema is at revision {current or 'none'}, this service needs {head}: "
             "run `cj-assessment migrate` first"
         )
+
+
+def tune_garbage_collector(young_threshold: int) -> None:
+    """A poll of results allocates hundreds of thousands of short-lived objects. With Python's
+    default thresholds the collector runs so often, over a heap of long-lived start-up objects,
+    that it takes about a quarter of the service's CPU under a burst. Start-up objects are
+    frozen out of every collection, and the young generation is collected less often (garbage
+    is still collected; only the cadence changes)."""
+    gc.collect()
+    gc.freeze()
+    if young_threshold > 0:
+        _, older, oldest = gc.get_threshold()
+        gc.set_threshold(young_threshold, older, oldest)
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -83,6 +97,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await runner.setup()
         site = web.TCPSite(runner, settings.http_host, settings.http_port)
         await site.start()
+        tune_garbage_collector(settings.gc_young_threshold)
         log.info("service_started", http_port=settings.http_port)
         relay_stop = asyncio.Event()
         tasks = [

@@ -25,12 +25,20 @@ class Settings(BaseSettings):
     kafka_topic_partitions: int = Field(
         6, ge=1, description="Partitions for topics the service creates when missing"
     )
-    kafka_max_poll_records: int = Field(500, ge=1, description="Records fetched per poll")
+    kafka_max_poll_records: int = Field(
+        2000, ge=1, description="Records fetched per poll (a poll's results share one transaction)"
+    )
     kafka_fetch_min_bytes: int = Field(
         262_144, ge=1, description="Bytes the broker gathers for a fetch before answering"
     )
     kafka_fetch_max_wait_ms: int = Field(
         20, ge=0, description="Longest the broker waits to gather fetch_min_bytes"
+    )
+    gc_young_threshold: int = Field(
+        10_000,
+        ge=0,
+        description="Allocations between young-generation garbage collections (Python's"
+        " default is 700; 0 keeps it)",
     )
     consumer_batch_transactions: bool = Field(
         True, description="Handle a poll's results in one transaction (false: one per record)"
