@@ -15,8 +15,8 @@ from cj_assessment import batch_state
 from cj_assessment.batch_state import AttemptStatus, AttemptView, Disposition, Progress
 from cj_assessment.contracts import LLMComparisonResultV1, utc_iso
 from cj_assessment.metrics import Metrics
-from cj_assessment.repository import AssessmentRepository, AttemptRecord
-from cj_assessment.tables import TERMINAL_STATES, CJBatchState
+from cj_assessment.repository import AssessmentRepository, AttemptRecord, StateRow
+from cj_assessment.tables import TERMINAL_STATES
 from cj_assessment.workflow_orchestrator import (
     AssessmentContext,
     WorkflowOrchestrator,
@@ -25,6 +25,10 @@ from cj_assessment.workflow_orchestrator import (
 )
 
 log = structlog.get_logger(__name__)
+
+
+# About 2 KB each: the contexts of every assessment a busy instance has in flight.
+CONTEXTS_KEPT = 4096
 
 
 class ResultOutcome(StrEnum):
@@ -64,6 +68,24 @@ class BatchCallbackHandler:
     def __init__(self, orchestrator: WorkflowOrchestrator, metrics: Metrics) -> None:
         self._orchestrator = orchestrator
         self._metrics = metrics
+        self._contexts: dict[int, AssessmentContext] = {}
+
+    async def _contexts_of(
+        self, repo: AssessmentRepository, states: dict[int, StateRow]
+    ) -> dict[int, AssessmentContext]:
+        """The contexts of the running assessments among `states`. A context never changes
+        once its assessment has started, so the latest few thousand are kept rather than read
+        back on every poll."""
+        running = [i for i, state in states.items() if state.state not in TERMINAL_STATES]
+        missing = [i for i in running if i not in self._contexts]
+        contexts = {i: self._contexts[i] for i in running if i in self._contexts}
+        if missing:
+            uploads = await repo.uploads(missing)
+            for i in missing:
+                contexts[i] = self._contexts[i] = context_of(uploads[i], states[i])
+            while len(self._contexts) > CONTEXTS_KEPT:
+                del self._contexts[next(iter(self._contexts))]
+        return contexts
 
     async def handle_results(
         self,
@@ -97,8 +119,8 @@ class BatchCallbackHandler:
             log.warning("result_unmatched", correlation_id=results[i][0].correlation_id)
 
         written: list[AttemptRecord] = []
-        advancing: list[tuple[AssessmentContext, CJBatchState, Progress]] = []
-        uploads = await repo.uploads(list(states))
+        advancing: list[tuple[AssessmentContext, StateRow, Progress]] = []
+        contexts = await self._contexts_of(repo, states)
         by_assessment: dict[int, list[int]] = {}
         for i, correlation in wanted.items():
             if outcomes[i] is None:
@@ -115,7 +137,7 @@ class BatchCallbackHandler:
                     if outcomes[i] is ResultOutcome.LATE:
                         written.append(attempt)
                 continue
-            ctx = context_of(uploads[cj_batch_id], state)
+            ctx = contexts[cj_batch_id]
             progress = progress_of(state)
             changed = False
             for i in indices:
@@ -150,12 +172,14 @@ class BatchCallbackHandler:
         await repo.save_attempts(written)
         for ctx, state, progress in advancing:
             await self._orchestrator.advance(repo, ctx, state, progress, now=now)
+            if state.state in TERMINAL_STATES:
+                self._contexts.pop(state.cj_batch_id, None)
         return [o if o is not None else ResultOutcome.DUPLICATE for o in outcomes]
 
     async def time_out(
         self,
         repo: AssessmentRepository,
-        state: CJBatchState,
+        state: StateRow,
         attempts: list[AttemptRecord],
         *,
         now: datetime,

@@ -1,9 +1,9 @@
 """The batch state machine of one assessment, as pure functions over plain values.
 
-`Progress` is what `CJBatchState` holds: the cumulative counters and the `processing_metadata`
-(submission batches, iterations, failed-comparison pool). Every transition takes the old
-progress and returns a new one; the edges load it under the assessment's row lock and store it
-in the same transaction.
+`Progress` is what an assessment's state row (`cj_batch_states`) holds: the cumulative
+counters and the `processing_metadata` (submission batches, iterations, failed-comparison
+pool). Every transition takes the old progress and returns a new one; the edges load it under
+the assessment's row lock and store it in the same transaction.
 
 Counter invariants (never overwritten, never above 100%):
     completed + failed <= submitted <= total

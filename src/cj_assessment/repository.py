@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import event, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from cj_assessment.batch_state import AttemptStatus, Progress
 from cj_assessment.tables import (
@@ -210,9 +211,105 @@ _SAVE_ATTEMPTS = text(
 )
 
 
+@dataclass(slots=True)
+class StateRow:
+    """An assessment's `cj_batch_states` row as the handlers read it under its row lock and
+    change it: a plain value, not an ORM object, because a poll of results touches hundreds
+    of assessments and the ORM's per-object loading and flushing cost more than the work."""
+
+    cj_batch_id: int
+    state: str
+    total_comparisons: int
+    submitted_comparisons: int
+    completed_comparisons: int
+    failed_comparisons: int
+    current_iteration: int
+    batch_config: dict[str, Any]
+    processing_metadata: dict[str, Any]
+    started_at: datetime
+    last_activity_at: datetime
+
+
+_STATE_COLUMNS = ", ".join(StateRow.__dataclass_fields__)
+_LOCK_STATE = text(
+    f"SELECT {_STATE_COLUMNS} FROM cj_batch_states WHERE cj_batch_id = :cj_batch_id FOR UPDATE"
+)
+_LOCK_STATE_SKIP_LOCKED = text(
+    f"SELECT {_STATE_COLUMNS} FROM cj_batch_states WHERE cj_batch_id = :cj_batch_id"
+    " FOR UPDATE SKIP LOCKED"
+)
+_LOCK_STATES = text(
+    f"SELECT {_STATE_COLUMNS} FROM cj_batch_states"
+    " WHERE cj_batch_id = ANY(CAST(:ids AS bigint[])) ORDER BY cj_batch_id FOR UPDATE"
+)
+_PROGRESS_COLUMNS = {
+    "state": "text",
+    "total_comparisons": "integer",
+    "submitted_comparisons": "integer",
+    "completed_comparisons": "integer",
+    "failed_comparisons": "integer",
+    "current_iteration": "integer",
+    "processing_metadata": "jsonb",
+    "last_activity_at": "timestamptz",
+}
+_WRITE_STATES = text(
+    "UPDATE cj_batch_states AS s SET "
+    + ", ".join(f"{c} = v.{c}" for c in _PROGRESS_COLUMNS)
+    + f" FROM {_unnest({'cj_batch_id': 'bigint', **_PROGRESS_COLUMNS})}"
+    " WHERE s.cj_batch_id = v.cj_batch_id"
+)
+# Session.info keys: the state rows changed in the session's transaction, and whether the
+# session writes them before it commits.
+_CHANGED_STATES = "cj_changed_states"
+_WRITES_STATES = "cj_writes_states"
+
+
+def _state_write(session: Session) -> dict[str, list[Any]] | None:
+    """Parameters of `_WRITE_STATES` for the session's changed state rows (then forgotten)."""
+    changed: dict[int, StateRow] = session.info.pop(_CHANGED_STATES, {})
+    if not changed:
+        return None
+    rows = [changed[i] for i in sorted(changed)]
+    values: dict[str, list[Any]] = {"cj_batch_id": [r.cj_batch_id for r in rows]}
+    for column in _PROGRESS_COLUMNS:
+        values[column] = [getattr(r, column) for r in rows]
+    values["processing_metadata"] = [json.dumps(m) for m in values["processing_metadata"]]
+    return values
+
+
+def _write_states_before_commit(session: Session) -> None:
+    # Runs inside the commit, which the async session drives on its greenlet: the synchronous
+    # execute is the async connection underneath.
+    values = _state_write(session)
+    if values is not None:
+        session.execute(_WRITE_STATES, values)
+
+
+def _forget_states(session: Session, *_: Any) -> None:
+    session.info.pop(_CHANGED_STATES, None)
+
+
 class AssessmentRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        sync = session.sync_session
+        if not sync.info.get(_WRITES_STATES):
+            event.listen(sync, "before_commit", _write_states_before_commit)
+            event.listen(sync, "after_rollback", _forget_states)
+            sync.info[_WRITES_STATES] = True
+
+    @property
+    def _changed_states(self) -> dict[int, StateRow]:
+        changed: dict[int, StateRow] = self.session.sync_session.info.setdefault(
+            _CHANGED_STATES, {}
+        )
+        return changed
+
+    async def write_states(self) -> None:
+        """Write the state rows changed so far (otherwise written just before the commit)."""
+        values = _state_write(self.session.sync_session)
+        if values is not None:
+            await self.session.execute(_WRITE_STATES, values)
 
     # --- inbox / outbox -------------------------------------------------------------------
 
@@ -341,8 +438,8 @@ class AssessmentRepository:
     async def create_state(
         self, cj_batch_id: int, *, config: dict[str, Any], now: datetime
     ) -> None:
-        self.session.add(
-            CJBatchState(
+        await self.session.execute(
+            insert(CJBatchState).values(
                 cj_batch_id=cj_batch_id,
                 state="INITIALIZING",
                 batch_config=config,
@@ -351,35 +448,28 @@ class AssessmentRepository:
                 last_activity_at=now,
             )
         )
-        await self.session.flush()
 
-    async def lock_state(
-        self, cj_batch_id: int, *, skip_locked: bool = False
-    ) -> CJBatchState | None:
-        stmt = (
-            select(CJBatchState)
-            .where(CJBatchState.cj_batch_id == cj_batch_id)
-            .with_for_update(skip_locked=skip_locked)
-            .execution_options(populate_existing=True)
+    async def lock_state(self, cj_batch_id: int, *, skip_locked: bool = False) -> StateRow | None:
+        rows = await self.session.execute(
+            _LOCK_STATE_SKIP_LOCKED if skip_locked else _LOCK_STATE, {"cj_batch_id": cj_batch_id}
         )
-        return (await self.session.execute(stmt)).scalar_one_or_none()
+        row = rows.first()
+        return None if row is None else StateRow(*row)
 
-    async def lock_states(self, cj_batch_ids: Sequence[int]) -> dict[int, CJBatchState]:
+    async def lock_states(self, cj_batch_ids: Sequence[int]) -> dict[int, StateRow]:
         """Lock several assessments' state rows, always in id order so that concurrent
         handlers cannot deadlock."""
-        stmt = (
-            select(CJBatchState)
-            .where(CJBatchState.cj_batch_id.in_(sorted(set(cj_batch_ids))))
-            .order_by(CJBatchState.cj_batch_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        )
-        return {s.cj_batch_id: s for s in (await self.session.execute(stmt)).scalars()}
+        if not cj_batch_ids:
+            return {}
+        rows = await self.session.execute(_LOCK_STATES, {"ids": sorted(set(cj_batch_ids))})
+        return {row[0]: StateRow(*row) for row in rows.all()}
 
     async def save_progress(
-        self, row: CJBatchState, progress: Progress, *, state: str, now: datetime
+        self, row: StateRow, progress: Progress, *, state: str, now: datetime
     ) -> None:
-        """Write the progress under the row lock the caller holds; terminal states never move."""
+        """Store the progress under the row lock the caller holds; terminal states never move.
+        The row is written with every other changed state row in one statement, before the
+        transaction commits."""
         if row.state in TERMINAL_STATES and state != row.state:
             raise RuntimeError(f"assessment {row.cj_batch_id} is {row.state}; refusing {state}")
         metadata = dict(row.processing_metadata or {})
@@ -392,19 +482,24 @@ class AssessmentRepository:
         row.current_iteration = progress.current_iteration
         row.processing_metadata = metadata
         row.last_activity_at = now
+        self._changed_states[row.cj_batch_id] = row
 
-    async def finish_state(self, cj_batch_id: int, *, state: str, now: datetime) -> bool:
+    async def finish_state(self, row: StateRow, *, state: str, now: datetime) -> bool:
         """Compare-and-set into a terminal state: True only for the one caller that wins."""
+        await self.write_states()
         result = await self.session.execute(
             update(CJBatchState)
             .where(
-                CJBatchState.cj_batch_id == cj_batch_id,
+                CJBatchState.cj_batch_id == row.cj_batch_id,
                 CJBatchState.state.not_in(TERMINAL_STATES),
             )
             .values(state=state, last_activity_at=now)
             .returning(CJBatchState.cj_batch_id)
         )
-        return result.scalar_one_or_none() is not None
+        won = result.scalar_one_or_none() is not None
+        if won:
+            row.state, row.last_activity_at = state, now
+        return won
 
     async def states_idle_since(self, moment: datetime, limit: int) -> list[int]:
         stmt = (

@@ -47,10 +47,10 @@ from cj_assessment.pair_generation import (
     all_pairs_seen,
     generate_pairs,
 )
-from cj_assessment.repository import AssessmentRepository, OutboxRow
+from cj_assessment.repository import AssessmentRepository, OutboxRow, StateRow
 from cj_assessment.scoring_ranking import ScoringResult, score_judgements
 from cj_assessment.settings import Settings
-from cj_assessment.tables import CJBatchState, CJBatchUpload
+from cj_assessment.tables import CJBatchUpload
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +77,7 @@ def hashed_user(user_id: str | None) -> str | None:
     return hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:12]
 
 
-def context_of(upload: CJBatchUpload, state: CJBatchState) -> AssessmentContext:
+def context_of(upload: CJBatchUpload, state: StateRow) -> AssessmentContext:
     return AssessmentContext(
         cj_batch_id=upload.id,
         bos_batch_id=upload.bos_batch_id,
@@ -90,7 +90,7 @@ def context_of(upload: CJBatchUpload, state: CJBatchState) -> AssessmentContext:
     )
 
 
-def progress_of(state: CJBatchState) -> Progress:
+def progress_of(state: StateRow) -> Progress:
     return Progress.from_state(
         total=state.total_comparisons,
         submitted=state.submitted_comparisons,
@@ -197,7 +197,7 @@ class WorkflowOrchestrator:
         self,
         repo: AssessmentRepository,
         ctx: AssessmentContext,
-        state: CJBatchState,
+        state: StateRow,
         progress: Progress,
         *,
         now: datetime,
@@ -374,7 +374,7 @@ class WorkflowOrchestrator:
         self,
         repo: AssessmentRepository,
         ctx: AssessmentContext,
-        state: CJBatchState,
+        state: StateRow,
         progress: Progress,
         scoring: ScoringResult,
         decision: Decision,
@@ -382,7 +382,7 @@ class WorkflowOrchestrator:
         now: datetime,
     ) -> None:
         await repo.save_progress(state, progress, state="SCORING", now=now)
-        if not await repo.finish_state(ctx.cj_batch_id, state="COMPLETED", now=now):
+        if not await repo.finish_state(state, state="COMPLETED", now=now):
             return
         await repo.finish_upload(ctx.cj_batch_id, status="COMPLETED", now=now)
         rankings = [
@@ -466,7 +466,7 @@ class WorkflowOrchestrator:
         self,
         repo: AssessmentRepository,
         ctx: AssessmentContext,
-        state: CJBatchState,
+        state: StateRow,
         progress: Progress,
         error_code: str,
         *,
@@ -474,7 +474,7 @@ class WorkflowOrchestrator:
         message: str | None = None,
     ) -> None:
         await repo.save_progress(state, progress, state="SCORING", now=now)
-        if not await repo.finish_state(ctx.cj_batch_id, state="FAILED", now=now):
+        if not await repo.finish_state(state, state="FAILED", now=now):
             return
         settled = progress.completed + progress.failed
         message = message or {
@@ -517,7 +517,7 @@ class WorkflowOrchestrator:
         self,
         repo: AssessmentRepository,
         ctx: AssessmentContext,
-        state: CJBatchState,
+        state: StateRow,
         progress: Progress,
         *,
         error_code: str,
