@@ -3,11 +3,15 @@
 Protocol. A `cj-assessment serve` child process (the measured instance) and a fresh database.
 `assessments` requests of 20 essays are submitted; once every first-iteration comparison
 request is published, results (a simulated verdict each) are pre-loaded in one burst onto the
-result topic. Measured: results consumed, persisted and their offsets committed per second
-(the inbox holds one row per handled result; offsets are committed right after each
-transaction). Two bursts: "results only" answers 80% of each assessment's requests, so no
-iteration closes (the threshold is 85%); "with iteration closes" answers all of them, so every
-assessment also scores, plans its next iteration and writes its next requests to the outbox.
+result topic while the service is paused (SIGSTOP), then it is resumed. Measured: results
+consumed, persisted and their offsets committed per second (the inbox holds one row per
+handled result; offsets are committed right after each poll's transactions).
+
+Two bursts: "results only" answers 80% of each assessment's requests, so no iteration closes
+(the threshold is 85%); "with iteration closes" answers all of them, so every assessment also
+scores, plans its next iteration and writes its next requests to the outbox.
+Results go out in request order (each assessment's answers together, as a provider answering
+in order sends them); one more "results only" burst interleaves them across all assessments.
 Each burst runs against a service with `CJ_CONSUMER_BATCH_TRANSACTIONS=false` (one
 transaction per record) as the baseline.
 
@@ -118,7 +122,12 @@ async def _count_handled(engine: Any, topic: str) -> int:
 
 
 async def _scenario(
-    assessments: int, *, batched: bool, half_load_seconds: float, share: float
+    assessments: int,
+    *,
+    batched: bool,
+    half_load_seconds: float,
+    share: float,
+    interleaved: bool = False,
 ) -> dict:
     from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -180,6 +189,10 @@ async def _scenario(
             chosen = [
                 p for group in per_assessment.values() for p in group[: int(len(group) * share)]
             ]
+            if interleaved:
+                # Every poll then touches hundreds of assessments (the provider answering many
+                # assessments at once) instead of a few dozen (answering in request order).
+                rng.shuffle(chosen)  # type: ignore[arg-type]
             results = [_result(p, rng) for p in chosen]
             results_topic = settings.topic_llm_comparison_result
             # The burst is pre-loaded while the service is paused, so that the measurement is
@@ -302,7 +315,7 @@ def _histogram(metrics: str) -> dict[float, float]:
 
 
 def run(quick: bool = False) -> str:
-    assessments = 100 if quick else 300
+    assessments = 100 if quick else 600
     return asyncio.run(_run(assessments, quick))
 
 
@@ -316,6 +329,12 @@ async def _run(assessments: int, quick: bool) -> str:
         (
             "results only, one transaction per record",
             await _scenario(assessments, batched=False, half_load_seconds=0, share=0.8),
+        ),
+        (
+            "results only, interleaved, per poll",
+            await _scenario(
+                assessments, batched=True, half_load_seconds=0, share=0.8, interleaved=True
+            ),
         ),
         (
             "with iteration closes, per poll",
@@ -338,7 +357,7 @@ async def _run(assessments: int, quick: bool) -> str:
             f" {row['service_cpu_share']:>11.0%}"
         )
     lines.append("")
-    only, only_base, closes, closes_base = (row for _, row in rows)
+    only, only_base, _, closes, closes_base = (row for _, row in rows)
     lines.append(
         f"speed-up of per-poll transactions: {only['rate'] / only_base['rate']:.1f}x (results"
         f" only), {closes['rate'] / closes_base['rate']:.1f}x (with iteration closes)"

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import structlog
@@ -213,27 +214,40 @@ class EventConsumer:
                     return False
             return True
         decoded = []
+        poison = []
         for record in results:
             try:
                 decoded.append((record, _decode_result(record.value)))
             except PoisonMessage as exc:
                 await self._dead_letter(record, exc)
-                self._mark_handled([record])
-        if not decoded:
-            return True
-        outcome = await self._attempt(
-            lambda: self._handle_results(decoded), stop, [r for r, _ in decoded]
+                poison.append(record)
+        groups = _by_assessment(decoded, self._settings.consumer_result_transactions)
+        # The groups' transactions overlap: while one waits for PostgreSQL, another computes.
+        # Their assessments differ, so they seldom wait for each other's row locks.
+        outcomes = await asyncio.gather(
+            *(
+                self._attempt(partial(self._handle_results, group), stop, [r for r, _ in group])
+                for group in groups
+            )
         )
-        if outcome is _Stopped:
+        if any(outcome is _Stopped for outcome in outcomes):
             return False
-        if isinstance(outcome, BaseException):
-            # One record of the poll cannot be stored: one transaction per record, so that only
-            # it is dead-lettered.
-            for record, _ in decoded:
-                if not await self._process_one(record, stop):
-                    return False
-        else:
-            self._mark_handled([r for r, _ in decoded])
+        failed = sorted(
+            (
+                (record.offset, record.partition, record)
+                for group, outcome in zip(groups, outcomes, strict=True)
+                if isinstance(outcome, BaseException)
+                for record, _ in group
+            ),
+            key=lambda item: item[:2],
+        )
+        # A record of a failed group cannot be stored: one transaction per record, in offset
+        # order, so that only it is dead-lettered and no offset passes an unhandled record.
+        for _, _, record in failed:
+            if not await self._process_one(record, stop):
+                return False
+        self._mark_handled([r for r, _ in decoded])
+        self._mark_handled(poison)
         return True
 
     async def _process_one(self, record: Any, stop: asyncio.Event) -> bool:
@@ -485,6 +499,20 @@ class EventConsumer:
 
 async def _duplicate(repo: AssessmentRepository, now: datetime) -> str:
     return "duplicate"
+
+
+def _by_assessment(
+    decoded: list[tuple[Any, ComparisonResultEnvelope]], count: int
+) -> list[list[tuple[Any, ComparisonResultEnvelope]]]:
+    """Split a poll's results into at most `count` groups, each assessment's results in one
+    group and in arrival order. The assessment is read from the echoed request metadata; a
+    result without it lands by its correlation id, which can only cost a lock wait."""
+    groups: list[list[tuple[Any, ComparisonResultEnvelope]]] = [[] for _ in range(count)]
+    for record, envelope in decoded:
+        result = envelope.data
+        key = (result.request_metadata or {}).get("bos_batch_id") or result.correlation_id
+        groups[hash(str(key)) % count].append((record, envelope))
+    return [group for group in groups if group]
 
 
 def _decode_envelope(value: bytes | None) -> EventEnvelope:

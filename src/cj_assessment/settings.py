@@ -40,6 +40,13 @@ class Settings(BaseSettings):
         description="Allocations between young-generation garbage collections (Python's"
         " default is 700; 0 keeps it)",
     )
+    consumer_result_transactions: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="Concurrent transactions a poll's results are split into, by assessment"
+        " (1: one transaction per poll)",
+    )
     consumer_batch_transactions: bool = Field(
         True, description="Handle a poll's results in one transaction (false: one per record)"
     )
