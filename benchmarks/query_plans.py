@@ -15,19 +15,19 @@ from benchmarks.system import make_essays, running_system
 from cj_assessment.pipeline_client import request_envelope
 
 HOT_QUERIES = {
-    "claim inbox (per poll)": (
+    "claim inbox (per transaction)": (
         'INSERT INTO cj_event_inbox (event_id, topic, partition, "offset", outcome)'
         " SELECT v.event_id, v.topic, v.partition, v.record_offset, 'handled'"
         " FROM unnest(ARRAY['x', 'y'], ARRAY['t', 't'], ARRAY[0, 0], ARRAY[0, 1]::bigint[])"
         " AS v(event_id, topic, partition, record_offset)"
         " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
     ),
-    "results -> owning assessments (per poll)": (
+    "results -> owning assessments (per transaction)": (
         "SELECT DISTINCT cj_batch_id FROM cj_comparison_pairs"
         " WHERE request_correlation_id = ANY("
         "ARRAY(SELECT request_correlation_id FROM cj_comparison_pairs LIMIT 50))"
     ),
-    "result -> attempt with its siblings (per poll)": (
+    "result -> attempt with its siblings (per transaction)": (
         "SELECT p.*, s.attempts, s.statuses FROM cj_comparison_pairs AS p"
         " CROSS JOIN LATERAL (SELECT array_agg(q.attempt) AS attempts,"
         " array_agg(q.status) AS statuses FROM cj_comparison_pairs AS q"
@@ -36,14 +36,21 @@ HOT_QUERIES = {
         "ARRAY(SELECT request_correlation_id FROM cj_comparison_pairs LIMIT 50))"
         " AND p.cj_batch_id = ANY(ARRAY[1, 2, 3]::bigint[])"
     ),
-    "write attempt outcomes (per poll)": (
+    "write attempt outcomes (per transaction)": (
         "UPDATE cj_comparison_pairs AS p SET status = v.status"
         " FROM unnest(ARRAY(SELECT id FROM cj_comparison_pairs LIMIT 50),"
         " array_fill('succeeded'::text, ARRAY[50])) AS v(id, status) WHERE p.id = v.id"
+        " AND p.id = ANY(ARRAY(SELECT id FROM cj_comparison_pairs LIMIT 50))"
     ),
-    "lock assessments (per poll)": (
-        "SELECT * FROM cj_batch_states WHERE cj_batch_id IN (1, 2, 3)"
+    "lock assessments (per transaction)": (
+        "SELECT * FROM cj_batch_states WHERE cj_batch_id = ANY(ARRAY[1, 2, 3]::bigint[])"
         " ORDER BY cj_batch_id FOR UPDATE"
+    ),
+    "write state rows (per transaction)": (
+        "UPDATE cj_batch_states AS s SET state = v.state, last_activity_at = now()"
+        " FROM unnest(ARRAY[1, 2, 3]::bigint[], ARRAY['WAITING_CALLBACKS', 'WAITING_CALLBACKS',"
+        " 'WAITING_CALLBACKS']) AS v(cj_batch_id, state) WHERE s.cj_batch_id = v.cj_batch_id"
+        " AND s.cj_batch_id = ANY(ARRAY[1, 2, 3]::bigint[])"
     ),
     "successful judgements (per iteration)": (
         "SELECT essay_a_els_id, essay_b_els_id, winner FROM cj_comparison_pairs"

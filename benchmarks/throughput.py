@@ -323,11 +323,11 @@ async def _run(assessments: int, quick: bool) -> str:
     half_load = 4 if quick else 8
     rows = [
         (
-            "results only, one transaction per poll",
+            "results only, per poll",
             await _scenario(assessments, batched=True, half_load_seconds=half_load, share=0.8),
         ),
         (
-            "results only, one transaction per record",
+            "results only, per record",
             await _scenario(assessments, batched=False, half_load_seconds=0, share=0.8),
         ),
         (

@@ -208,6 +208,9 @@ _SAVE_ATTEMPTS = text(
     "UPDATE cj_comparison_pairs AS p SET "
     + ", ".join(f"{c} = v.{c}" for c in _OUTCOME_COLUMNS)
     + f" FROM {_unnest({'id': 'bigint', **_OUTCOME_COLUMNS})} WHERE p.id = v.id"
+    # The same ids as an index condition: the rows are found by primary key whatever plan
+    # the join gets, never by scanning the table.
+    " AND p.id = ANY(CAST(:id AS bigint[]))"
 )
 
 
@@ -256,7 +259,7 @@ _WRITE_STATES = text(
     "UPDATE cj_batch_states AS s SET "
     + ", ".join(f"{c} = v.{c}" for c in _PROGRESS_COLUMNS)
     + f" FROM {_unnest({'cj_batch_id': 'bigint', **_PROGRESS_COLUMNS})}"
-    " WHERE s.cj_batch_id = v.cj_batch_id"
+    " WHERE s.cj_batch_id = v.cj_batch_id AND s.cj_batch_id = ANY(CAST(:cj_batch_id AS bigint[]))"
 )
 # Session.info keys: the state rows changed in the session's transaction, and whether the
 # session writes them before it commits.

@@ -26,7 +26,7 @@ class Settings(BaseSettings):
         6, ge=1, description="Partitions for topics the service creates when missing"
     )
     kafka_max_poll_records: int = Field(
-        2000, ge=1, description="Records fetched per poll (a poll's results share one transaction)"
+        2000, ge=1, description="Records fetched per poll (a poll's results are handled together)"
     )
     kafka_fetch_min_bytes: int = Field(
         262_144, ge=1, description="Bytes the broker gathers for a fetch before answering"
