@@ -159,7 +159,7 @@ def plans(quick: bool) -> list[Plan]:
     runs += [Plan(100, "batch", r) for r in (1, 2, 3)]
     runs += [Plan(500, "batch", 1)]
     # The issue's own latency (median 2 s): the lower-bound target at its real scale.
-    runs += [Plan(n, "batch", 1, latency=ISSUE) for n in (30, 100)]
+    runs += [Plan(n, "batch", r, latency=ISSUE) for n in (30, 100) for r in (1, 2, 3)]
     return runs
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import event, func, select, text, update
+from sqlalchemy import TextClause, event, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
@@ -134,6 +134,20 @@ def _unnest(columns: dict[str, str], *, ordinality: bool = False) -> str:
     return f"unnest({arrays}){' WITH ORDINALITY' if ordinality else ''} AS v({names})"
 
 
+def _update_by_key(table: str, key: tuple[str, str], columns: dict[str, str]) -> TextClause:
+    """`UPDATE table SET column = v.column, … FROM unnest(…)`: new values of many rows, one
+    array per column, matched on the primary key `key` (name, type). The key array is also an
+    index condition, so the rows are found by primary key whatever plan the join gets, never
+    by scanning the table."""
+    name, kind = key
+    return text(
+        f"UPDATE {table} AS t SET "
+        + ", ".join(f"{c} = v.{c}" for c in columns)
+        + f" FROM {_unnest({name: kind, **columns})}"
+        f" WHERE t.{name} = v.{name} AND t.{name} = ANY(CAST(:{name} AS {kind}[]))"
+    )
+
+
 _INBOX_CLAIM = text(
     'INSERT INTO cj_event_inbox (event_id, topic, partition, "offset", outcome)'
     " SELECT v.event_id, v.topic, v.partition, v.record_offset, 'handled' FROM "
@@ -204,14 +218,7 @@ _OUTCOME_COLUMNS = {
     "response_time_ms": "integer",
     "is_late": "boolean",
 }
-_SAVE_ATTEMPTS = text(
-    "UPDATE cj_comparison_pairs AS p SET "
-    + ", ".join(f"{c} = v.{c}" for c in _OUTCOME_COLUMNS)
-    + f" FROM {_unnest({'id': 'bigint', **_OUTCOME_COLUMNS})} WHERE p.id = v.id"
-    # The same ids as an index condition: the rows are found by primary key whatever plan
-    # the join gets, never by scanning the table.
-    " AND p.id = ANY(CAST(:id AS bigint[]))"
-)
+_SAVE_ATTEMPTS = _update_by_key("cj_comparison_pairs", ("id", "bigint"), _OUTCOME_COLUMNS)
 
 
 @dataclass(slots=True)
@@ -255,12 +262,7 @@ _PROGRESS_COLUMNS = {
     "processing_metadata": "jsonb",
     "last_activity_at": "timestamptz",
 }
-_WRITE_STATES = text(
-    "UPDATE cj_batch_states AS s SET "
-    + ", ".join(f"{c} = v.{c}" for c in _PROGRESS_COLUMNS)
-    + f" FROM {_unnest({'cj_batch_id': 'bigint', **_PROGRESS_COLUMNS})}"
-    " WHERE s.cj_batch_id = v.cj_batch_id AND s.cj_batch_id = ANY(CAST(:cj_batch_id AS bigint[]))"
-)
+_WRITE_STATES = _update_by_key("cj_batch_states", ("cj_batch_id", "bigint"), _PROGRESS_COLUMNS)
 # Session.info keys: the state rows changed in the session's transaction, and whether the
 # session writes them before it commits.
 _CHANGED_STATES = "cj_changed_states"
