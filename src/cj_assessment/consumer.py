@@ -234,16 +234,16 @@ class EventConsumer:
             return False
         failed = sorted(
             (
-                (record.offset, record.partition, record)
+                record
                 for group, outcome in zip(groups, outcomes, strict=True)
                 if isinstance(outcome, BaseException)
                 for record, _ in group
             ),
-            key=lambda item: item[:2],
+            key=lambda record: (record.partition, record.offset),
         )
         # A record of a failed group cannot be stored: one transaction per record, in offset
         # order, so that only it is dead-lettered and no offset passes an unhandled record.
-        for _, _, record in failed:
+        for record in failed:
             if not await self._process_one(record, stop):
                 return False
         self._mark_handled([r for r, _ in decoded])
