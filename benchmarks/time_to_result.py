@@ -231,7 +231,6 @@ _TIMED: list[tuple[str, str | None, str, str, Any]] = [
         "score",
         None,
     ),
-    ("cj_assessment.workflow_orchestrator", None, "score_comparisons", "bt", None),
     ("cj_assessment.workflow_orchestrator", None, "score_judgements", "bt", None),
     (
         "cj_assessment.workflow_orchestrator",

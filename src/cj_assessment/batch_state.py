@@ -109,16 +109,10 @@ class Progress:
     # --- views ---------------------------------------------------------------------------
 
     def batch(self, batch_id: str) -> SubmissionBatch:
-        for b in self.batches:
-            if b.id == batch_id:
-                return b
-        raise KeyError(batch_id)
+        return self.batches[_batch_index(self, batch_id)]
 
     def iteration(self, number: int) -> IterationProgress:
-        for it in self.iterations:
-            if it.iteration == number:
-                return it
-        raise KeyError(number)
+        return self.iterations[_iteration_index(self, number)]
 
     @property
     def current(self) -> IterationProgress | None:
@@ -343,7 +337,7 @@ def record_outcome(
         # changes anything.
         if not succeeded or attempt.comparison_resolved:
             return progress, Disposition.DUPLICATE
-        return _comparison_succeeded(progress, attempt, rescued=True), Disposition.RESCUED
+        return _comparison_rescued(progress, attempt), Disposition.RESCUED
 
     # One copy of the progress per result: the counters of the attempt's submission batch and
     # iteration and the comparison's outcome are applied together.
@@ -402,10 +396,11 @@ def record_outcome(
     return progress, disposition
 
 
-def _comparison_succeeded(progress: Progress, attempt: AttemptView, *, rescued: bool) -> Progress:
+def _comparison_rescued(progress: Progress, attempt: AttemptView) -> Progress:
+    """A timed-out attempt answered after all: its comparison succeeds and leaves the pool."""
     it = progress.iteration(attempt.iteration)
     progress = _with_iteration(progress, _evolve(it, succeeded=it.succeeded + 1))
-    pool = progress.pool.discard(attempt.comparison_id) if rescued else progress.pool
+    pool = progress.pool.discard(attempt.comparison_id)
     if attempt.attempt > 1:
         pool = pool.count_successful_retry()
     return _evolve(progress, completed=progress.completed + 1, pool=pool)

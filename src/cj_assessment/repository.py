@@ -134,6 +134,20 @@ def _unnest(columns: dict[str, str], *, ordinality: bool = False) -> str:
     return f"unnest({arrays}){' WITH ORDINALITY' if ordinality else ''} AS v({names})"
 
 
+def _arrays(
+    records: Sequence[Any], columns: Iterable[str], types: dict[str, str]
+) -> dict[str, list[Any]]:
+    """One list per column of the records' attributes: the parameters of a statement over
+    `_unnest`. jsonb columns go as JSON text, which is what the driver's jsonb codec takes."""
+    values: dict[str, list[Any]] = {}
+    for column in columns:
+        items = [getattr(r, column) for r in records]
+        if types.get(column) == "jsonb":
+            items = [None if item is None else json.dumps(item) for item in items]
+        values[column] = items
+    return values
+
+
 def _update_by_key(table: str, key: tuple[str, str], columns: dict[str, str]) -> TextClause:
     """`UPDATE table SET column = v.column, … FROM unnest(…)`: new values of many rows, one
     array per column, matched on the primary key `key` (name, type). The key array is also an
@@ -275,11 +289,7 @@ def _state_write(session: Session) -> dict[str, list[Any]] | None:
     if not changed:
         return None
     rows = [changed[i] for i in sorted(changed)]
-    values: dict[str, list[Any]] = {"cj_batch_id": [r.cj_batch_id for r in rows]}
-    for column in _PROGRESS_COLUMNS:
-        values[column] = [getattr(r, column) for r in rows]
-    values["processing_metadata"] = [json.dumps(m) for m in values["processing_metadata"]]
-    return values
+    return _arrays(rows, ["cj_batch_id", *_PROGRESS_COLUMNS], _PROGRESS_COLUMNS)
 
 
 def _write_states_before_commit(session: Session) -> None:
@@ -629,32 +639,15 @@ class AssessmentRepository:
         """Write the outcome of these attempts in one statement."""
         if not records:
             return
-        values: dict[str, list[Any]] = {"id": [r.id for r in records]}
-        for column in _OUTCOME_COLUMNS:
-            values[column] = [getattr(r, column) for r in records]
-        values["error_details"] = [
-            None if details is None else json.dumps(details) for details in values["error_details"]
-        ]
-        await self.session.execute(_SAVE_ATTEMPTS, values)
+        await self.session.execute(
+            _SAVE_ATTEMPTS, _arrays(records, ["id", *_OUTCOME_COLUMNS], _OUTCOME_COLUMNS)
+        )
 
     async def planned_pairs(self, cj_batch_id: int) -> list[tuple[str, str]]:
         stmt = select(CJComparisonPair.essay_a_els_id, CJComparisonPair.essay_b_els_id).where(
             CJComparisonPair.cj_batch_id == cj_batch_id, CJComparisonPair.attempt == 1
         )
         return [(r[0], r[1]) for r in (await self.session.execute(stmt)).all()]
-
-    async def successful_outcomes(self, cj_batch_id: int) -> list[tuple[str, str]]:
-        """(winner, loser) of every comparison answered with a winner."""
-        stmt = select(
-            CJComparisonPair.essay_a_els_id,
-            CJComparisonPair.essay_b_els_id,
-            CJComparisonPair.winner,
-        ).where(
-            CJComparisonPair.cj_batch_id == cj_batch_id,
-            CJComparisonPair.status == AttemptStatus.SUCCEEDED.value,
-        )
-        rows = (await self.session.execute(stmt)).all()
-        return [(a, b) if winner == "essay_a" else (b, a) for a, b, winner in rows]
 
     async def successful_judgements(self, cj_batch_id: int) -> list[tuple[str, str, bool]]:
         """(essay_a, essay_b, a_won) of every comparison answered with a winner, in the
