@@ -52,9 +52,14 @@ HOT_QUERIES = {
         " 'WAITING_CALLBACKS']) AS v(cj_batch_id, state) WHERE s.cj_batch_id = v.cj_batch_id"
         " AND s.cj_batch_id = ANY(ARRAY[1, 2, 3]::bigint[])"
     ),
-    "successful judgements (per iteration)": (
-        "SELECT essay_a_els_id, essay_b_els_id, winner FROM cj_comparison_pairs"
-        " WHERE cj_batch_id = 3 AND status = 'succeeded'"
+    "planned pairs and judgements (per iteration)": (
+        "SELECT essay_a_els_id, essay_b_els_id, attempt, status, winner FROM cj_comparison_pairs"
+        " WHERE cj_batch_id = 3 ORDER BY id"
+    ),
+    "send batches (per release)": (
+        "UPDATE cj_comparison_pairs SET status = 'in_flight', submitted_at = now()"
+        " WHERE cj_batch_id = 3 AND status = 'queued' AND submission_batch_id = ANY("
+        "ARRAY(SELECT submission_batch_id FROM cj_comparison_pairs LIMIT 1)) RETURNING id"
     ),
     "outbox claim (relay)": (
         "SELECT id, topic, message_key, payload FROM cj_event_outbox WHERE published_at IS NULL"

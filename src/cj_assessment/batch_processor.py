@@ -150,7 +150,7 @@ class BatchProcessor:
         )
         if not released:
             return progress
-        rows = await repo.send_batches([uuid.UUID(b.id) for b in released], now)
+        rows = await repo.send_batches(ctx.cj_batch_id, [uuid.UUID(b.id) for b in released], now)
         texts = await repo.essay_texts(
             ctx.cj_batch_id, [e for r in rows for e in (r.essay_a_els_id, r.essay_b_els_id)]
         )

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import TextClause, event, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
@@ -235,6 +235,39 @@ _OUTCOME_COLUMNS = {
 _SAVE_ATTEMPTS = _update_by_key("cj_comparison_pairs", ("id", "bigint"), _OUTCOME_COLUMNS)
 
 
+_ESSAY_IDS = text(
+    "SELECT els_essay_id FROM cj_processed_essays WHERE cj_batch_id = :cj_batch_id"
+    " ORDER BY els_essay_id"
+)
+_ESSAY_TEXTS = text(
+    "SELECT els_essay_id, assessment_input_text FROM cj_processed_essays"
+    " WHERE cj_batch_id = :cj_batch_id AND els_essay_id = ANY(CAST(:ids AS text[]))"
+)
+# By assessment and status first: that is the index; the batch ids only pick among its rows.
+_SEND_BATCHES = text(
+    "UPDATE cj_comparison_pairs SET status = :in_flight, submitted_at = :now"
+    " WHERE cj_batch_id = :cj_batch_id AND status = :queued"
+    " AND submission_batch_id = ANY(CAST(:batch_ids AS uuid[]))"
+    " RETURNING id, request_correlation_id, essay_a_els_id, essay_b_els_id,"
+    " submission_batch_id, iteration, attempt"
+)
+# In id order: judgements in the order they were planned, whatever order they arrived in.
+_COMPARISONS = text(
+    "SELECT essay_a_els_id, essay_b_els_id, attempt, status, winner FROM cj_comparison_pairs"
+    " WHERE cj_batch_id = :cj_batch_id ORDER BY id"
+)
+
+
+class Comparisons(NamedTuple):
+    """An assessment's comparisons as an iteration close needs them."""
+
+    planned: list[tuple[str, str]]
+    """(essay_a, essay_b) of every pair planned, retries not repeated."""
+    judgements: list[tuple[str, str, bool]]
+    """(essay_a, essay_b, a_won) of every comparison answered with a winner, in the
+    orientation the judge saw it (scoring fits the judge's position bias from it)."""
+
+
 @dataclass(slots=True)
 class StateRow:
     """An assessment's `cj_batch_states` row as the handlers read it under its row lock and
@@ -424,19 +457,14 @@ class AssessmentRepository:
         await self.session.execute(insert(CJProcessedEssay), rows)
 
     async def essay_ids(self, cj_batch_id: int) -> list[str]:
-        stmt = (
-            select(CJProcessedEssay.els_essay_id)
-            .where(CJProcessedEssay.cj_batch_id == cj_batch_id)
-            .order_by(CJProcessedEssay.els_essay_id)
-        )
-        return list((await self.session.execute(stmt)).scalars())
+        rows = await self.session.execute(_ESSAY_IDS, {"cj_batch_id": cj_batch_id})
+        return list(rows.scalars())
 
     async def essay_texts(self, cj_batch_id: int, essay_ids: Iterable[str]) -> dict[str, str]:
-        stmt = select(CJProcessedEssay.els_essay_id, CJProcessedEssay.assessment_input_text).where(
-            CJProcessedEssay.cj_batch_id == cj_batch_id,
-            CJProcessedEssay.els_essay_id.in_(list(set(essay_ids))),
+        rows = await self.session.execute(
+            _ESSAY_TEXTS, {"cj_batch_id": cj_batch_id, "ids": list(set(essay_ids))}
         )
-        return {row[0]: row[1] for row in (await self.session.execute(stmt)).all()}
+        return {row[0]: row[1] for row in rows.all()}
 
     async def store_scores(self, cj_batch_id: int, rows: list[dict[str, Any]]) -> None:
         """rows: els_essay_id, score, standard_error, comparison_count, wins, losses, rank."""
@@ -565,29 +593,22 @@ class AssessmentRepository:
             },
         )
 
-    async def send_batches(self, batch_ids: Sequence[uuid.UUID], now: datetime) -> list[Any]:
-        """Mark the attempts of these submission batches in flight and return them (rows with
-        the request's columns, in planning order)."""
-        stmt = (
-            update(CJComparisonPair)
-            .where(
-                CJComparisonPair.submission_batch_id.in_(list(batch_ids)),
-                CJComparisonPair.status == AttemptStatus.QUEUED.value,
-            )
-            .values(status=AttemptStatus.IN_FLIGHT.value, submitted_at=now)
-            # Columns, not entities: an iteration's first batches are hundreds of rows.
-            .returning(
-                CJComparisonPair.id,
-                CJComparisonPair.request_correlation_id,
-                CJComparisonPair.essay_a_els_id,
-                CJComparisonPair.essay_b_els_id,
-                CJComparisonPair.submission_batch_id,
-                CJComparisonPair.iteration,
-                CJComparisonPair.attempt,
-            )
+    async def send_batches(
+        self, cj_batch_id: int, batch_ids: Sequence[uuid.UUID], now: datetime
+    ) -> list[Any]:
+        """Mark the attempts of these submission batches of the assessment in flight and
+        return them (rows with the request's columns, in planning order)."""
+        rows = await self.session.execute(
+            _SEND_BATCHES,
+            {
+                "cj_batch_id": cj_batch_id,
+                "batch_ids": list(batch_ids),
+                "queued": AttemptStatus.QUEUED.value,
+                "in_flight": AttemptStatus.IN_FLIGHT.value,
+                "now": now,
+            },
         )
-        rows = list((await self.session.execute(stmt)).all())
-        return sorted(rows, key=lambda r: r.id)
+        return sorted(rows.all(), key=lambda r: r.id)
 
     async def assessments_answered(self, correlation_ids: Sequence[uuid.UUID]) -> list[int]:
         """The assessments these attempts belong to (read before locking them)."""
@@ -643,29 +664,18 @@ class AssessmentRepository:
             _SAVE_ATTEMPTS, _arrays(records, ["id", *_OUTCOME_COLUMNS], _OUTCOME_COLUMNS)
         )
 
-    async def planned_pairs(self, cj_batch_id: int) -> list[tuple[str, str]]:
-        stmt = select(CJComparisonPair.essay_a_els_id, CJComparisonPair.essay_b_els_id).where(
-            CJComparisonPair.cj_batch_id == cj_batch_id, CJComparisonPair.attempt == 1
-        )
-        return [(r[0], r[1]) for r in (await self.session.execute(stmt)).all()]
-
-    async def successful_judgements(self, cj_batch_id: int) -> list[tuple[str, str, bool]]:
-        """(essay_a, essay_b, a_won) of every comparison answered with a winner, in the
-        orientation the judge saw it (scoring fits the judge's position bias from it)."""
-        stmt = (
-            select(
-                CJComparisonPair.essay_a_els_id,
-                CJComparisonPair.essay_b_els_id,
-                CJComparisonPair.winner,
-            )
-            .where(
-                CJComparisonPair.cj_batch_id == cj_batch_id,
-                CJComparisonPair.status == AttemptStatus.SUCCEEDED.value,
-            )
-            .order_by(CJComparisonPair.id)
-        )
-        rows = (await self.session.execute(stmt)).all()
-        return [(a, b, winner == "essay_a") for a, b, winner in rows]
+    async def comparisons(self, cj_batch_id: int) -> Comparisons:
+        """Every pair planned so far and every judgement received, in one read."""
+        rows = await self.session.execute(_COMPARISONS, {"cj_batch_id": cj_batch_id})
+        planned: list[tuple[str, str]] = []
+        judgements: list[tuple[str, str, bool]] = []
+        succeeded = AttemptStatus.SUCCEEDED.value
+        for essay_a, essay_b, attempt, status, winner in rows.all():
+            if attempt == 1:
+                planned.append((essay_a, essay_b))
+            if status == succeeded:
+                judgements.append((essay_a, essay_b, winner == "essay_a"))
+        return Comparisons(planned, judgements)
 
     async def count_attempts(self, cj_batch_id: int) -> int:
         stmt = select(func.count()).where(CJComparisonPair.cj_batch_id == cj_batch_id)

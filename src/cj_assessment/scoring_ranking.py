@@ -35,7 +35,8 @@ needs a handful of dense factorisations, so 2,000 essays score in about a second
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -423,7 +424,7 @@ def _bayes_summary(gaussian: _Gaussian, n: int, prior_variance: float, *, fit_bi
     ones[:n] = 1.0
     row_means = gaussian.symmetric_product(ones)[:n] / n
     variance = np.diag(gaussian.covariance)[:n] - 2.0 * row_means + row_means.mean()
-    variance = np.clip(variance, 0.0, None)
+    variance = np.maximum(variance, 0.0)
     theta = gaussian.mean[:n] - gaussian.mean[:n].mean()
     signal = float(theta @ theta)
     noise = float(variance.sum())
@@ -433,7 +434,7 @@ def _bayes_summary(gaussian: _Gaussian, n: int, prior_variance: float, *, fit_bi
         beta=float(gaussian.mean[n]) if fit_bias else 0.0,
         beta_variance=float(gaussian.covariance[n, n]) if fit_bias else 0.0,
         prior_variance=prior_variance,
-        reliability=float(np.clip(signal / (signal + noise), 0.0, 1.0)) if signal > 0 else 0.0,
+        reliability=_clamp(signal / (signal + noise), 0.0, 1.0) if signal > 0 else 0.0,
     )
 
 
@@ -458,7 +459,7 @@ def _site_posterior(
         precision[n, n] = site_precision.sum() + _BETA_RIDGE
         shift[n] = site_shift.sum()
     lower = _cholesky(precision)
-    mean = linalg.cho_solve((lower, True), shift)
+    mean = _cholesky_solve(lower, shift)
     covariance, info = linalg.lapack.dpotri(lower, lower=1, overwrite_c=1)
     if info != 0:
         raise np.linalg.LinAlgError("posterior precision is not positive definite")
@@ -491,17 +492,15 @@ def _update_prior_variance(
     mean[:n] = gaussian.mean[:n]
     diagonal = np.diag(gaussian.covariance)[:n]
     target = (float(mean @ mean) + float(diagonal.sum())) / n
-    gap = float(np.log(max(target, _MIN_PRIOR_VARIANCE) / prior_variance))
+    gap = math.log(max(target, _MIN_PRIOR_VARIANCE) / prior_variance)
     block = gaussian.covariance[:n, :n]  # lower triangle
     squares = 2.0 * float(np.einsum("ij,ij->", block, block)) - float(diagonal @ diagonal)
     quadratic = float(mean @ gaussian.symmetric_product(mean))
     derivative = (2.0 * quadratic + squares) / (n * prior_variance**2)
-    contraction = float(np.clip(derivative * prior_variance / target, 0.0, 1.0 - 1e-3))
+    contraction = _clamp(derivative * prior_variance / target, 0.0, 1.0 - 1e-3)
     step = gap if contraction < _EM_CRAWL else gap / (1.0 - contraction)
-    step = float(np.clip(step, -_PRIOR_MAX_LOG_STEP, _PRIOR_MAX_LOG_STEP))
-    updated = float(
-        np.clip(prior_variance * np.exp(step), _MIN_PRIOR_VARIANCE, _MAX_PRIOR_VARIANCE)
-    )
+    step = _clamp(step, -_PRIOR_MAX_LOG_STEP, _PRIOR_MAX_LOG_STEP)
+    updated = _clamp(prior_variance * math.exp(step), _MIN_PRIOR_VARIANCE, _MAX_PRIOR_VARIANCE)
     return updated, abs(gap) / (1.0 - contraction)
 
 
@@ -511,16 +510,21 @@ def _tilted_moments(
     """Mean and variance of σ(x)^wins σ(−x)^losses · N(x; cavity) by Gauss–Hermite quadrature."""
     spread = np.sqrt(cavity_variance)
     points = cavity_mean[:, None] + spread[:, None] * _HERMITE_NODES[None, :]
-    log_likelihood = edges.a_wins[:, None] * log_expit(points) + (edges.total - edges.a_wins)[
-        :, None
-    ] * log_expit(-points)
-    weights = _HERMITE_WEIGHTS[None, :] * np.exp(
-        log_likelihood - log_likelihood.max(axis=1, keepdims=True)
-    )
+    # log σ(−x) = log σ(x) − x: one log-sigmoid for both outcomes.
+    log_likelihood = edges.total[:, None] * log_expit(points)
+    log_likelihood -= (edges.total - edges.a_wins)[:, None] * points
+    log_likelihood -= log_likelihood.max(axis=1, keepdims=True)
+    weights = _HERMITE_WEIGHTS[None, :] * np.exp(log_likelihood)
     weights /= weights.sum(axis=1, keepdims=True)
-    mean = (weights * points).sum(axis=1)
-    variance = (weights * (points - mean[:, None]) ** 2).sum(axis=1)
+    mean = np.einsum("ij,ij->i", weights, points)
+    points -= mean[:, None]
+    variance = np.einsum("ij,ij,ij->i", weights, points, points)
     return mean, np.maximum(variance, 1e-12)
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    """A scalar clip (numpy's costs microseconds, and EP takes several per sweep)."""
+    return float(min(max(value, low), high))
 
 
 def _cholesky(matrix: FloatArray) -> FloatArray:
@@ -528,6 +532,15 @@ def _cholesky(matrix: FloatArray) -> FloatArray:
     if info != 0:
         raise np.linalg.LinAlgError("posterior precision is not positive definite")
     return lower
+
+
+def _cholesky_solve(lower: FloatArray, rhs: FloatArray) -> FloatArray:
+    """Solve with a factor from `_cholesky` (LAPACK directly: the factor is known finite, and
+    at small scales scipy's checks cost more than the solve)."""
+    solution, info = linalg.lapack.dpotrs(lower, rhs, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError("invalid Cholesky solve")
+    return np.asarray(solution)
 
 
 def _encode_judgements(
@@ -614,7 +627,25 @@ def _dense_precision(
     return matrix
 
 
-def _solve_precision(
+def _precision_solver(
+    edges: _Edges, weight: FloatArray, diagonal: FloatArray
+) -> Callable[[FloatArray], FloatArray]:
+    """Solves with the ability precision matrix (information ``weight`` per edge, the given
+    ``diagonal``), for the right-hand sides of one Newton step.
+
+    Small scales factorise it once: one dense factorisation beats dozens of conjugate-gradient
+    iterations of numpy calls, and most assessments are this small.
+    """
+    n = diagonal.size
+    if n <= _DENSE_SOLVE_MAX_ESSAYS:
+        matrix = _dense_precision(edges, weight, n, 0.0)
+        matrix[np.arange(n), np.arange(n)] = diagonal
+        lower = _cholesky(matrix)
+        return lambda rhs: _cholesky_solve(lower, rhs)
+    return lambda rhs: _conjugate_gradients(edges, weight, diagonal, rhs)
+
+
+def _conjugate_gradients(
     edges: _Edges, weight: FloatArray, diagonal: FloatArray, rhs: FloatArray
 ) -> FloatArray:
     """Jacobi-preconditioned conjugate gradients on the sparse precision matrix.
@@ -624,12 +655,6 @@ def _solve_precision(
     cheap for thousands of essays where dense factorisations would dominate.
     """
     n = rhs.size
-    if n <= _DENSE_SOLVE_MAX_ESSAYS:
-        # Small scales: one dense factorisation beats dozens of CG iterations of numpy calls,
-        # and most assessments are this small.
-        matrix = _dense_precision(edges, weight, n, 0.0)
-        matrix[np.arange(n), np.arange(n)] = diagonal
-        return linalg.cho_solve(linalg.cho_factor(matrix, lower=True), rhs)
     solution = np.zeros(n)
     residual = rhs.copy()
     preconditioned = residual / diagonal
@@ -683,11 +708,12 @@ def _fit(
             break
         weight = edges.total * p * (1.0 - p)
         diagonal = _information_diagonal(edges, weight, n) + ridge
-        step = _solve_precision(edges, weight, diagonal, gradient)
+        solve = _precision_solver(edges, weight, diagonal)
+        step = solve(gradient)
         beta_step = 0.0
         if fit_bias:
             coupling = _bias_coupling(edges, weight, n)
-            through = _solve_precision(edges, weight, diagonal, coupling)
+            through = solve(coupling)
             schur = float(weight.sum() + beta_ridge - coupling @ through)
             beta_step = (beta_gradient - float(coupling @ step)) / schur
             step = step - through * beta_step
@@ -722,19 +748,19 @@ def _posterior(
     if info != 0:
         raise np.linalg.LinAlgError("posterior precision is not positive definite")
     covariance_diagonal = np.einsum("ij,ij->j", inverse_lower, inverse_lower)
-    covariance_row_sums = linalg.cho_solve((lower, True), np.ones(n))
+    covariance_row_sums = _cholesky_solve(lower, np.ones(n))
     variance = (
         covariance_diagonal - 2.0 * covariance_row_sums / n + covariance_row_sums.sum() / (n * n)
     )
     beta_variance = 0.0
     if fit_bias:
         coupling = _bias_coupling(edges, weight, n)
-        through = linalg.cho_solve((lower, True), coupling)
+        through = _cholesky_solve(lower, coupling)
         schur = float(weight.sum() + beta_ridge - coupling @ through)
         beta_variance = 1.0 / schur
         centred = through - through.mean()
         variance = variance + centred**2 / schur
-    return _Posterior(theta_variance=np.clip(variance, 0.0, None), beta_variance=beta_variance)
+    return _Posterior(theta_variance=np.maximum(variance, 0.0), beta_variance=beta_variance)
 
 
 def _ranked_essays(

@@ -215,9 +215,10 @@ class WorkflowOrchestrator:
             # Read once per iteration close: scoring, the stop decision and the next pairs
             # all work from the same essays and the same planned pairs.
             essay_ids = await repo.essay_ids(ctx.cj_batch_id)
-            history = PairingHistory.from_pairs(await repo.planned_pairs(ctx.cj_batch_id))
+            comparisons = await repo.comparisons(ctx.cj_batch_id)
+            history = PairingHistory.from_pairs(comparisons.planned)
             progress, decision, scoring = await self._score_iteration(
-                repo, ctx, progress, essay_ids, history, now=now
+                repo, ctx, progress, essay_ids, history, comparisons.judgements, now=now
             )
             match decision.verdict:
                 case Verdict.COMPLETE:
@@ -280,10 +281,10 @@ class WorkflowOrchestrator:
         progress: Progress,
         essay_ids: list[str],
         history: PairingHistory,
+        judgements: list[tuple[str, str, bool]],
         *,
         now: datetime,
     ) -> tuple[Progress, Decision, ScoringResult | None]:
-        judgements = await repo.successful_judgements(ctx.cj_batch_id)
         iteration = progress.current_iteration
         if not judgements:
             progress = batch_state.close_iteration(
