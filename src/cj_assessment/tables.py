@@ -159,6 +159,7 @@ class OutboxMessage(Base):
     event_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), unique=True, nullable=False)
     topic: Mapped[str] = mapped_column(String(255), nullable=False)
     message_key: Mapped[str | None] = mapped_column(String(255))
+    # Stored EXTERNAL (out of line, uncompressed; migration 0002): written once, read once.
     payload: Mapped[str] = mapped_column(Text, nullable=False)
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()

@@ -1,0 +1,122 @@
+"""What an iteration close and a release read and write, against the migrated schema."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from cj_assessment.batch_state import AttemptStatus
+from cj_assessment.repository import AssessmentRepository, NewAttempt
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def sessions(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = create_async_engine(database_url)
+    try:
+        yield async_sessionmaker(engine, expire_on_commit=False)
+    finally:
+        await engine.dispose()
+
+
+async def _assessment(repo: AssessmentRepository, name: str) -> int:
+    cj_batch_id = await repo.create_upload(
+        bos_batch_id=name,
+        event_correlation_id="corr",
+        llm_config_overrides={},
+        expected_essay_count=3,
+        status="PROCESSING",
+    )
+    assert cj_batch_id is not None
+    await repo.add_essays(cj_batch_id, [(e, None, f"text of {e}") for e in ("e1", "e2", "e3")])
+    return cj_batch_id
+
+
+def _attempt(a: str, b: str, batch: uuid.UUID, *, attempt: int = 1) -> NewAttempt:
+    return NewAttempt(
+        comparison_id=uuid.uuid4(),
+        correlation_id=uuid.uuid4(),
+        essay_a_id=a,
+        essay_b_id=b,
+        iteration=1,
+        attempt=attempt,
+        submission_batch_id=batch,
+    )
+
+
+async def test_comparisons_hold_first_attempts_as_planned_pairs_and_only_winners_as_judgements(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    batch = uuid.uuid4()
+    async with sessions() as session, session.begin():
+        repo = AssessmentRepository(session)
+        cj_batch_id = await _assessment(repo, "reads")
+        planned = [_attempt("e1", "e2", batch), _attempt("e3", "e1", batch)]
+        retry = _attempt("e2", "e3", batch, attempt=2)
+        await repo.insert_attempts(cj_batch_id, [*planned, _attempt("e2", "e3", batch), retry])
+        outcomes = {
+            planned[1].correlation_id: ("essay_a", AttemptStatus.SUCCEEDED),
+            planned[0].correlation_id: ("essay_b", AttemptStatus.SUCCEEDED),
+            retry.correlation_id: (None, AttemptStatus.FAILED),
+        }
+        for correlation_id, (winner, status) in outcomes.items():
+            await session.execute(
+                text(
+                    "UPDATE cj_comparison_pairs SET winner = :winner, status = :status"
+                    " WHERE request_correlation_id = :id"
+                ),
+                {"winner": winner, "status": status.value, "id": correlation_id},
+            )
+        comparisons = await repo.comparisons(cj_batch_id)
+
+    assert sorted(comparisons.planned) == [("e1", "e2"), ("e2", "e3"), ("e3", "e1")]
+    # In planning order, whatever order the answers came in; the failed retry is no judgement.
+    assert comparisons.judgements == [("e1", "e2", False), ("e3", "e1", True)]
+
+
+async def test_sending_batches_marks_only_that_assessments_queued_attempts_in_flight(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    batch, other_batch = uuid.uuid4(), uuid.uuid4()
+    async with sessions() as session, session.begin():
+        repo = AssessmentRepository(session)
+        mine = await _assessment(repo, "mine")
+        theirs = await _assessment(repo, "theirs")
+        await repo.insert_attempts(mine, [_attempt("e1", "e2", batch), _attempt("e2", "e3", batch)])
+        await repo.insert_attempts(theirs, [_attempt("e1", "e3", other_batch)])
+        # Another assessment's batch id in the list selects nothing of it.
+        sent = await repo.send_batches(mine, [batch, other_batch], NOW)
+        statuses = (
+            await session.execute(
+                text("SELECT cj_batch_id, status FROM cj_comparison_pairs ORDER BY id")
+            )
+        ).all()
+
+    assert [(r.essay_a_els_id, r.essay_b_els_id) for r in sent] == [("e1", "e2"), ("e2", "e3")]
+    assert [tuple(s) for s in statuses] == [
+        (mine, "in_flight"),
+        (mine, "in_flight"),
+        (theirs, "queued"),
+    ]
+
+
+async def test_outbox_payloads_are_stored_out_of_line_without_compression(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    async with sessions() as session:
+        storage = (
+            await session.execute(
+                text(
+                    "SELECT attstorage::text FROM pg_attribute"
+                    " WHERE attrelid = 'cj_event_outbox'::regclass AND attname = 'payload'"
+                )
+            )
+        ).scalar_one()
+
+    assert storage == "e"
