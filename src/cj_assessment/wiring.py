@@ -50,7 +50,9 @@ class ServiceProvider(Provider):
             bootstrap_servers=settings.kafka_bootstrap_servers,
             enable_idempotence=settings.kafka_enable_idempotence,
             acks="all",
-            linger_ms=5,
+            # No lingering: the relay appends a whole round before it yields, so batches fill
+            # anyway, and a round's last batch would otherwise wait out the linger.
+            linger_ms=0,
             # An iteration's requests share one key, so one partition: with aiokafka's 16 KB
             # batches (two prompts each) they left as hundreds of sequential produce requests.
             max_batch_size=1024 * 1024,
