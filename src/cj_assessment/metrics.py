@@ -109,6 +109,12 @@ class Metrics:
         self.outbox_published = Counter(
             "cj_outbox_published_total", "Outbox rows published", ["topic"], registry=r
         )
+        self.rows_pruned = Counter(
+            "cj_rows_pruned_total",
+            "Outbox and inbox rows deleted after their retention",
+            ["table"],
+            registry=r,
+        )
         self.rebalances = Counter(
             "cj_rebalances_total", "Consumer group rebalances", ["kind"], registry=r
         )

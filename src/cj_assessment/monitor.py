@@ -4,7 +4,8 @@ is claimed with `FOR UPDATE SKIP LOCKED`, so two monitors never work on the same
 Each pass (1) counts comparison attempts outstanding longer than CALLBACK_WAIT_TIMEOUT as
 failed (reason timeout), which sends them through the failed pool; (2) takes assessments idle
 for BATCH_TIMEOUT in any non-terminal state, times out everything they still wait for and
-drives them on; an assessment that still cannot move is failed with a clear error."""
+drives them on; an assessment that still cannot move is failed with a clear error; (3) deletes
+published outbox rows and inbox rows past their retention."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from cj_assessment.workflow_orchestrator import WorkflowOrchestrator, context_of
 log = structlog.get_logger(__name__)
 
 CLAIM_LIMIT = 50
+PRUNE_LIMIT = 5000  # rows per delete statement
+PRUNE_ROUNDS = 20  # statements per table and pass: 100,000 rows every monitor interval
 STATES = (
     "INITIALIZING",
     "GENERATING_PAIRS",
@@ -85,7 +88,35 @@ class StuckAssessmentMonitor:
             counts = await AssessmentRepository(session).count_by_state()
         for state in STATES:
             self._metrics.assessments_by_state.labels(state).set(counts.get(state, 0))
+        await self.prune(now)
         return actions
+
+    async def prune(self, now: datetime) -> dict[str, int]:
+        """Delete published outbox rows and inbox rows past their retention (0 keeps them),
+        at most PRUNE_LIMIT × PRUNE_ROUNDS of each per pass. Pruning the inbox is safe
+        because it is not the only guard: a result redelivered after its event id was
+        pruned finds its attempt already resolved, and a request finds its bos_batch_id
+        already taken."""
+        retention = {
+            "outbox": (self._settings.outbox_retention_seconds, AssessmentRepository.prune_outbox),
+            "inbox": (self._settings.inbox_retention_seconds, AssessmentRepository.prune_inbox),
+        }
+        pruned: dict[str, int] = {}
+        for table, (seconds, prune) in retention.items():
+            if seconds <= 0:
+                continue
+            before = now - timedelta(seconds=seconds)
+            pruned[table] = 0
+            for _ in range(PRUNE_ROUNDS):
+                async with self._sessions() as session, session.begin():
+                    deleted = await prune(AssessmentRepository(session), before, PRUNE_LIMIT)
+                pruned[table] += deleted
+                self._metrics.rows_pruned.labels(table).inc(deleted)
+                if deleted < PRUNE_LIMIT:
+                    break
+            if pruned[table]:
+                log.info("rows_pruned", table=table, rows=pruned[table])
+        return pruned
 
     async def _time_out(
         self, cj_batch_id: int, overdue_since: datetime, now: datetime, action: str

@@ -258,6 +258,18 @@ _COMPARISONS = text(
 )
 
 
+# Oldest first, a bounded number per statement: a backlog of millions is pruned over several
+# short transactions instead of one long one. Unpublished rows are never pruned.
+_PRUNE_OUTBOX = text(
+    "DELETE FROM cj_event_outbox WHERE id IN (SELECT id FROM cj_event_outbox"
+    " WHERE created_at < :before AND published_at IS NOT NULL LIMIT :limit)"
+)
+_PRUNE_INBOX = text(
+    "DELETE FROM cj_event_inbox WHERE event_id IN (SELECT event_id FROM cj_event_inbox"
+    " WHERE handled_at < :before LIMIT :limit)"
+)
+
+
 class Comparisons(NamedTuple):
     """An assessment's comparisons as an iteration close needs them."""
 
@@ -396,6 +408,16 @@ class AssessmentRepository:
                 "payload": [r.payload for r in rows],
             },
         )
+
+    async def prune_outbox(self, before: datetime, limit: int) -> int:
+        """Delete up to `limit` outbox rows published and created before `before`."""
+        result = await self.session.execute(_PRUNE_OUTBOX, {"before": before, "limit": limit})
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def prune_inbox(self, before: datetime, limit: int) -> int:
+        """Delete up to `limit` inbox rows handled before `before`."""
+        result = await self.session.execute(_PRUNE_INBOX, {"before": before, "limit": limit})
+        return int(result.rowcount)  # type: ignore[attr-defined]
 
     # --- uploads and essays ---------------------------------------------------------------
 

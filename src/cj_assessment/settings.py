@@ -130,6 +130,16 @@ class Settings(BaseSettings):
     # Outbox relay
     outbox_poll_interval_seconds: float = Field(0.5, gt=0, description="Relay idle poll interval")
     outbox_batch_size: int = Field(500, ge=1, description="Rows the relay publishes per round")
+    outbox_retention_seconds: float = Field(
+        3600.0,
+        ge=0,
+        description="Published outbox rows older than this are deleted by the monitor (0 keeps)",
+    )
+    inbox_retention_seconds: float = Field(
+        7 * 86400.0,
+        ge=0,
+        description="Inbox rows (handled event ids) older than this are deleted (0 keeps)",
+    )
 
     # LLM defaults forwarded to the provider
     llm_default_provider: str | None = Field(None, description="Provider when not overridden")

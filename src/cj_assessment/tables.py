@@ -170,6 +170,9 @@ class OutboxMessage(Base):
         Index(
             "ix_cj_event_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")
         ),
+        # BRIN: rows arrive in time order, so a few bytes per block range find the old ones
+        # for pruning, at almost no cost to every insert.
+        Index("ix_cj_event_outbox_created_brin", "created_at", postgresql_using="brin"),
     )
 
 
@@ -185,6 +188,10 @@ class InboxRecord(Base):
     outcome: Mapped[str] = mapped_column(String(32), nullable=False)
     handled_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+    __table_args__ = (
+        Index("ix_cj_event_inbox_handled_brin", "handled_at", postgresql_using="brin"),
     )
 
 

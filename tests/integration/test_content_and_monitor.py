@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -98,3 +99,33 @@ async def test_monitor_times_out_unanswered_comparisons_and_fails_the_assessment
     assert first and len(retries) == len(first)
     assert {a.status for a in attempts} == {"timed_out"}
     assert {a.error_code for a in attempts} == {"TIMEOUT"}
+
+
+async def test_monitor_prunes_published_outbox_rows_and_handled_event_ids_after_retention(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    settings = system_settings(
+        kafka_bootstrap,
+        database_url,
+        monitor_interval_seconds=0.3,
+        outbox_retention_seconds=1.0,
+        inbox_retention_seconds=1.0,
+    )
+    async with running_system(settings, provider_config(settings)) as system:
+        await system.submit(request_envelope(bos_batch_id="pruned", essays=_essays(6)))
+        await system.watcher.wait_for(["pruned"], timeout=60)
+        counts: list[int] = []
+        for _ in range(100):
+            rows = await system.rows(
+                "SELECT (SELECT count(*) FROM cj_event_outbox),"
+                " (SELECT count(*) FROM cj_event_inbox)"
+            )
+            counts = list(rows[0])
+            if counts == [0, 0]:
+                break
+            await asyncio.sleep(0.2)
+        comparisons = await system.rows("SELECT count(*) FROM cj_comparison_pairs")
+    assert counts == [0, 0]
+    # Only delivery bookkeeping went: the assessment's own rows stay.
+    assert comparisons[0][0] > 0
+    assert len(system.watcher.outcomes_for("pruned")) == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
@@ -120,3 +120,57 @@ async def test_outbox_payloads_are_stored_out_of_line_without_compression(
         ).scalar_one()
 
     assert storage == "e"
+
+
+async def test_pruning_deletes_only_published_outbox_rows_and_inbox_rows_older_than_the_cutoff(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    old, recent = NOW - timedelta(hours=12), NOW + timedelta(minutes=30)
+    outbox = [("old-published", old, old), ("old-unpublished", old, None)]
+    outbox += [("recent-published", recent, recent)]
+    async with sessions() as session, session.begin():
+        for key, created, published in outbox:
+            await session.execute(
+                text(
+                    "INSERT INTO cj_event_outbox (event_id, topic, message_key, payload,"
+                    " created_at, published_at) VALUES (gen_random_uuid(), 't', :key, '{}',"
+                    " CAST(:created AS timestamptz), CAST(:published AS timestamptz))"
+                ),
+                {"key": key, "created": created, "published": published},
+            )
+        for event_id, handled in (("old-event", old), ("recent-event", recent)):
+            await session.execute(
+                text(
+                    'INSERT INTO cj_event_inbox (event_id, topic, partition, "offset", outcome,'
+                    " handled_at) VALUES (:id, 't', 0, 0, 'handled', CAST(:at AS timestamptz))"
+                ),
+                {"id": event_id, "at": handled},
+            )
+    async with sessions() as session, session.begin():
+        repo = AssessmentRepository(session)
+        pruned = (await repo.prune_outbox(NOW, 100), await repo.prune_inbox(NOW, 100))
+        kept_outbox = (
+            await session.execute(text("SELECT message_key FROM cj_event_outbox ORDER BY id"))
+        ).scalars()
+        kept_inbox = (await session.execute(text("SELECT event_id FROM cj_event_inbox"))).scalars()
+        kept = (list(kept_outbox), list(kept_inbox))
+
+    assert pruned == (1, 1)
+    assert kept == (["old-unpublished", "recent-published"], ["recent-event"])
+
+
+async def test_pruning_stops_at_its_limit(sessions: async_sessionmaker[AsyncSession]) -> None:
+    async with sessions() as session, session.begin():
+        await session.execute(
+            text(
+                'INSERT INTO cj_event_inbox (event_id, topic, partition, "offset", outcome,'
+                " handled_at) SELECT 'e' || g, 't', 0, g, 'handled', CAST(:at AS timestamptz)"
+                " FROM generate_series(1, 7) AS g"
+            ),
+            {"at": NOW - timedelta(days=1)},
+        )
+    async with sessions() as session, session.begin():
+        repo = AssessmentRepository(session)
+        rounds = [await repo.prune_inbox(NOW, 3) for _ in range(4)]
+
+    assert rounds == [3, 3, 1, 0]
