@@ -258,15 +258,17 @@ _COMPARISONS = text(
 )
 
 
-# Oldest first, a bounded number per statement: a backlog of millions is pruned over several
-# short transactions instead of one long one. Unpublished rows are never pruned.
+# A bounded number per statement: a backlog of millions is pruned over several short
+# transactions instead of one long one. SKIP LOCKED: the monitors of several instances prune
+# side by side without waiting for each other. Unpublished rows are never pruned.
 _PRUNE_OUTBOX = text(
     "DELETE FROM cj_event_outbox WHERE id IN (SELECT id FROM cj_event_outbox"
-    " WHERE created_at < :before AND published_at IS NOT NULL LIMIT :limit)"
+    " WHERE created_at < :before AND published_at IS NOT NULL LIMIT :limit"
+    " FOR UPDATE SKIP LOCKED)"
 )
 _PRUNE_INBOX = text(
     "DELETE FROM cj_event_inbox WHERE event_id IN (SELECT event_id FROM cj_event_inbox"
-    " WHERE handled_at < :before LIMIT :limit)"
+    " WHERE handled_at < :before LIMIT :limit FOR UPDATE SKIP LOCKED)"
 )
 
 
