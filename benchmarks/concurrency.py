@@ -233,6 +233,9 @@ async def _scenario(assessments: int, instances: int, timeout: float) -> dict:
             ),
             "peak_rss_mb": max(_memory_mb(p.pid, "VmHWM") for p in load.services),
             "database_mb": await load.database_mb(),
+            # An instance that died (or never bound its port) would quietly turn a 3-instance
+            # figure into a 2-instance one.
+            "alive": sum(p.poll() is None for p in load.services),
         }
 
 
@@ -240,7 +243,7 @@ def _row(r: dict) -> str:
     return (
         f"{r['assessments']:>11} {r['instances']:>9} {r['seconds']:>9.1f} "
         f"{r['results_per_second']:>10.0f} {r['completed']:>9} {str(r['exactly_once']):>12} "
-        f"{r['peak_rss_mb']:>12.0f} {r['database_mb']:>9.0f}"
+        f"{r['peak_rss_mb']:>12.0f} {r['database_mb']:>9.0f} {r['alive']:>9}"
     )
 
 
@@ -251,7 +254,7 @@ async def _run(assessments: int, instances: int, timeout: float) -> str:
         f"Concurrent assessments ({ESSAYS} essays each, provider latency 20 ms)",
         "",
         f"{'assessments':>11} {'instances':>9} {'seconds':>9} {'results/s':>10} "
-        f"{'completed':>9} {'exactly once':>12} {'peak RSS MB':>12} {'DB MB':>9}",
+        f"{'completed':>9} {'exactly once':>12} {'peak RSS MB':>12} {'DB MB':>9} {'alive':>9}",
         _row(single),
     ]
     if several is not None:
