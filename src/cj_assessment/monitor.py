@@ -4,8 +4,8 @@ is claimed with `FOR UPDATE SKIP LOCKED`, so two monitors never work on the same
 Each pass (1) counts comparison attempts outstanding longer than CALLBACK_WAIT_TIMEOUT as
 failed (reason timeout), which sends them through the failed pool; (2) takes assessments idle
 for BATCH_TIMEOUT in any non-terminal state, times out everything they still wait for and
-drives them on; an assessment that still cannot move is failed with a clear error; (3) deletes
-published outbox rows and inbox rows past their retention."""
+drives them on; an assessment that still cannot move is failed with a clear error; (3) has
+`Retention` delete delivery bookkeeping past its retention."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from cj_assessment.batch_callback_handler import BatchCallbackHandler
 from cj_assessment.metrics import Metrics
 from cj_assessment.repository import AssessmentRepository
+from cj_assessment.retention import Retention
 from cj_assessment.settings import Settings
 from cj_assessment.tables import TERMINAL_STATES
 from cj_assessment.workflow_orchestrator import WorkflowOrchestrator, context_of, progress_of
@@ -26,8 +27,6 @@ from cj_assessment.workflow_orchestrator import WorkflowOrchestrator, context_of
 log = structlog.get_logger(__name__)
 
 CLAIM_LIMIT = 50
-PRUNE_LIMIT = 5000  # rows per delete statement
-PRUNE_ROUNDS = 20  # statements per table and pass: 100,000 rows every monitor interval
 STATES = (
     "INITIALIZING",
     "GENERATING_PAIRS",
@@ -47,6 +46,7 @@ class StuckAssessmentMonitor:
         callbacks: BatchCallbackHandler,
         orchestrator: WorkflowOrchestrator,
         metrics: Metrics,
+        retention: Retention,
         clock: Callable[[], datetime],
         on_commit: Callable[[], None] = lambda: None,
     ) -> None:
@@ -55,6 +55,7 @@ class StuckAssessmentMonitor:
         self._callbacks = callbacks
         self._orchestrator = orchestrator
         self._metrics = metrics
+        self._retention = retention
         self._clock = clock
         self._on_commit = on_commit
 
@@ -88,35 +89,8 @@ class StuckAssessmentMonitor:
             counts = await AssessmentRepository(session).count_by_state()
         for state in STATES:
             self._metrics.assessments_by_state.labels(state).set(counts.get(state, 0))
-        await self.prune(now)
+        await self._retention.prune(now)
         return actions
-
-    async def prune(self, now: datetime) -> dict[str, int]:
-        """Delete published outbox rows and inbox rows past their retention (0 keeps them),
-        at most PRUNE_LIMIT × PRUNE_ROUNDS of each per pass. Pruning the inbox is safe
-        because it is not the only guard: a result redelivered after its event id was
-        pruned finds its attempt already resolved, and a request finds its bos_batch_id
-        already taken."""
-        retention = {
-            "outbox": (self._settings.outbox_retention_seconds, AssessmentRepository.prune_outbox),
-            "inbox": (self._settings.inbox_retention_seconds, AssessmentRepository.prune_inbox),
-        }
-        pruned: dict[str, int] = {}
-        for table, (seconds, prune) in retention.items():
-            if seconds <= 0:
-                continue
-            before = now - timedelta(seconds=seconds)
-            pruned[table] = 0
-            for _ in range(PRUNE_ROUNDS):
-                async with self._sessions() as session, session.begin():
-                    deleted = await prune(AssessmentRepository(session), before, PRUNE_LIMIT)
-                pruned[table] += deleted
-                self._metrics.rows_pruned.labels(table).inc(deleted)
-                if deleted < PRUNE_LIMIT:
-                    break
-            if pruned[table]:
-                log.info("rows_pruned", table=table, rows=pruned[table])
-        return pruned
 
     async def _time_out(
         self, cj_batch_id: int, overdue_since: datetime, now: datetime, action: str

@@ -17,6 +17,7 @@ from cj_assessment.database import create_engine, session_factory
 from cj_assessment.metrics import Metrics
 from cj_assessment.monitor import StuckAssessmentMonitor
 from cj_assessment.outbox import OutboxRelay
+from cj_assessment.retention import Retention
 from cj_assessment.settings import Settings
 from cj_assessment.workflow_orchestrator import WorkflowOrchestrator
 
@@ -131,6 +132,12 @@ class ServiceProvider(Provider):
         )
 
     @provide
+    def retention(
+        self, settings: Settings, sessions: async_sessionmaker[AsyncSession], metrics: Metrics
+    ) -> Retention:
+        return Retention(settings, sessions, metrics)
+
+    @provide
     def monitor(
         self,
         settings: Settings,
@@ -139,10 +146,18 @@ class ServiceProvider(Provider):
         orchestrator: WorkflowOrchestrator,
         metrics: Metrics,
         relay: OutboxRelay,
+        retention: Retention,
         clock: Clock,
     ) -> StuckAssessmentMonitor:
         return StuckAssessmentMonitor(
-            settings, sessions, callbacks, orchestrator, metrics, clock, on_commit=relay.notify
+            settings,
+            sessions,
+            callbacks,
+            orchestrator,
+            metrics,
+            retention,
+            clock,
+            on_commit=relay.notify,
         )
 
 

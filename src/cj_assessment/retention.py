@@ -1,0 +1,57 @@
+"""Retention: delivery bookkeeping is deleted once it has done its job.
+
+Published outbox rows are kept `outbox_retention_seconds` (their payloads are prompts holding
+essay text) and inbox rows `inbox_retention_seconds`; 0 keeps them. Unpublished outbox rows
+are never deleted. Pruning the inbox gives up no guarantee, because it is not the only guard:
+a result redelivered after its event id was pruned finds its attempt already resolved, and a
+request finds its bos_batch_id already taken. Assessments, essays, attempts and scores stay."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from cj_assessment.metrics import Metrics
+from cj_assessment.repository import AssessmentRepository
+from cj_assessment.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+PRUNE_LIMIT = 5000  # rows per delete statement, each its own short transaction
+PRUNE_ROUNDS = 20  # statements per table and pass: at most 100,000 rows a pass
+
+_Prune = Callable[[AssessmentRepository, datetime, int], Awaitable[int]]
+
+
+class Retention:
+    def __init__(
+        self, settings: Settings, sessions: async_sessionmaker[AsyncSession], metrics: Metrics
+    ) -> None:
+        self._sessions = sessions
+        self._metrics = metrics
+        self._tables: list[tuple[str, float, _Prune]] = [
+            ("outbox", settings.outbox_retention_seconds, AssessmentRepository.prune_outbox),
+            ("inbox", settings.inbox_retention_seconds, AssessmentRepository.prune_inbox),
+        ]
+
+    async def prune(self, now: datetime) -> dict[str, int]:
+        """Delete what is past its retention at `now`; the rows deleted per table."""
+        pruned: dict[str, int] = {}
+        for table, seconds, prune in self._tables:
+            if seconds <= 0:
+                continue
+            before = now - timedelta(seconds=seconds)
+            pruned[table] = 0
+            for _ in range(PRUNE_ROUNDS):
+                async with self._sessions() as session, session.begin():
+                    deleted = await prune(AssessmentRepository(session), before, PRUNE_LIMIT)
+                pruned[table] += deleted
+                self._metrics.rows_pruned.labels(table).inc(deleted)
+                if deleted < PRUNE_LIMIT:
+                    break
+            if pruned[table]:
+                log.info("rows_pruned", table=table, rows=pruned[table])
+        return pruned
