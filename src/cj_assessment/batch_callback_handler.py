@@ -171,9 +171,7 @@ class BatchCallbackHandler:
         # The outcomes are written before any assessment advances: scoring reads them back.
         await repo.save_attempts(written)
         for ctx, state, progress in advancing:
-            await self._orchestrator.advance(repo, ctx, state, progress, now=now)
-            if state.state in TERMINAL_STATES:
-                self._contexts.pop(state.cj_batch_id, None)
+            await self._advance(repo, ctx, state, progress, now=now)
         return [o if o is not None else ResultOutcome.DUPLICATE for o in outcomes]
 
     async def time_out(
@@ -188,8 +186,7 @@ class BatchCallbackHandler:
         failed."""
         if not attempts or state.state in TERMINAL_STATES:
             return 0
-        upload = await repo.upload(state.cj_batch_id)
-        ctx = context_of(upload, state)
+        ctx = (await self._contexts_of(repo, {state.cj_batch_id: state}))[state.cj_batch_id]
         progress = progress_of(state)
         written: list[AttemptRecord] = []
         for attempt in attempts:
@@ -212,8 +209,22 @@ class BatchCallbackHandler:
             written.append(attempt)
             self._count(attempt, disposition, "timeout", now)
         await repo.save_attempts(written)
-        await self._orchestrator.advance(repo, ctx, state, progress, now=now)
+        await self._advance(repo, ctx, state, progress, now=now)
         return len(written)
+
+    async def _advance(
+        self,
+        repo: AssessmentRepository,
+        ctx: AssessmentContext,
+        state: StateRow,
+        progress: Progress,
+        *,
+        now: datetime,
+    ) -> None:
+        await self._orchestrator.advance(repo, ctx, state, progress, now=now)
+        if state.state in TERMINAL_STATES:
+            # A finished assessment's context is needed no more.
+            self._contexts.pop(state.cj_batch_id, None)
 
     def _store_late(
         self, attempt: AttemptRecord, result: LLMComparisonResultV1, now: datetime
