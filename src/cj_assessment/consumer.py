@@ -35,7 +35,7 @@ from cj_assessment.contracts import (
 )
 from cj_assessment.errors import PermanentError, PoisonMessage, RequestRejected, TransientError
 from cj_assessment.metrics import Metrics
-from cj_assessment.repository import AssessmentRepository, InboxEntry
+from cj_assessment.repository import AssessmentRepository, DecodedStates, InboxEntry
 from cj_assessment.settings import Settings
 from cj_assessment.workflow_orchestrator import NewAssessment, WorkflowOrchestrator
 
@@ -126,6 +126,7 @@ class EventConsumer:
         metrics: Metrics,
         on_commit: Callable[[], None] = lambda: None,
         clock: Clock = utcnow,
+        decoded: DecodedStates | None = None,
     ) -> None:
         self._settings = settings
         self._sessions = sessions
@@ -136,6 +137,8 @@ class EventConsumer:
         self._metrics = metrics
         self._on_commit = on_commit
         self._clock = clock
+        # State rows decoded by earlier transactions, reused while their stored text is the same.
+        self._decoded = decoded if decoded is not None else DecodedStates()
         self._handled: dict[TopicPartition, int] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -343,7 +346,7 @@ class EventConsumer:
         started = time.perf_counter()
         outcomes: dict[int, str] = {}
         async with self._sessions() as session, session.begin():
-            repo = AssessmentRepository(session)
+            repo = AssessmentRepository(session, self._decoded)
             claimed = await repo.claim_inbox(
                 [InboxEntry(env.event_id, r.topic, r.partition, r.offset) for r, env, _ in parsed]
             )
@@ -393,7 +396,7 @@ class EventConsumer:
         work: Callable[[AssessmentRepository, datetime], Awaitable[Any]],
     ) -> str:
         async with self._sessions() as session, session.begin():
-            repo = AssessmentRepository(session)
+            repo = AssessmentRepository(session, self._decoded)
             entry = InboxEntry(envelope.event_id, record.topic, record.partition, record.offset)
             if not await repo.claim_inbox([entry]):
                 return "duplicate"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -299,9 +299,158 @@ class StateRow:
     processing_metadata: dict[str, Any]
     started_at: datetime
     last_activity_at: datetime
+    # The progress the fields describe, with the metadata object and counters it was built
+    # from: valid only while both are still the row's own.
+    _known: tuple[dict[str, Any], tuple[int, ...], Progress] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    def counters(self) -> tuple[int, ...]:
+        return (
+            self.total_comparisons,
+            self.submitted_comparisons,
+            self.completed_comparisons,
+            self.failed_comparisons,
+            self.current_iteration,
+        )
+
+    def progress(self) -> Progress:
+        """The progress the counters and `processing_metadata` describe, built once."""
+        known = self._known
+        mine = known is not None and known[0] is self.processing_metadata
+        if mine and known is not None and known[1] == self.counters():
+            return known[2]
+        progress = Progress.from_state(
+            total=self.total_comparisons,
+            submitted=self.submitted_comparisons,
+            completed=self.completed_comparisons,
+            failed=self.failed_comparisons,
+            current_iteration=self.current_iteration,
+            metadata=self.processing_metadata or {},
+        )
+        self._known = (self.processing_metadata, self.counters(), progress)
+        return progress
 
 
-_STATE_COLUMNS = ", ".join(StateRow.__dataclass_fields__)
+_STATE_COLUMN_NAMES = (
+    "cj_batch_id",
+    "state",
+    "total_comparisons",
+    "submitted_comparisons",
+    "completed_comparisons",
+    "failed_comparisons",
+    "current_iteration",
+    "batch_config",
+    "processing_metadata",
+    "started_at",
+    "last_activity_at",
+)
+_CONFIG_AT, _METADATA_AT = 7, 8
+assert _STATE_COLUMN_NAMES[_CONFIG_AT : _METADATA_AT + 1] == ("batch_config", "processing_metadata")
+# The jsonb columns come as their text: `DecodedStates` decodes each text once.
+_STATE_COLUMNS = ", ".join(
+    f"{c}::text AS {c}" if c in ("batch_config", "processing_metadata") else c
+    for c in _STATE_COLUMN_NAMES
+)
+# Bounds of what `DecodedStates` keeps: as many assessments as the callback handler keeps
+# contexts for, and at most this much JSON text (decoded, about three times as many bytes).
+_DECODED_MAX_ENTRIES = 4096
+_DECODED_MAX_CHARS = 16_000_000
+
+
+@dataclass(slots=True)
+class _Decoded:
+    config_text: str
+    config: dict[str, Any]
+    metadata_text: str
+    metadata: dict[str, Any]
+    known: tuple[tuple[int, ...], Progress] | None
+
+
+class DecodedStates:
+    """The decoded jsonb of the state rows this instance last read or wrote, per assessment,
+    reused while the stored text is the same.
+
+    A poll of results touches many assessments once each; decoding each state row's
+    `processing_metadata` and rebuilding its progress was about a sixth of the work. The
+    cache is keyed by the stored JSON text itself, so it needs no invalidation and cannot go
+    stale: a write by any transaction or instance changes the text, and the next read then
+    decodes it. Rows and progress handed out share the cached objects, which nothing mutates
+    (`save_progress` builds a new metadata dict; `Progress` is immutable).
+    """
+
+    def __init__(
+        self, max_entries: int = _DECODED_MAX_ENTRIES, max_chars: int = _DECODED_MAX_CHARS
+    ) -> None:
+        self._entries: dict[int, _Decoded] = {}
+        self._chars = 0
+        self._max_entries = max_entries
+        self._max_chars = max_chars
+
+    @property
+    def entries(self) -> int:
+        return len(self._entries)
+
+    def row(self, values: Sequence[Any]) -> StateRow:
+        """A `StateRow` from the values of `_STATE_COLUMNS` (jsonb columns as text)."""
+        cj_batch_id = values[0]
+        config_text, metadata_text = values[_CONFIG_AT], values[_METADATA_AT]
+        entry = self._entries.get(cj_batch_id)
+        if entry is None or entry.config_text != config_text:
+            config = json.loads(config_text)
+        else:
+            config = entry.config
+        if entry is None or entry.metadata_text != metadata_text:
+            metadata = json.loads(metadata_text)
+            known = None
+        else:
+            metadata, known = entry.metadata, entry.known
+        row = StateRow(
+            cj_batch_id,
+            values[1],
+            values[2],
+            values[3],
+            values[4],
+            values[5],
+            values[6],
+            config,
+            metadata,
+            values[9],
+            values[10],
+        )
+        if known is not None and known[0] == row.counters():
+            row._known = (metadata, known[0], known[1])
+        self._keep(cj_batch_id, _Decoded(config_text, config, metadata_text, metadata, known))
+        return row
+
+    def written(self, row: StateRow, metadata_text: str) -> None:
+        """Keep what `row` holds, as stored under `metadata_text` by the write just made."""
+        entry = self._entries.get(row.cj_batch_id)
+        if entry is None or entry.config is not row.batch_config:
+            return
+        known = row._known
+        progress = None
+        if known is not None and known[0] is row.processing_metadata:
+            progress = (known[1], known[2])
+        metadata = row.processing_metadata
+        self._keep(
+            row.cj_batch_id,
+            _Decoded(entry.config_text, entry.config, metadata_text, metadata, progress),
+        )
+
+    def _keep(self, cj_batch_id: int, entry: _Decoded) -> None:
+        old = self._entries.pop(cj_batch_id, None)
+        if old is not None:
+            self._chars -= len(old.config_text) + len(old.metadata_text)
+        self._entries[cj_batch_id] = entry  # now the most recently used
+        self._chars += len(entry.config_text) + len(entry.metadata_text)
+        while self._entries and (
+            self._chars > self._max_chars or len(self._entries) > self._max_entries
+        ):
+            evicted = self._entries.pop(next(iter(self._entries)))
+            self._chars -= len(evicted.config_text) + len(evicted.metadata_text)
+
+
 _LOCK_STATE = text(
     f"SELECT {_STATE_COLUMNS} FROM cj_batch_states WHERE cj_batch_id = :cj_batch_id FOR UPDATE"
 )
@@ -323,28 +472,42 @@ _PROGRESS_COLUMNS = {
     "processing_metadata": "jsonb",
     "last_activity_at": "timestamptz",
 }
-_WRITE_STATES = _update_by_key("cj_batch_states", ("cj_batch_id", "bigint"), _PROGRESS_COLUMNS)
-# Session.info keys: the state rows changed in the session's transaction, and whether the
-# session writes them before it commits.
+_WRITE_STATES = text(
+    _update_by_key("cj_batch_states", ("cj_batch_id", "bigint"), _PROGRESS_COLUMNS).text
+    # The stored text of what was written: the decoded rows stay valid for the next read.
+    + " RETURNING t.cj_batch_id, t.processing_metadata::text"
+)
+# Session.info keys: the state rows changed in the session's transaction, whether the
+# session writes them before it commits, and the decoded states it reads and writes through.
 _CHANGED_STATES = "cj_changed_states"
 _WRITES_STATES = "cj_writes_states"
+_DECODED_STATES = "cj_decoded_states"
 
 
-def _state_write(session: Session) -> dict[str, list[Any]] | None:
-    """Parameters of `_WRITE_STATES` for the session's changed state rows (then forgotten)."""
+def _state_write(session: Session) -> tuple[dict[int, StateRow], dict[str, list[Any]]] | None:
+    """The session's changed state rows (then forgotten) and the parameters of
+    `_WRITE_STATES` for them."""
     changed: dict[int, StateRow] = session.info.pop(_CHANGED_STATES, {})
     if not changed:
         return None
     rows = [changed[i] for i in sorted(changed)]
-    return _arrays(rows, ["cj_batch_id", *_PROGRESS_COLUMNS], _PROGRESS_COLUMNS)
+    return changed, _arrays(rows, ["cj_batch_id", *_PROGRESS_COLUMNS], _PROGRESS_COLUMNS)
+
+
+def _written(session: Session, changed: dict[int, StateRow], stored: Iterable[Any]) -> None:
+    decoded: DecodedStates | None = session.info.get(_DECODED_STATES)
+    if decoded is not None:
+        for cj_batch_id, metadata_text in stored:
+            decoded.written(changed[cj_batch_id], metadata_text)
 
 
 def _write_states_before_commit(session: Session) -> None:
     # Runs inside the commit, which the async session drives on its greenlet: the synchronous
     # execute is the async connection underneath.
-    values = _state_write(session)
-    if values is not None:
-        session.execute(_WRITE_STATES, values)
+    write = _state_write(session)
+    if write is not None:
+        changed, values = write
+        _written(session, changed, session.execute(_WRITE_STATES, values).all())
 
 
 def _forget_states(session: Session, *_: Any) -> None:
@@ -352,13 +515,21 @@ def _forget_states(session: Session, *_: Any) -> None:
 
 
 class AssessmentRepository:
-    def __init__(self, session: AsyncSession) -> None:
+    def __init__(self, session: AsyncSession, decoded: DecodedStates | None = None) -> None:
+        """`decoded`: the instance's long-lived `DecodedStates`; without it, state rows are
+        decoded afresh in each transaction."""
         self.session = session
         sync = session.sync_session
         if not sync.info.get(_WRITES_STATES):
             event.listen(sync, "before_commit", _write_states_before_commit)
             event.listen(sync, "after_rollback", _forget_states)
             sync.info[_WRITES_STATES] = True
+        if decoded is None:
+            decoded = sync.info.get(_DECODED_STATES)
+        if decoded is None:
+            decoded = DecodedStates()
+        sync.info[_DECODED_STATES] = decoded
+        self._decoded = decoded
 
     @property
     def _changed_states(self) -> dict[int, StateRow]:
@@ -369,9 +540,11 @@ class AssessmentRepository:
 
     async def write_states(self) -> None:
         """Write the state rows changed so far (otherwise written just before the commit)."""
-        values = _state_write(self.session.sync_session)
-        if values is not None:
-            await self.session.execute(_WRITE_STATES, values)
+        sync = self.session.sync_session
+        write = _state_write(sync)
+        if write is not None:
+            changed, values = write
+            _written(sync, changed, (await self.session.execute(_WRITE_STATES, values)).all())
 
     # --- inbox / outbox -------------------------------------------------------------------
 
@@ -521,7 +694,7 @@ class AssessmentRepository:
             _LOCK_STATE_SKIP_LOCKED if skip_locked else _LOCK_STATE, {"cj_batch_id": cj_batch_id}
         )
         row = rows.first()
-        return None if row is None else StateRow(*row)
+        return None if row is None else self._decoded.row(row)
 
     async def lock_states(self, cj_batch_ids: Sequence[int]) -> dict[int, StateRow]:
         """Lock several assessments' state rows, always in id order so that concurrent
@@ -529,7 +702,7 @@ class AssessmentRepository:
         if not cj_batch_ids:
             return {}
         rows = await self.session.execute(_LOCK_STATES, {"ids": sorted(set(cj_batch_ids))})
-        return {row[0]: StateRow(*row) for row in rows.all()}
+        return {row[0]: self._decoded.row(row) for row in rows.all()}
 
     async def save_progress(
         self, row: StateRow, progress: Progress, *, state: str, now: datetime
@@ -549,6 +722,8 @@ class AssessmentRepository:
         row.current_iteration = progress.current_iteration
         row.processing_metadata = metadata
         row.last_activity_at = now
+        # `metadata` holds exactly `progress.metadata_json()` for the keys progress reads.
+        row._known = (metadata, row.counters(), progress)
         self._changed_states[row.cj_batch_id] = row
 
     async def finish_state(self, row: StateRow, *, state: str, now: datetime) -> bool:

@@ -91,14 +91,7 @@ def context_of(upload: CJBatchUpload, state: StateRow) -> AssessmentContext:
 
 
 def progress_of(state: StateRow) -> Progress:
-    return Progress.from_state(
-        total=state.total_comparisons,
-        submitted=state.submitted_comparisons,
-        completed=state.completed_comparisons,
-        failed=state.failed_comparisons,
-        current_iteration=state.current_iteration,
-        metadata=state.processing_metadata or {},
-    )
+    return state.progress()
 
 
 class WorkflowOrchestrator:

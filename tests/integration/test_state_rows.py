@@ -4,13 +4,15 @@ that must see it)."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from cj_assessment.batch_state import Progress, plan_iteration
-from cj_assessment.repository import AssessmentRepository
+from cj_assessment.repository import AssessmentRepository, DecodedStates, StateRow
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -100,3 +102,109 @@ async def test_finishing_writes_pending_progress_and_only_one_caller_wins(sessio
     assert stored is not None
     assert stored.state == "COMPLETED"
     assert stored.total_comparisons == 6
+
+
+async def _read(sessions, cj_batch_id: int, decoded: DecodedStates) -> StateRow:
+    async with sessions() as session, session.begin():
+        row = await AssessmentRepository(session, decoded).lock_state(cj_batch_id)
+    assert row is not None
+    return row
+
+
+async def _write(sessions, cj_batch_id: int, decoded: DecodedStates, progress: Progress) -> None:
+    async with sessions() as session, session.begin():
+        repo = AssessmentRepository(session, decoded)
+        row = await repo.lock_state(cj_batch_id)
+        assert row is not None
+        await repo.save_progress(row, progress, state="WAITING_CALLBACKS", now=NOW)
+
+
+async def test_a_state_row_stored_unchanged_is_not_decoded_again(sessions) -> None:
+    cj_batch_id = await _assessment(sessions)
+    decoded = DecodedStates()
+    await _write(sessions, cj_batch_id, decoded, _progress())
+
+    first = await _read(sessions, cj_batch_id, decoded)
+    second = await _read(sessions, cj_batch_id, decoded)
+
+    # The objects the write kept: neither the metadata nor the progress was rebuilt.
+    assert second.processing_metadata is first.processing_metadata
+    assert second.progress() is first.progress()
+    assert second.progress() == _progress()
+
+
+async def test_a_state_row_written_elsewhere_is_read_as_stored(sessions) -> None:
+    cj_batch_id = await _assessment(sessions)
+    mine, other_instance = DecodedStates(), DecodedStates()
+    await _write(sessions, cj_batch_id, mine, _progress())
+    assert (await _read(sessions, cj_batch_id, mine)).progress() == _progress()
+
+    further, _ = plan_iteration(
+        _progress(), iteration=2, batch_ids=["b2"], comparisons=4, batch_size=50
+    )
+    await _write(sessions, cj_batch_id, other_instance, further)
+    async with sessions() as session, session.begin():
+        await session.execute(
+            text(
+                "UPDATE cj_batch_states SET processing_metadata = processing_metadata"
+                " || '{\"note\": 1}'::jsonb WHERE cj_batch_id = :id"
+            ),
+            {"id": cj_batch_id},
+        )
+
+    row = await _read(sessions, cj_batch_id, mine)
+    assert row.progress() == further
+    assert row.total_comparisons == 10
+    assert row.processing_metadata["note"] == 1
+
+
+async def test_a_rolled_back_write_is_not_taken_for_the_stored_row(sessions) -> None:
+    cj_batch_id = await _assessment(sessions)
+    decoded = DecodedStates()
+    await _write(sessions, cj_batch_id, decoded, _progress())
+    further, _ = plan_iteration(
+        _progress(), iteration=2, batch_ids=["b2"], comparisons=4, batch_size=50
+    )
+    with pytest.raises(RuntimeError, match="handler failed"):
+        async with sessions() as session, session.begin():
+            repo = AssessmentRepository(session, decoded)
+            row = await repo.lock_state(cj_batch_id)
+            assert row is not None
+            await repo.save_progress(row, further, state="WAITING_CALLBACKS", now=NOW)
+            await repo.write_states()  # written, then rolled back
+            raise RuntimeError("handler failed")
+
+    row = await _read(sessions, cj_batch_id, decoded)
+    assert row.progress() == _progress()
+    assert row.total_comparisons == 6
+
+
+def test_a_state_rows_progress_follows_its_counters_and_metadata() -> None:
+    row = StateRow(1, "WAITING_CALLBACKS", 6, 0, 0, 0, 1, {}, _progress().metadata_json(), NOW, NOW)
+    assert row.progress() == _progress()
+
+    row.completed_comparisons = 2
+    assert row.progress().completed == 2
+    row.processing_metadata = {}
+    assert row.progress() == Progress(total=6, completed=2, current_iteration=1)
+
+
+def _values(cj_batch_id: int, metadata_text: str) -> tuple[object, ...]:
+    return (cj_batch_id, "WAITING_CALLBACKS", 6, 0, 0, 0, 1, "{}", metadata_text, NOW, NOW)
+
+
+def test_decoded_states_keep_only_the_latest_rows_within_their_bounds() -> None:
+    by_count = DecodedStates(max_entries=2)
+    rows = [by_count.row(_values(i, json.dumps({"k": i}))) for i in (1, 2, 3)]
+    assert by_count.entries == 2
+    assert [r.processing_metadata for r in rows] == [{"k": 1}, {"k": 2}, {"k": 3}]
+    # The oldest went: reading it again decodes it afresh, and the same text is then reused.
+    again = by_count.row(_values(1, '{"k": 1}'))
+    assert again.processing_metadata == {"k": 1}
+    assert again.processing_metadata is not rows[0].processing_metadata
+    assert by_count.row(_values(1, '{"k": 1}')).processing_metadata is again.processing_metadata
+
+    by_size = DecodedStates(max_chars=40)
+    for i in range(5):
+        by_size.row(_values(i, json.dumps({"padding": "x" * 10})))
+    assert by_size.entries == 1
