@@ -74,6 +74,10 @@ HOT_QUERIES = {
         " 'CANCELLED') AND last_activity_at < now() - interval '600 seconds'"
         " ORDER BY last_activity_at LIMIT 50 FOR UPDATE SKIP LOCKED"
     ),
+    "running assessments per state (monitor gauge)": (
+        "SELECT state, count(*) FROM cj_batch_states WHERE state NOT IN ('COMPLETED', 'FAILED',"
+        " 'CANCELLED') GROUP BY state"
+    ),
 }
 
 

@@ -64,7 +64,10 @@ class Metrics:
             "cj_assessments_started_total", "Assessments accepted and started", registry=r
         )
         self.assessments_by_state = Gauge(
-            "cj_assessments_in_state", "Assessments per workflow state", ["state"], registry=r
+            "cj_assessments_in_state",
+            "Running assessments per workflow state",
+            ["state"],
+            registry=r,
         )
         self.callback_latency = Histogram(
             "cj_callback_latency_seconds",

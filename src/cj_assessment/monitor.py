@@ -27,15 +27,8 @@ from cj_assessment.workflow_orchestrator import WorkflowOrchestrator, context_of
 log = structlog.get_logger(__name__)
 
 CLAIM_LIMIT = 50
-STATES = (
-    "INITIALIZING",
-    "GENERATING_PAIRS",
-    "WAITING_CALLBACKS",
-    "SCORING",
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-)
+# The gauge's states: finished assessments are counted by `cj_assessments_total{outcome}`.
+RUNNING_STATES = ("INITIALIZING", "GENERATING_PAIRS", "WAITING_CALLBACKS", "SCORING")
 
 
 class StuckAssessmentMonitor:
@@ -86,8 +79,8 @@ class StuckAssessmentMonitor:
         for cj_batch_id in idle:
             actions += await self._drive_idle(cj_batch_id, now)
         async with self._sessions() as session:
-            counts = await AssessmentRepository(session).count_by_state()
-        for state in STATES:
+            counts = await AssessmentRepository(session).count_running_by_state()
+        for state in RUNNING_STATES:
             self._metrics.assessments_by_state.labels(state).set(counts.get(state, 0))
         await self._retention.prune(now)
         return actions

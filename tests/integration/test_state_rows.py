@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from cj_assessment import repository
 from cj_assessment.batch_state import Progress, plan_iteration
 from cj_assessment.repository import AssessmentRepository, DecodedStates, StateRow
 
@@ -208,3 +209,38 @@ def test_decoded_states_keep_only_the_latest_rows_within_their_bounds() -> None:
     for i in range(5):
         by_size.row(_values(i, json.dumps({"padding": "x" * 10})))
     assert by_size.entries == 1
+
+
+async def test_running_assessments_are_counted_per_state_from_the_active_index_only(
+    sessions,
+) -> None:
+    async with sessions() as session, session.begin():
+        await session.execute(
+            text(
+                "INSERT INTO cj_batch_uploads (bos_batch_id, event_correlation_id,"
+                " llm_config_overrides, expected_essay_count, status)"
+                " SELECT 'b' || g, 'c', '{}', 2, 'PROCESSING' FROM generate_series(1, 3000) g"
+            )
+        )
+        # 2,995 finished assessments and five running ones.
+        await session.execute(
+            text(
+                "INSERT INTO cj_batch_states (cj_batch_id, state, total_comparisons,"
+                " submitted_comparisons, completed_comparisons, failed_comparisons,"
+                " current_iteration, batch_config, processing_metadata, started_at,"
+                " last_activity_at)"
+                " SELECT id, CASE WHEN id % 600 = 0 THEN"
+                "   (ARRAY['WAITING_CALLBACKS', 'SCORING'])[1 + id % 1200 / 600]"
+                "   ELSE (ARRAY['COMPLETED', 'FAILED'])[1 + id % 2] END,"
+                " 0, 0, 0, 0, 1, '{}', '{}', now(), now() FROM cj_batch_uploads"
+            )
+        )
+    async with sessions() as session, session.begin():
+        await session.execute(text("ANALYZE cj_batch_states"))
+        counts = await AssessmentRepository(session).count_running_by_state()
+        plan = await session.execute(text("EXPLAIN " + repository._COUNT_RUNNING_BY_STATE.text))
+        plan_text = "\n".join(row[0] for row in plan)
+
+    assert counts == {"WAITING_CALLBACKS": 2, "SCORING": 3}
+    assert "ix_cj_batch_states_active" in plan_text
+    assert "Seq Scan" not in plan_text
