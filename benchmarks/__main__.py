@@ -1,7 +1,7 @@
 """The one benchmark runner of issue 5.
 
     .venv/bin/python -m benchmarks [time-to-result|scoring|throughput|concurrency|pairing|
-                                    query-plans|all] [--quick]
+                                    pairing-service|query-plans|all] [--quick]
 
 Convention: every benchmark is a module of this package exposing
 
@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, str] = {
     "throughput": "benchmarks.throughput",
     "concurrency": "benchmarks.concurrency",
     "pairing": "benchmarks.pairing",
+    "pairing-service": "benchmarks.pairing_service",
     "query-plans": "benchmarks.query_plans",
 }
 
