@@ -96,6 +96,28 @@ def outcome_uncertainty(difference: np.ndarray) -> np.ndarray:
     )
 
 
+def answers(
+    pairs: Sequence[tuple[str, str]],
+    index: dict[str, int],
+    theta: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    bias: float = POSITION_BIAS,
+    random_share: float = RANDOM_ANSWER_SHARE,
+) -> list[tuple[str, str, bool]]:
+    """The simulated judge's (essay A, essay B, A won) for ordered pairs: P(A wins) =
+    sigmoid(θ_A − θ_B + bias), and a coin toss instead for a ``random_share`` of answers."""
+    a = np.array([index[essay_a] for essay_a, _ in pairs])
+    b = np.array([index[essay_b] for _, essay_b in pairs])
+    a_wins = rng.random(a.size) < expit(theta[a] - theta[b] + bias)
+    coin = rng.random(a.size) < random_share
+    a_wins = np.where(coin, rng.random(a.size) < 0.5, a_wins)
+    return [
+        (essay_a, essay_b, bool(won))
+        for (essay_a, essay_b), won in zip(pairs, a_wins.tolist(), strict=True)
+    ]
+
+
 def nearest_estimate_uncertainty(
     theta: np.ndarray, estimated: np.ndarray, essays: np.ndarray
 ) -> float:
@@ -151,13 +173,7 @@ def simulate(n: int, seed: int, strategy: PairingStrategy) -> list[Step]:
         p_a = expit(theta[a] - theta[b] + POSITION_BIAS)
         essay_uncertainty = np.full(n, np.nan)
         essay_uncertainty[a] = essay_uncertainty[b] = p_a * (1.0 - p_a)
-        a_wins = judge_rng.random(a.size) < p_a
-        coin = judge_rng.random(a.size) < RANDOM_ANSWER_SHARE
-        a_wins = np.where(coin, judge_rng.random(a.size) < 0.5, a_wins)
-        judgements += [
-            (essay_a, essay_b, bool(won))
-            for (essay_a, essay_b), won in zip(pairs, a_wins.tolist(), strict=True)
-        ]
+        judgements += answers(pairs, index, theta, judge_rng)
         result = score_judgements(ids, judgements)
         estimates = AbilityEstimates(result.scores(), result.standard_errors())
         scores = result.scores()

@@ -32,9 +32,9 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.special import expit
 from scipy.stats import spearmanr
 
+from benchmarks.pairing import answers
 from cj_assessment.pair_generation import (
     AbilityEstimates,
     PairingHistory,
@@ -74,15 +74,7 @@ def simulate(n: int, seed: int, judge: str, strategy: PairingStrategy) -> dict[i
             estimates=estimates,
         )
         planned += pairs
-        a = np.array([index[essay_a] for essay_a, _ in pairs])
-        b = np.array([index[essay_b] for _, essay_b in pairs])
-        a_wins = judge_rng.random(a.size) < expit(theta[a] - theta[b] + bias)
-        coin = judge_rng.random(a.size) < random_share
-        a_wins = np.where(coin, judge_rng.random(a.size) < 0.5, a_wins)
-        judgements += [
-            (essay_a, essay_b, bool(won))
-            for (essay_a, essay_b), won in zip(pairs, a_wins.tolist(), strict=True)
-        ]
+        judgements += answers(pairs, index, theta, judge_rng, bias=bias, random_share=random_share)
         result = score_judgements(ids, judgements)
         estimates = AbilityEstimates(result.scores(), result.standard_errors())
         scores = result.scores()
