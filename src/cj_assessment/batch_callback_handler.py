@@ -21,7 +21,6 @@ from cj_assessment.workflow_orchestrator import (
     AssessmentContext,
     WorkflowOrchestrator,
     context_of,
-    progress_of,
 )
 
 log = structlog.get_logger(__name__)
@@ -138,7 +137,7 @@ class BatchCallbackHandler:
                         written.append(attempt)
                 continue
             ctx = contexts[cj_batch_id]
-            progress = progress_of(state)
+            progress = state.progress()
             changed = False
             for i in indices:
                 result = results[i][0]
@@ -187,7 +186,7 @@ class BatchCallbackHandler:
         if not attempts or state.state in TERMINAL_STATES:
             return 0
         ctx = (await self._contexts_of(repo, {state.cj_batch_id: state}))[state.cj_batch_id]
-        progress = progress_of(state)
+        progress = state.progress()
         written: list[AttemptRecord] = []
         for attempt in attempts:
             progress, disposition = batch_state.record_outcome(

@@ -22,7 +22,7 @@ from cj_assessment.repository import AssessmentRepository
 from cj_assessment.retention import Retention
 from cj_assessment.settings import Settings
 from cj_assessment.tables import TERMINAL_STATES
-from cj_assessment.workflow_orchestrator import WorkflowOrchestrator, context_of, progress_of
+from cj_assessment.workflow_orchestrator import WorkflowOrchestrator, context_of
 
 log = structlog.get_logger(__name__)
 
@@ -110,14 +110,14 @@ class StuckAssessmentMonitor:
             if state is None or state.state in TERMINAL_STATES:
                 return timed_out
             ctx = context_of(await repo.upload(cj_batch_id), state)
-            progress = progress_of(state)
-            await self._orchestrator.advance(repo, ctx, state, progress, now=now)
-            if state.state not in TERMINAL_STATES and not progress_of(state).in_flight():
+            await self._orchestrator.advance(repo, ctx, state, state.progress(), now=now)
+            # Read again: advancing stored new progress in the row.
+            if state.state not in TERMINAL_STATES and not state.progress().in_flight():
                 await self._orchestrator.fail_assessment(
                     repo,
                     ctx,
                     state,
-                    progress_of(state),
+                    state.progress(),
                     error_code="ASSESSMENT_STUCK",
                     message=(
                         "no progress for "

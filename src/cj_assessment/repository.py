@@ -317,8 +317,7 @@ class StateRow:
     def progress(self) -> Progress:
         """The progress the counters and `processing_metadata` describe, built once."""
         known = self._known
-        mine = known is not None and known[0] is self.processing_metadata
-        if mine and known is not None and known[1] == self.counters():
+        if known and known[0] is self.processing_metadata and known[1] == self.counters():
             return known[2]
         progress = Progress.from_state(
             total=self.total_comparisons,
@@ -332,21 +331,8 @@ class StateRow:
         return progress
 
 
-_STATE_COLUMN_NAMES = (
-    "cj_batch_id",
-    "state",
-    "total_comparisons",
-    "submitted_comparisons",
-    "completed_comparisons",
-    "failed_comparisons",
-    "current_iteration",
-    "batch_config",
-    "processing_metadata",
-    "started_at",
-    "last_activity_at",
-)
-_CONFIG_AT, _METADATA_AT = 7, 8
-assert _STATE_COLUMN_NAMES[_CONFIG_AT : _METADATA_AT + 1] == ("batch_config", "processing_metadata")
+# The row's columns, in `StateRow` order (its private fields are no columns).
+_STATE_COLUMN_NAMES = tuple(f for f in StateRow.__dataclass_fields__ if not f.startswith("_"))
 # The jsonb columns come as their text: `DecodedStates` decodes each text once.
 _STATE_COLUMNS = ", ".join(
     f"{c}::text AS {c}" if c in ("batch_config", "processing_metadata") else c
@@ -393,8 +379,10 @@ class DecodedStates:
 
     def row(self, values: Sequence[Any]) -> StateRow:
         """A `StateRow` from the values of `_STATE_COLUMNS` (jsonb columns as text)."""
-        cj_batch_id = values[0]
-        config_text, metadata_text = values[_CONFIG_AT], values[_METADATA_AT]
+        row = StateRow(*values)
+        cj_batch_id = row.cj_batch_id
+        config_text: str = row.batch_config  # type: ignore[assignment]
+        metadata_text: str = row.processing_metadata  # type: ignore[assignment]
         entry = self._entries.get(cj_batch_id)
         if entry is None or entry.config_text != config_text:
             config = json.loads(config_text)
@@ -405,19 +393,7 @@ class DecodedStates:
             known = None
         else:
             metadata, known = entry.metadata, entry.known
-        row = StateRow(
-            cj_batch_id,
-            values[1],
-            values[2],
-            values[3],
-            values[4],
-            values[5],
-            values[6],
-            config,
-            metadata,
-            values[9],
-            values[10],
-        )
+        row.batch_config, row.processing_metadata = config, metadata
         if known is not None and known[0] == row.counters():
             row._known = (metadata, known[0], known[1])
         self._keep(cj_batch_id, _Decoded(config_text, config, metadata_text, metadata, known))

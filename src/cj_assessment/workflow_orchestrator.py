@@ -90,10 +90,6 @@ def context_of(upload: CJBatchUpload, state: StateRow) -> AssessmentContext:
     )
 
 
-def progress_of(state: StateRow) -> Progress:
-    return state.progress()
-
-
 class WorkflowOrchestrator:
     def __init__(self, settings: Settings, batch_processor: BatchProcessor, metrics: Metrics):
         self._settings = settings
