@@ -63,8 +63,10 @@ class AttemptRecord:
     """One comparison attempt as the result path reads and writes it: a plain value, not an
     ORM object, because a poll touches hundreds of them (identity-map bookkeeping and a
     per-object flush were a third of the handler's time). `siblings` maps every attempt
-    number of the same comparison to its status. Result fields hold the values the row
-    should have once written by `AssessmentRepository.save_attempts`."""
+    number of the same comparison to its status; records of one comparison read together
+    share one map, so that an outcome recorded for one attempt is seen by its siblings. Result
+    fields hold the values the row should have once written by
+    `AssessmentRepository.save_attempts`."""
 
     id: int
     cj_batch_id: int
@@ -105,6 +107,17 @@ _SIBLINGS = (
     " array_agg(q.status) AS statuses FROM cj_comparison_pairs AS q"
     " WHERE q.comparison_id = p.comparison_id) AS s"
 )
+
+
+def _attempt_records(rows: Sequence[Any]) -> list[AttemptRecord]:
+    """Records of one read; attempts of the same comparison share one `siblings` map. With a
+    map each, a timed-out attempt and its retry answered in the same poll would each see the
+    other unresolved, and the comparison would be counted, and scored, twice."""
+    records = [_attempt_record(row) for row in rows]
+    shared: dict[uuid.UUID, dict[int, str]] = {}
+    for record in records:
+        record.siblings = shared.setdefault(record.comparison_id, record.siblings)
+    return records
 
 
 def _attempt_record(row: Any) -> AttemptRecord:
@@ -818,7 +831,7 @@ class AssessmentRepository:
             ),
             {"ids": list(correlation_ids), "within": list(within)},
         )
-        return {record.correlation_id: record for record in map(_attempt_record, rows.all())}
+        return {record.correlation_id: record for record in _attempt_records(rows.all())}
 
     async def overdue_attempts(self, cj_batch_id: int, moment: datetime) -> list[AttemptRecord]:
         rows = await self.session.execute(
@@ -833,7 +846,7 @@ class AssessmentRepository:
                 "moment": moment,
             },
         )
-        return [_attempt_record(row) for row in rows.all()]
+        return _attempt_records(rows.all())
 
     async def save_attempts(self, records: Sequence[AttemptRecord]) -> None:
         """Write the outcome of these attempts in one statement."""

@@ -193,3 +193,98 @@ async def test_database_away_for_ten_seconds_loses_nothing_and_the_assessment_co
 
 def _json(value: dict) -> bytes:
     return json.dumps(value).encode()
+
+
+def _answer(settings_topic: str, correlation_id: str, bos_batch_id: str, a: str, b: str) -> bytes:
+    return _json(
+        {
+            "event_id": str(uuid.uuid4()),
+            "event_type": settings_topic,
+            "data": {
+                "correlation_id": correlation_id,
+                "winner": "Essay A",
+                "justification": "clearer argument",
+                "confidence": 4.0,
+                "request_metadata": {
+                    "essay_a_id": a,
+                    "essay_b_id": b,
+                    "bos_batch_id": bos_batch_id,
+                },
+            },
+        }
+    )
+
+
+async def test_a_timed_out_attempt_and_its_retry_answered_in_one_poll_count_once(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    # Both first attempts time out and are retried; then each comparison's two attempts are
+    # answered back to back (one comparison in each order), so that one poll holds both.
+    settings = system_settings(
+        kafka_bootstrap,
+        database_url,
+        callback_wait_timeout_seconds=2.0,
+        monitor_interval_seconds=0.2,
+        matchings_per_iteration=1,
+        enable_stability_checking=False,
+    )
+    request = request_envelope(
+        bos_batch_id="answered-twice", essays=_essays(4), metadata={"max_comparisons": 2}
+    )
+    async with running_system(settings, provider=None) as system:
+        await system.submit(request)
+
+        async def retries_in_flight() -> bool:
+            rows = await system.rows(
+                "SELECT count(*) FROM cj_comparison_pairs"
+                " WHERE attempt = 2 AND status = 'in_flight'"
+            )
+            return rows[0][0] == 2
+
+        assert await sleep_until(retries_in_flight, timeout=30)
+        attempts = await system.rows(
+            "SELECT comparison_id, attempt, request_correlation_id, essay_a_els_id,"
+            " essay_b_els_id, status FROM cj_comparison_pairs ORDER BY comparison_id, attempt"
+        )
+        assert [a.status for a in attempts] == ["timed_out", "in_flight"] * 2
+        values = [
+            _answer(
+                settings.topic_llm_comparison_result,
+                str(a.request_correlation_id),
+                "answered-twice",
+                a.essay_a_els_id,
+                a.essay_b_els_id,
+            )
+            for a in attempts
+        ]
+        values[2], values[3] = values[3], values[2]
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=False)
+        await producer.start()
+        try:
+            # One partition, one produce batch: the service fetches all four together.
+            sent = [
+                await producer.send(settings.topic_llm_comparison_result, v, partition=0)
+                for v in values
+            ]
+            await asyncio.gather(*sent)
+        finally:
+            await producer.stop()
+        outcome = (await system.watcher.wait_for(["answered-twice"], timeout=30))["answered-twice"]
+        statuses = await system.rows(
+            "SELECT comparison_id, array_agg(status ORDER BY attempt) FROM cj_comparison_pairs"
+            " GROUP BY comparison_id"
+        )
+        counters = await system.rows(
+            "SELECT submitted_comparisons, completed_comparisons, failed_comparisons"
+            " FROM cj_batch_states"
+        )
+    # Answered after its retry succeeded, a timed-out attempt changes nothing (it stays
+    # timed_out); answered before, it rescues its comparison and the retry is superseded.
+    assert sorted(sorted(s) for _, s in statuses) == [
+        ["succeeded", "superseded"],
+        ["succeeded", "timed_out"],
+    ]
+    assert list(counters[0]) == [2, 2, 0]
+    summary = outcome["data"]["processing_summary"]
+    assert summary["comparisons_succeeded"] == 2
+    assert sum(r["comparison_count"] for r in outcome["data"]["rankings"]) == 4
