@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from cj_assessment.contracts import ELSCJAssessmentRequestV1
 from cj_assessment.errors import RequestRejected
+
+INVALID_FIELDS_NAMED = 10
 
 
 @dataclass(frozen=True)
@@ -13,6 +17,33 @@ class EssayInput:
     essay_id: str
     text_storage_id: str | None
     text: str | None
+
+
+def schema_rejection(exc: ValidationError) -> RequestRejected:
+    """A request payload that does not match the contract's types, as a refusal naming each
+    invalid field and what is wrong with it. Pydantic's messages name the expectation, not
+    the value, so no essay text or id reaches the failed event or the logs."""
+    errors = exc.errors(include_url=False, include_input=False)
+    fields = [".".join(str(part) for part in error["loc"]) or "data" for error in errors]
+    named = [f"{field}: {error['msg']}" for field, error in zip(fields, errors, strict=True)]
+    more = len(named) - INVALID_FIELDS_NAMED
+    return RequestRejected(
+        "INVALID_REQUEST",
+        "the request does not match ELS_CJAssessmentRequestV1: "
+        + "; ".join(named[:INVALID_FIELDS_NAMED])
+        + (f"; and {more} more" if more > 0 else ""),
+        {"invalid_fields": fields[:50]},
+    )
+
+
+def check_instructions(request: ELSCJAssessmentRequestV1, *, max_chars: int) -> None:
+    length = len(request.essay_instructions or "")
+    if length > max_chars:
+        raise RequestRejected(
+            "INSTRUCTIONS_TOO_LONG",
+            f"essay_instructions has {length} characters; the limit is {max_chars}",
+            {"length": length, "max_chars": max_chars},
+        )
 
 
 def check_essay_list(request: ELSCJAssessmentRequestV1, *, max_essays: int) -> list[EssayInput]:

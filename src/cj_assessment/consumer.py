@@ -24,7 +24,12 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from cj_assessment.assessment_request import check_essay_list, check_essay_text
+from cj_assessment.assessment_request import (
+    check_essay_list,
+    check_essay_text,
+    check_instructions,
+    schema_rejection,
+)
 from cj_assessment.batch_callback_handler import BatchCallbackHandler
 from cj_assessment.batch_config import merge_override_sources, resolve_batch_config
 from cj_assessment.content import ContentClient
@@ -32,6 +37,7 @@ from cj_assessment.contracts import (
     ComparisonResultEnvelope,
     ELSCJAssessmentRequestV1,
     EventEnvelope,
+    bos_batch_id_of,
 )
 from cj_assessment.errors import PermanentError, PoisonMessage, RequestRejected, TransientError
 from cj_assessment.metrics import Metrics
@@ -335,8 +341,7 @@ class EventConsumer:
             return
         envelope = _decode_envelope(record.value)
         if record.topic == self._settings.topic_assessment_requested:
-            request = _parse(ELSCJAssessmentRequestV1, envelope.data)
-            outcome = await self._handle_request(record, envelope, request)
+            outcome = await self._handle_request(record, envelope)
             self._metrics.records.labels(record.topic, outcome).inc()
             return
         raise PoisonMessage(f"no handler for topic {record.topic}")
@@ -406,13 +411,24 @@ class EventConsumer:
         self._after_commit(record)
         return outcome
 
-    async def _handle_request(
-        self, record: Any, envelope: EventEnvelope, request: ELSCJAssessmentRequestV1
-    ) -> str:
+    async def _handle_request(self, record: Any, envelope: EventEnvelope) -> str:
+        correlation_id = envelope.correlation_id or envelope.event_id
+        try:
+            request = ELSCJAssessmentRequestV1.model_validate(envelope.data)
+        except ValidationError as exc:
+            identity = bos_batch_id_of(envelope.data)
+            if identity is None:
+                raise _invalid(ELSCJAssessmentRequestV1, exc) from exc
+            # The pipeline waits for an outcome of this batch: it gets a failed event naming
+            # the invalid fields, not only a dead letter it never reads.
+            essays = envelope.data.get("essays_for_cj")
+            count = len(essays) if isinstance(essays, list) else 0
+            return await self._refuse(
+                record, envelope, identity, correlation_id, schema_rejection(exc), count
+            )
         bos_batch_id = request.bos_batch_id
         if not bos_batch_id:
             raise PoisonMessage("request names no entity_ref.entity_id or entity_id")
-        correlation_id = envelope.correlation_id or envelope.event_id
         async with self._sessions() as session:
             known = await AssessmentRepository(session).upload_exists(bos_batch_id)
         if known:
@@ -420,27 +436,37 @@ class EventConsumer:
         try:
             new = await self._accept(request, envelope, bos_batch_id, correlation_id)
         except RequestRejected as exc:
-            rejected = exc
-            count = len(request.essays_for_cj)
-
-            async def reject(repo: AssessmentRepository, now: datetime) -> str:
-                done = await self._orchestrator.reject(
-                    repo,
-                    bos_batch_id=bos_batch_id,
-                    correlation_id=correlation_id,
-                    error=rejected,
-                    essay_count=count,
-                    now=now,
-                )
-                return "rejected" if done else "duplicate"
-
-            return await self._in_transaction(record, envelope, reject)
+            return await self._refuse(
+                record, envelope, bos_batch_id, correlation_id, exc, len(request.essays_for_cj)
+            )
 
         async def start(repo: AssessmentRepository, now: datetime) -> str:
             created = await self._orchestrator.start(repo, new, now=now)
             return "handled" if created is not None else "duplicate"
 
         return await self._in_transaction(record, envelope, start)
+
+    async def _refuse(
+        self,
+        record: Any,
+        envelope: EventEnvelope,
+        bos_batch_id: str,
+        correlation_id: str,
+        error: RequestRejected,
+        essay_count: int,
+    ) -> str:
+        async def reject(repo: AssessmentRepository, now: datetime) -> str:
+            done = await self._orchestrator.reject(
+                repo,
+                bos_batch_id=bos_batch_id,
+                correlation_id=correlation_id,
+                error=error,
+                essay_count=essay_count,
+                now=now,
+            )
+            return "rejected" if done else "duplicate"
+
+        return await self._in_transaction(record, envelope, reject)
 
     async def _accept(
         self,
@@ -451,6 +477,7 @@ class EventConsumer:
     ) -> NewAssessment:
         s = self._settings
         essays = check_essay_list(request, max_essays=s.max_essays)
+        check_instructions(request, max_chars=s.max_instructions_chars)
         metadata = envelope.metadata or {}
         config = resolve_batch_config(
             s,

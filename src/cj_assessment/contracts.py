@@ -11,9 +11,19 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 SOURCE_SERVICE = "cj_assessment_service"
+# Ids are stored in varchar(255) columns: longer ones are refused when a message is read, with
+# the field named, rather than by the database in the middle of a transaction.
+MAX_ID_CHARS = 255
 EVENT_NAMESPACE = uuid.UUID("5b0f4a8e-2f65-4c8e-9d6a-0c3e7a1b9f21")
 
 
@@ -48,7 +58,8 @@ def _as_text(value: Any) -> Any:
 # Producers send ids as strings, numbers or UUIDs; they are kept as text. A field validator,
 # not a model one: a model "before" validator makes pydantic build the whole JSON document as
 # Python objects first, which doubled the cost of parsing a result on the consumer's hot path.
-_Id = Annotated[str, BeforeValidator(_as_text)]
+_Id = Annotated[str, BeforeValidator(_as_text), StringConstraints(max_length=MAX_ID_CHARS)]
+_Text = Annotated[str, StringConstraints(max_length=MAX_ID_CHARS)]
 
 
 class EventEnvelope(_Accept):
@@ -118,16 +129,18 @@ def envelope_text(
 
 
 class EntityRef(_Accept):
-    entity_id: str = Field(description="The batch id of the pipeline (bos_batch_id)")
+    entity_id: _Text = Field(description="The batch id of the pipeline (bos_batch_id)")
     entity_type: str = Field("batch", description="Entity kind")
     parent_id: str | None = Field(None, description="Parent entity, if any")
 
 
 class LLMConfigOverrides(_Accept):
-    model_override: str | None = Field(None, description="Model to use instead of the default")
-    temperature_override: float | None = Field(None, description="Sampling temperature")
-    max_tokens_override: int | None = Field(None, description="Answer token limit")
-    provider_override: str | None = Field(None, description="Provider to use")
+    model_override: _Text | None = Field(None, description="Model to use instead of the default")
+    temperature_override: float | None = Field(
+        None, ge=0.0, le=2.0, description="Sampling temperature (0-2)"
+    )
+    max_tokens_override: int | None = Field(None, ge=1, description="Answer token limit (>= 1)")
+    provider_override: _Text | None = Field(None, description="Provider to use")
 
 
 class BatchConfigOverrides(_Accept):
@@ -147,36 +160,54 @@ class BatchConfigOverrides(_Accept):
 
 
 class EssayForCJ(_Accept):
-    essay_id: str = Field(description="The pipeline's essay id (els_essay_id)")
-    text_storage_id: str | None = Field(None, description="Content Service id of the text")
+    essay_id: _Text = Field(description="The pipeline's essay id (els_essay_id)")
+    text_storage_id: _Text | None = Field(None, description="Content Service id of the text")
     text: str | None = Field(None, description="Inline essay text; wins over text_storage_id")
 
 
 class ELSCJAssessmentRequestV1(_Accept):
     event_name: str | None = Field(None, description="els.cj_assessment.requested")
     entity_ref: EntityRef | None = Field(None, description="Older producers: the batch reference")
-    entity_id: str | None = Field(None, description="Newer producers: flat batch id")
+    entity_id: _Text | None = Field(None, description="Newer producers: flat batch id")
     entity_type: str | None = Field(None, description="Newer producers: flat entity type")
     parent_id: str | None = Field(None, description="Newer producers: flat parent id")
     timestamp: str | datetime | None = Field(None, description="When the request was made")
     system_metadata: dict[str, Any] | None = Field(None, description="Pipeline bookkeeping")
     essays_for_cj: list[EssayForCJ] = Field(description="The essays to rank")
-    language: str | None = Field(None, description="Language of the essays")
-    course_code: str | None = Field(None, description="Course code")
+    language: Annotated[str, StringConstraints(max_length=32)] | None = Field(
+        None, description="Language of the essays (at most 32 characters)"
+    )
+    course_code: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None, description="Course code (at most 64 characters)"
+    )
     essay_instructions: str | None = Field(None, description="The task the essays answer")
     llm_config_overrides: LLMConfigOverrides | None = Field(None, description="LLM settings")
     batch_config_overrides: dict[str, Any] | None = Field(
         None, description="Batch overrides; checked against allowed ranges"
     )
-    assignment_id: str | None = Field(None, description="Assignment id")
-    user_id: str | None = Field(None, description="Requesting user")
-    org_id: str | None = Field(None, description="Organisation")
+    assignment_id: _Text | None = Field(None, description="Assignment id")
+    user_id: _Text | None = Field(None, description="Requesting user")
+    org_id: _Text | None = Field(None, description="Organisation")
 
     @property
     def bos_batch_id(self) -> str | None:
         if self.entity_ref is not None:
             return self.entity_ref.entity_id
         return self.entity_id
+
+
+def bos_batch_id_of(data: dict[str, Any]) -> str | None:
+    """The identity of a request payload that may not validate, read as `bos_batch_id` reads
+    a valid one: with it, an invalid request is answered by a failed event. None when no
+    usable identity is there (missing, empty, not text, or too long to store)."""
+    ref = data.get("entity_ref")
+    if ref is not None:
+        candidate = ref.get("entity_id") if isinstance(ref, dict) else None
+    else:
+        candidate = data.get("entity_id")
+    if isinstance(candidate, str) and candidate and len(candidate) <= MAX_ID_CHARS:
+        return candidate
+    return None
 
 
 # --- §5 comparison request (emitted) ---------------------------------------------------------
@@ -223,7 +254,7 @@ class ErrorDetail(_Accept):
 
 class LLMComparisonResultV1(_Accept):
     request_id: str | None = Field(None, description="Provider queue id (never used to match)")
-    correlation_id: str = Field(description="The request's correlation_id")
+    correlation_id: _Text = Field(description="The request's correlation_id")
     winner: Literal["Essay A", "Essay B"] | None = Field(None, description="Verdict on success")
     justification: str | None = Field(None, description="Short reason (<= 500 chars)")
     confidence: float | None = Field(None, ge=1.0, le=5.0, description="Confidence 1-5")

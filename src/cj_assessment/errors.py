@@ -3,8 +3,10 @@
 CJError
 ├── TransientError        broker or database away, timeouts: retry with backoff, never dead-letter
 └── PermanentError        the record can never succeed: dead-letter it, commit, move on
-    ├── PoisonMessage     undecodable bytes, schema-invalid envelope or payload, unstorable text
-    └── RequestRejected   a well-formed request the domain refuses: one failed event
+    ├── PoisonMessage     undecodable bytes, schema-invalid envelope or result, a request with
+    │                     no readable identity, unstorable text
+    └── RequestRejected   a request the domain refuses (schema-invalid data included, once its
+        │                 identity is readable): one failed event
         └── ContentUnavailable   an essay's text could not be fetched from the Content Service
 """
 

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     # Input limits
     max_essays: int = Field(2000, ge=2, description="Most essays one assessment may hold")
     max_essay_chars: int = Field(50_000, ge=1, description="Longest essay text accepted")
+    # Every comparison request carries the instructions with two essays; with both capped, a
+    # request stays well under Kafka's default 1 MB message limit even fully JSON-escaped.
+    max_instructions_chars: int = Field(
+        20_000, ge=1, description="Longest essay_instructions accepted"
+    )
 
     # Batch processing (defaults; per-request batch_config_overrides win)
     batch_size: int = Field(50, ge=10, le=200, description="Comparisons per submission batch")

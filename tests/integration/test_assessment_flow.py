@@ -15,6 +15,8 @@ from cj_assessment.samples import SAMPLE_INSTRUCTIONS, load_sample_essays
 from cj_assessment.simulated_judge import latent_quality
 from tests.support.harness import provider_config, running_system, system_settings
 
+SENTINEL = "SENTINEL-5e1f-aa07"
+
 
 def _essays(n: int) -> dict[str, str]:
     samples = list(load_sample_essays().values())
@@ -83,9 +85,23 @@ async def test_duplicate_request_for_a_known_batch_creates_nothing_new(
 async def test_invalid_requests_each_end_in_one_failed_event(
     kafka_bootstrap: str, database_url: str
 ) -> None:
-    settings = system_settings(kafka_bootstrap, database_url)
+    settings = system_settings(kafka_bootstrap, database_url, max_instructions_chars=100)
     essays = _essays(4)
+    no_essays = request_envelope(bos_batch_id="bad-no-essays", essays=essays)
+    del no_essays["data"]["essays_for_cj"]
+    wrong_types = request_envelope(bos_batch_id="bad-types", essays=essays)
+    wrong_types["data"]["essays_for_cj"][0]["essay_id"] = 17
+    wrong_types["data"]["language"] = f"{SENTINEL} " * 10
+    wrong_types["data"]["llm_config_overrides"] = {"temperature_override": 7.5}
     cases = {
+        "bad-no-essays": no_essays,
+        "bad-types": wrong_types,
+        "bad-long-id": request_envelope(
+            bos_batch_id="bad-long-id", essays={"x" * 256: "text one", "b": "text two"}
+        ),
+        "bad-instructions": request_envelope(
+            bos_batch_id="bad-instructions", essays=essays, instructions="Discuss. " * 20
+        ),
         "bad-one-essay": request_envelope(bos_batch_id="bad-one-essay", essays={"a": "text"}),
         "bad-override": request_envelope(
             bos_batch_id="bad-override", essays=essays, batch_config_overrides={"batch_size": 500}
@@ -106,6 +122,10 @@ async def test_invalid_requests_each_end_in_one_failed_event(
         b: o["data"]["system_metadata"]["error_info"]["error_code"] for b, o in outcomes.items()
     }
     assert codes == {
+        "bad-no-essays": "INVALID_REQUEST",
+        "bad-types": "INVALID_REQUEST",
+        "bad-long-id": "INVALID_REQUEST",
+        "bad-instructions": "INSTRUCTIONS_TOO_LONG",
         "bad-one-essay": "TOO_FEW_ESSAYS",
         "bad-override": "INVALID_BATCH_CONFIG_OVERRIDE",
         "bad-empty": "EMPTY_ESSAY_TEXT",
@@ -113,6 +133,17 @@ async def test_invalid_requests_each_end_in_one_failed_event(
     }
     message = outcomes["bad-override"]["data"]["system_metadata"]["error_info"]["error_message"]
     assert "batch_size" in message and "10-200" in message
+    info = outcomes["bad-types"]["data"]["system_metadata"]["error_info"]
+    assert info["context"]["invalid_fields"] == [
+        "essays_for_cj.0.essay_id",
+        "language",
+        "llm_config_overrides.temperature_override",
+    ]
+    assert SENTINEL not in json.dumps(outcomes["bad-types"])
+    assert (
+        "essays_for_cj: Field required"
+        in (outcomes["bad-no-essays"]["data"]["system_metadata"]["error_info"]["error_message"])
+    )
     for outcome in outcomes.values():
         assert outcome["data"]["status"] == "failed_critically"
         assert outcome["event_type"] == settings.topic_assessment_failed

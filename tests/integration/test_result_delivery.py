@@ -103,6 +103,8 @@ async def test_poison_records_on_both_topics_are_dead_lettered_and_the_next_reco
     valid_request = request_envelope(bos_batch_id="after-poison", essays=_essays(4))
     wrong_request = request_envelope(bos_batch_id="wrong", essays=_essays(2))
     wrong_request["data"]["essays_for_cj"] = f"{SENTINEL} not a list"
+    # No usable identity either, so there is no one to send a failed event to.
+    wrong_request["data"]["entity_ref"] = {"entity_id": 42}
     nul_request = request_envelope(bos_batch_id=f"nul\u0000{SENTINEL}", essays=_essays(2))
     wrong_result = {
         "event_id": str(uuid.uuid4()),

@@ -5,8 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from cj_assessment.assessment_request import EssayInput, check_essay_list, check_essay_text
+from cj_assessment.assessment_request import (
+    EssayInput,
+    check_essay_list,
+    check_essay_text,
+    check_instructions,
+    schema_rejection,
+)
 from cj_assessment.contracts import ELSCJAssessmentRequestV1
 from cj_assessment.errors import PermanentError, RequestRejected
 
@@ -113,3 +120,40 @@ def test_rejection_messages_name_the_essay_not_its_text() -> None:
     error = _rejected(lambda: check_essay_text("e7", secret + "\x00", max_chars=1000))
     assert "e7" in error.message
     assert secret not in error.message
+
+
+def test_a_schema_rejection_names_each_invalid_field_and_never_its_value() -> None:
+    secret = "SECRET-ESSAY-TEXT"
+    with pytest.raises(ValidationError) as caught:
+        ELSCJAssessmentRequestV1.model_validate(
+            {
+                "entity_id": "bos-batch-42",
+                "essays_for_cj": [{"essay_id": 7, "text": secret}, {"text": secret}],
+                "language": secret * 5,
+            }
+        )
+    rejected = schema_rejection(caught.value)
+    assert rejected.error_code == "INVALID_REQUEST"
+    assert rejected.context == {
+        "invalid_fields": ["essays_for_cj.0.essay_id", "essays_for_cj.1.essay_id", "language"]
+    }
+    assert "essays_for_cj.1.essay_id: Field required" in rejected.message
+    assert "language: String should have at most 32 characters" in rejected.message
+    assert secret not in rejected.message and "7" not in rejected.message
+
+
+def test_a_schema_rejection_names_ten_fields_and_counts_the_rest() -> None:
+    essays = [{"essay_id": i} for i in range(14)]
+    with pytest.raises(ValidationError) as caught:
+        ELSCJAssessmentRequestV1.model_validate({"entity_id": "b", "essays_for_cj": essays})
+    rejected = schema_rejection(caught.value)
+    assert rejected.message.endswith("; and 4 more")
+    assert len(rejected.context["invalid_fields"]) == 14
+
+
+def test_instructions_up_to_the_limit_pass_and_longer_ones_are_rejected() -> None:
+    request = _request(_essays(2)).model_copy(update={"essay_instructions": "x" * 100})
+    check_instructions(request, max_chars=100)
+    error = _rejected(lambda: check_instructions(request, max_chars=99))
+    assert error.error_code == "INSTRUCTIONS_TOO_LONG"
+    assert error.context == {"length": 100, "max_chars": 99}

@@ -24,6 +24,7 @@ from cj_assessment.contracts import (
     LLMConfigOverrides,
     ProcessingSummary,
     RankingEntry,
+    bos_batch_id_of,
     deterministic_event_id,
     envelope_json,
     envelope_text,
@@ -331,6 +332,57 @@ def test_a_request_without_essays_is_invalid() -> None:
     raw = {k: v for k, v in REQUEST_EXAMPLE.items() if k != "essays_for_cj"}
     with pytest.raises(ValidationError):
         ELSCJAssessmentRequestV1.model_validate(raw)
+
+
+@pytest.mark.parametrize(
+    ("data", "identity"),
+    [
+        ({"entity_ref": {"entity_id": "b-1"}, "essays_for_cj": "not a list"}, "b-1"),
+        ({"entity_id": "b-2", "essays_for_cj": None}, "b-2"),
+        ({"entity_ref": {"entity_id": "b-3"}, "entity_id": "flat-ignored"}, "b-3"),
+        ({"entity_ref": {"entity_id": 42}, "entity_id": "b-4"}, None),
+        ({"entity_ref": "b-5"}, None),
+        ({"entity_id": ""}, None),
+        ({"entity_id": "x" * 256}, None),
+        ({}, None),
+    ],
+)
+def test_the_identity_of_an_invalid_request_is_read_as_a_valid_one_would_be(
+    data: dict[str, Any], identity: str | None
+) -> None:
+    assert bos_batch_id_of(data) == identity
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("essays_for_cj", 0, "essay_id"), "e" * 256),
+        (("essays_for_cj", 0, "text_storage_id"), "s" * 256),
+        (("entity_ref", "entity_id"), "b" * 256),
+        (("language",), "l" * 33),
+        (("course_code",), "c" * 65),
+        (("user_id",), "u" * 256),
+        (("llm_config_overrides", "temperature_override"), -0.1),
+        (("llm_config_overrides", "temperature_override"), 2.5),
+        (("llm_config_overrides", "max_tokens_override"), 0),
+    ],
+)
+def test_request_fields_beyond_what_can_be_stored_or_sent_are_invalid(
+    path: tuple[Any, ...], value: Any
+) -> None:
+    raw = copy.deepcopy(REQUEST_EXAMPLE)
+    target = raw
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(ValidationError) as caught:
+        ELSCJAssessmentRequestV1.model_validate(raw)
+    assert [e["loc"] for e in caught.value.errors()] == [path]
+
+
+def test_envelope_ids_longer_than_a_stored_id_are_invalid() -> None:
+    with pytest.raises(ValidationError):
+        EventEnvelope.model_validate({"event_id": "e" * 256, "event_type": "t", "data": {}})
 
 
 # --- §5 comparison request -----------------------------------------------------------------------
