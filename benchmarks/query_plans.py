@@ -63,7 +63,7 @@ HOT_QUERIES = {
     ),
     "outbox claim (relay)": (
         "SELECT id, topic, message_key, payload FROM cj_event_outbox WHERE published_at IS NULL"
-        " ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED"
+        " AND undeliverable IS NULL ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED"
     ),
     "overdue attempts (monitor)": (
         "SELECT cj_batch_id FROM cj_comparison_pairs WHERE status = 'in_flight'"

@@ -30,6 +30,13 @@ log = structlog.get_logger(__name__)
 CONTEXTS_KEPT = 4096
 
 
+class Unanswered(StrEnum):
+    """Why an attempt will get no answer: counted as a failed attempt all the same."""
+
+    TIMEOUT = "timeout"  # overdue; a late answer can still rescue its comparison
+    UNDELIVERABLE = "undeliverable"  # the broker refused the request; no answer can come
+
+
 class ResultOutcome(StrEnum):
     HANDLED = "handled"
     DUPLICATE = "duplicate"
@@ -173,16 +180,17 @@ class BatchCallbackHandler:
             await self._advance(repo, ctx, state, progress, now=now)
         return [o if o is not None else ResultOutcome.DUPLICATE for o in outcomes]
 
-    async def time_out(
+    async def count_unanswered(
         self,
         repo: AssessmentRepository,
         state: StateRow,
         attempts: list[AttemptRecord],
         *,
+        cause: Unanswered,
         now: datetime,
     ) -> int:
-        """Count overdue attempts of one assessment, whose state row the caller has locked, as
-        failed."""
+        """Count attempts of one assessment, whose state row the caller has locked, that will
+        not be answered (overdue, or never sent) as failed."""
         if not attempts or state.state in TERMINAL_STATES:
             return 0
         ctx = (await self._contexts_of(repo, {state.cj_batch_id: state}))[state.cj_batch_id]
@@ -193,20 +201,22 @@ class BatchCallbackHandler:
                 progress,
                 _attempt_view(attempt, ctx.config.max_retry_attempts),
                 succeeded=False,
-                failure_reason="timeout",
+                failure_reason=cause.value,
                 now=utc_iso(now),
                 max_retry_attempts=ctx.config.max_retry_attempts,
                 threshold=ctx.config.partial_completion_threshold,
             )
             if disposition is Disposition.DUPLICATE:
                 continue
-            attempt.status = AttemptStatus.TIMED_OUT.value
+            attempt.status = (
+                AttemptStatus.TIMED_OUT if cause is Unanswered.TIMEOUT else AttemptStatus.FAILED
+            ).value
             attempt.completed_at = now
             attempt.winner = "error"
-            attempt.error_code = "TIMEOUT"
+            attempt.error_code = cause.value.upper()
             attempt.siblings[attempt.attempt] = attempt.status
             written.append(attempt)
-            self._count(attempt, disposition, "timeout", now)
+            self._count(attempt, disposition, cause.value, now)
         await repo.save_attempts(written)
         await self._advance(repo, ctx, state, progress, now=now)
         return len(written)

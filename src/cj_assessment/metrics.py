@@ -109,6 +109,12 @@ class Metrics:
         self.outbox_oldest_age = Gauge(
             "cj_outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row", registry=r
         )
+        self.outbox_undeliverable = Counter(
+            "cj_outbox_undeliverable_total",
+            "Outbox rows larger than the broker takes, kept unpublished",
+            ["topic"],
+            registry=r,
+        )
         self.outbox_published = Counter(
             "cj_outbox_published_total", "Outbox rows published", ["topic"], registry=r
         )

@@ -10,13 +10,15 @@ drives them on; an assessment that still cannot move is failed with a clear erro
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from cj_assessment.batch_callback_handler import BatchCallbackHandler
+from cj_assessment.batch_callback_handler import BatchCallbackHandler, Unanswered
+from cj_assessment.batch_state import AttemptStatus
 from cj_assessment.metrics import Metrics
 from cj_assessment.repository import AssessmentRepository
 from cj_assessment.retention import Retention
@@ -94,7 +96,9 @@ class StuckAssessmentMonitor:
             if state is None:
                 return 0
             attempts = await repo.overdue_attempts(cj_batch_id, overdue_since)
-            count = await self._callbacks.time_out(repo, state, attempts, now=now)
+            count = await self._callbacks.count_unanswered(
+                repo, state, attempts, cause=Unanswered.TIMEOUT, now=now
+            )
         if count:
             self._on_commit()
             self._metrics.monitor_actions.labels(action).inc(count)
@@ -129,3 +133,45 @@ class StuckAssessmentMonitor:
         self._on_commit()
         self._metrics.monitor_actions.labels("driven").inc()
         return timed_out + 1
+
+
+class UnsentAttempts:
+    """Attempts whose requests the outbox relay set aside as undeliverable (`UnsentComparisons`
+    in outbox.py): counted as failed at once, reason `undeliverable`, so that their iteration
+    does not wait out CALLBACK_WAIT_TIMEOUT for answers that cannot come. Their retries follow
+    the pool's rules like any failure. Should this never run (a crash after the relay's
+    commit), the monitor's timeout fails them later."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        callbacks: BatchCallbackHandler,
+        metrics: Metrics,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._sessions = sessions
+        self._callbacks = callbacks
+        self._metrics = metrics
+        self._clock = clock
+
+    async def fail(self, correlation_ids: Sequence[str]) -> int:
+        ids = [uuid.UUID(c) for c in correlation_ids]
+        now = self._clock()
+        async with self._sessions() as session:
+            assessments = await AssessmentRepository(session).assessments_answered(ids)
+        failed = 0
+        for cj_batch_id in sorted(assessments):
+            async with self._sessions() as session, session.begin():
+                repo = AssessmentRepository(session)
+                state = (await repo.lock_states([cj_batch_id]))[cj_batch_id]
+                attempts = await repo.attempts_by_correlation(ids, within=[cj_batch_id])
+                in_flight = [
+                    a for a in attempts.values() if a.status == AttemptStatus.IN_FLIGHT.value
+                ]
+                count = await self._callbacks.count_unanswered(
+                    repo, state, in_flight, cause=Unanswered.UNDELIVERABLE, now=now
+                )
+            self._metrics.monitor_actions.labels("undeliverable").inc(count)
+            log.warning("comparisons_undeliverable", cj_batch_id=cj_batch_id, comparisons=count)
+            failed += count
+        return failed

@@ -3,17 +3,25 @@
 Rows are claimed with `FOR UPDATE SKIP LOCKED`, so several relays (one per instance) publish
 each row once; a row is marked published only after the broker acknowledged it. After a crash
 between acknowledgement and marking, the row is sent again with the same deterministic
-event id, which consumers deduplicate."""
+event id, which consumers deduplicate.
+
+A row larger than the broker takes (`kafka_max_message_bytes`) can never be sent: it is set
+aside (`undeliverable`, kept unpublished and counted) instead of failing every round and
+holding up the rows behind it; a comparison request set aside is reported to
+`UnsentComparisons`, which counts its attempt as failed at once."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
+from typing import Protocol
 
 import structlog
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -21,9 +29,16 @@ from cj_assessment.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
+# The predicate is the claim index's (ix_cj_event_outbox_pending), written out literally.
 _CLAIM = text(
     "SELECT id, topic, message_key, payload FROM cj_event_outbox"
-    " WHERE published_at IS NULL ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
+    " WHERE published_at IS NULL AND undeliverable IS NULL"
+    " ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
+)
+_SET_ASIDE = text(
+    "UPDATE cj_event_outbox AS o SET undeliverable = v.reason"
+    " FROM unnest(CAST(:ids AS bigint[]), CAST(:reasons AS text[])) AS v(id, reason)"
+    " WHERE o.id = v.id"
 )
 # Each row gets the moment the broker acknowledged it, not the end of its round: a round of
 # hundreds of rows takes a while, and published_at is what time-to-result is measured from.
@@ -33,7 +48,16 @@ _MARK = text(
     " WHERE o.id = v.id"
 )
 _YIELD_EVERY = 50
-_BACKLOG = text("SELECT count(*), min(created_at) FROM cj_event_outbox WHERE published_at IS NULL")
+_BACKLOG = text(
+    "SELECT count(*), min(created_at) FROM cj_event_outbox"
+    " WHERE published_at IS NULL AND undeliverable IS NULL"
+)
+
+
+class UnsentComparisons(Protocol):
+    async def fail(self, correlation_ids: Sequence[str]) -> int:
+        """Count these comparison attempts, whose requests will never be sent, as failed."""
+        ...
 
 
 class OutboxRelay:
@@ -45,6 +69,8 @@ class OutboxRelay:
         *,
         batch_size: int,
         poll_interval: float,
+        comparison_topic: str,
+        unsent: UnsentComparisons | None = None,
         kill_after_ack: bool = False,
     ) -> None:
         self._sessions = sessions
@@ -52,6 +78,8 @@ class OutboxRelay:
         self._metrics = metrics
         self._batch_size = batch_size
         self._poll_interval = poll_interval
+        self._comparison_topic = comparison_topic
+        self._unsent = unsent
         self._wake = asyncio.Event()
         self._kill_after_ack = kill_after_ack
 
@@ -81,19 +109,27 @@ class OutboxRelay:
             await self._refresh_backlog()
 
     async def publish_pending(self) -> int:
+        """Publish one round of pending rows; the number of rows published or set aside."""
         async with self._sessions() as session, session.begin():
             rows = (await session.execute(_CLAIM, {"limit": self._batch_size})).all()
             if not rows:
                 return 0
+            sent: list[tuple[int, str]] = []
             futures = []
-            for position, (_, topic, key, payload) in enumerate(rows, start=1):
-                futures.append(
-                    await self._producer.send(
+            aside: list[tuple[int, str, str, str]] = []  # id, topic, payload, reason
+            for position, (row_id, topic, key, payload) in enumerate(rows, start=1):
+                try:
+                    future = await self._producer.send(
                         topic,
                         value=payload.encode("utf-8"),
                         key=key.encode("utf-8") if key is not None else None,
                     )
-                )
+                except MessageSizeTooLargeError:
+                    # The producer's limit is the broker's: it would refuse the row every time.
+                    aside.append((row_id, topic, payload, "larger than kafka_max_message_bytes"))
+                    continue
+                sent.append((row_id, topic))
+                futures.append(future)
                 if position % _YIELD_EVERY == 0:
                     # `send` only appends to the producer's buffer without yielding; let its
                     # sender task ship the first batches while the rest are appended.
@@ -102,10 +138,39 @@ class OutboxRelay:
             if self._kill_after_ack:
                 log.warning("fault_hook_exit", rows=len(rows))
                 os._exit(18)
-            await session.execute(_MARK, {"ids": [row[0] for row in rows], "acked_at": acked_at})
-        for _, topic, _, _ in rows:
+            if sent:
+                await session.execute(
+                    _MARK, {"ids": [row_id for row_id, _ in sent], "acked_at": acked_at}
+                )
+            if aside:
+                await session.execute(
+                    _SET_ASIDE,
+                    {"ids": [a[0] for a in aside], "reasons": [a[3] for a in aside]},
+                )
+        for _, topic in sent:
             self._metrics.outbox_published.labels(topic).inc()
+        if aside:
+            await self._set_aside(aside)
         return len(rows)
+
+    async def _set_aside(self, rows: list[tuple[int, str, str, str]]) -> None:
+        unsent: list[str] = []
+        for row_id, topic, payload, reason in rows:
+            self._metrics.outbox_undeliverable.labels(topic).inc()
+            log.error(
+                "outbox_row_undeliverable",
+                outbox_id=row_id,
+                topic=topic,
+                payload_chars=len(payload),
+                reason=reason,
+            )
+            if topic == self._comparison_topic:
+                unsent.append(json.loads(payload)["data"]["correlation_id"])
+        if unsent and self._unsent is not None:
+            try:
+                await self._unsent.fail(unsent)
+            except Exception as exc:  # noqa: BLE001 - the monitor's timeout still fails them
+                log.warning("unsent_comparisons_not_failed", error_class=type(exc).__name__)
 
     async def _refresh_backlog(self) -> None:
         try:

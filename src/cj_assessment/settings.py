@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     kafka_max_poll_records: int = Field(
         2000, ge=1, description="Records fetched per poll (a poll's results are handled together)"
     )
+    kafka_max_message_bytes: int = Field(
+        1_048_576,
+        ge=65_536,
+        description="Largest record the broker takes (its message.max.bytes); larger outbox"
+        " rows are set aside as undeliverable instead of blocking the relay",
+    )
     kafka_fetch_min_bytes: int = Field(
         262_144, ge=1, description="Bytes the broker gathers for a fetch before answering"
     )

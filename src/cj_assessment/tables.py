@@ -165,10 +165,15 @@ class OutboxMessage(Base):
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Why the relay set the row aside unpublished (too large for the broker); kept, never sent.
+    undeliverable: Mapped[str | None] = mapped_column(String(255))
 
     __table_args__ = (
+        # The relay's claim: pending rows only (migration 0004).
         Index(
-            "ix_cj_event_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")
+            "ix_cj_event_outbox_pending",
+            "id",
+            postgresql_where=text("published_at IS NULL AND undeliverable IS NULL"),
         ),
         # BRIN: rows arrive in time order, so a few bytes per block range find the old ones
         # for pruning, at almost no cost to every insert.

@@ -15,7 +15,7 @@ from cj_assessment.consumer import Clock, EventConsumer, utcnow
 from cj_assessment.content import ContentClient, HttpContentClient
 from cj_assessment.database import create_engine, session_factory
 from cj_assessment.metrics import Metrics
-from cj_assessment.monitor import StuckAssessmentMonitor
+from cj_assessment.monitor import StuckAssessmentMonitor, UnsentAttempts
 from cj_assessment.outbox import OutboxRelay
 from cj_assessment.retention import Retention
 from cj_assessment.settings import Settings
@@ -56,8 +56,10 @@ class ServiceProvider(Provider):
             linger_ms=0,
             # An iteration's requests share one key, so one partition: with aiokafka's 16 KB
             # batches (two prompts each) they left as hundreds of sequential produce requests.
-            max_batch_size=1024 * 1024,
-            max_request_size=4 * 1024 * 1024,
+            max_batch_size=min(1024 * 1024, settings.kafka_max_message_bytes),
+            # The broker's limit: a larger record is refused here, at `send`, for that row
+            # alone, rather than by the broker for its whole batch.
+            max_request_size=settings.kafka_max_message_bytes,
         )
         await producer.start()
         yield producer
@@ -96,6 +98,7 @@ class ServiceProvider(Provider):
         sessions: async_sessionmaker[AsyncSession],
         producer: AIOKafkaProducer,
         metrics: Metrics,
+        unsent: UnsentAttempts,
     ) -> OutboxRelay:
         return OutboxRelay(
             sessions,
@@ -103,8 +106,20 @@ class ServiceProvider(Provider):
             metrics,
             batch_size=settings.outbox_batch_size,
             poll_interval=settings.outbox_poll_interval_seconds,
+            comparison_topic=settings.topic_llm_comparison_request,
+            unsent=unsent,
             kill_after_ack=settings.fault_kill_after_relay_ack,
         )
+
+    @provide
+    def unsent(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        callbacks: BatchCallbackHandler,
+        metrics: Metrics,
+        clock: Clock,
+    ) -> UnsentAttempts:
+        return UnsentAttempts(sessions, callbacks, metrics, clock)
 
     @provide
     def consumer(

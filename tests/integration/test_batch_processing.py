@@ -167,3 +167,49 @@ async def test_sixty_essays_with_errors_and_stragglers_complete_once_within_batc
     stats = metadata["pool_statistics"]
     assert stats["total_failed"] >= 1 and stats["retry_batches_sent"] >= 1
     assert all(b["size"] <= 25 for b in metadata["submission_batches"])
+
+
+async def test_requests_too_large_for_the_broker_fail_at_once_and_hold_up_nothing(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    # Prompts of two 40,000-character essays exceed a 64 KB broker limit. A callback timeout
+    # of ten minutes shows that their attempts fail because they were set aside, not late.
+    settings = system_settings(
+        kafka_bootstrap,
+        database_url,
+        kafka_max_message_bytes=65_536,
+        callback_wait_timeout_seconds=600.0,
+        max_retry_attempts=1,
+    )
+    large = {
+        essay_id: (body + "\n\n") * (40_000 // (len(body) + 2) + 1)
+        for essay_id, body in _essays(4).items()
+    }
+    async with running_system(settings, provider_config(settings)) as system:
+        await system.submit(
+            request_envelope(bos_batch_id="too-large", essays=large),
+            request_envelope(bos_batch_id="fits", essays=_essays(6)),
+        )
+        outcomes = await system.watcher.wait_for(["too-large", "fits"], timeout=60, settle=1.0)
+        attempts = await system.rows(
+            "SELECT p.attempt, p.status, p.error_code FROM cj_comparison_pairs p"
+            " JOIN cj_batch_uploads u ON u.id = p.cj_batch_id WHERE u.bos_batch_id = 'too-large'"
+        )
+        aside = await system.rows(
+            "SELECT topic, count(*) FROM cj_event_outbox WHERE undeliverable IS NOT NULL"
+            " GROUP BY topic"
+        )
+        pending = await system.rows(
+            "SELECT count(*) FROM cj_event_outbox WHERE published_at IS NULL"
+            " AND undeliverable IS NULL"
+        )
+    assert outcomes["fits"]["data"]["status"] == "completed_successfully"
+    failed = outcomes["too-large"]["data"]["system_metadata"]["error_info"]
+    assert failed["error_code"] == "NO_SCORABLE_ESSAYS"
+    assert attempts and {(a.status, a.error_code) for a in attempts} == {
+        ("failed", "UNDELIVERABLE")
+    }
+    first = sum(1 for a in attempts if a.attempt == 1)
+    assert sum(1 for a in attempts if a.attempt == 2) == first  # each retried once
+    assert aside == [(settings.topic_llm_comparison_request, len(attempts))]
+    assert pending[0][0] == 0

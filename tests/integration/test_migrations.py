@@ -1,5 +1,5 @@
 """Migrations against a real PostgreSQL: the retention indexes build outside a transaction
-and keep an index an operator built by hand."""
+and keep an index an operator built by hand; the outbox's claim index covers pending rows."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from alembic import command
 from cj_assessment.database import _alembic_config, head_revision
 
 BRIN_INDEXES = {"ix_cj_event_outbox_created_brin", "ix_cj_event_inbox_handled_brin"}
+PENDING_INDEX = {
+    "ix_cj_event_outbox_pending": "((published_at IS NULL) AND (undeliverable IS NULL))"
+}
 
 
 async def _brin_indexes(url: str) -> dict[str, bool]:
@@ -57,3 +60,43 @@ async def test_retention_indexes_are_rebuilt_concurrently_and_keep_one_built_by_
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
     await engine.dispose()
     assert version == head_revision()
+
+
+async def _outbox_shape(url: str) -> tuple[dict[str, str], set[str]]:
+    """Partial-index predicates and column names of the outbox."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            indexes = await conn.execute(
+                text(
+                    "SELECT c.relname, pg_get_expr(i.indpred, i.indrelid) FROM pg_index i"
+                    " JOIN pg_class c ON c.oid = i.indexrelid"
+                    " WHERE i.indrelid = 'cj_event_outbox'::regclass AND i.indpred IS NOT NULL"
+                )
+            )
+            columns = await conn.execute(
+                text(
+                    "SELECT column_name FROM information_schema.columns"
+                    " WHERE table_name = 'cj_event_outbox'"
+                )
+            )
+            return dict(indexes.all()), set(columns.scalars())
+    finally:
+        await engine.dispose()
+
+
+async def test_the_outbox_claim_index_covers_pending_rows_and_the_downgrade_restores_it(
+    database_url: str,
+) -> None:
+    config = _alembic_config(database_url)
+    indexes, columns = await _outbox_shape(database_url)
+    assert indexes == PENDING_INDEX
+    assert "undeliverable" in columns
+
+    await asyncio.to_thread(command.downgrade, config, "0003")
+    indexes, columns = await _outbox_shape(database_url)
+    assert indexes == {"ix_cj_event_outbox_unpublished": "(published_at IS NULL)"}
+    assert "undeliverable" not in columns
+
+    await asyncio.to_thread(command.upgrade, config, "head")
+    assert (await _outbox_shape(database_url))[0] == PENDING_INDEX
