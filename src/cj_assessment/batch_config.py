@@ -38,6 +38,7 @@ class BatchConfig:
     pairing_strategy: str = "adaptive"
     target_reliability: float | None = None
     target_mean_standard_error: float | None = None
+    min_reliability_to_stop_early: float = 0.5
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,4 +129,5 @@ def resolve_batch_config(
         pairing_strategy=settings.pairing_strategy,
         target_reliability=settings.target_reliability,
         target_mean_standard_error=settings.target_mean_standard_error,
+        min_reliability_to_stop_early=settings.min_reliability_to_stop_early,
     )

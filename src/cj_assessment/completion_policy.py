@@ -75,7 +75,11 @@ def decide_after_scoring(
     ``target_reliability``), ``precision`` (the mean standard error fell to
     ``target_mean_standard_error``), ``stability``, ``budget``, ``all_pairs_compared``.
     The precision targets, like stability, count only from ``min_iterations_for_stability``
-    on, so one lucky early iteration cannot end an assessment.
+    on, so one lucky early iteration cannot end an assessment. Stability and the standard-error
+    target also need the calibrated reliability at ``min_reliability_to_stop_early`` or above:
+    when the judgements barely separate the essays, the estimated spread of abilities
+    collapses, every score and standard error shrinks towards zero, and a scale that says
+    nothing would look both stable and precise.
     """
     if scored_essays == 0 or progress.completed == 0:
         return Decision(Verdict.FAIL, "NO_SCORABLE_ESSAYS")
@@ -83,6 +87,7 @@ def decide_after_scoring(
     if settled and progress.completed / settled < config.min_success_rate:
         return Decision(Verdict.FAIL, "LOW_SUCCESS_RATE")
     late_enough = progress.current_iteration >= config.min_iterations_for_stability
+    separates = reliability is not None and reliability >= config.min_reliability_to_stop_early
     if (
         late_enough
         and config.target_reliability is not None
@@ -92,6 +97,7 @@ def decide_after_scoring(
         return Decision(Verdict.COMPLETE, "reliability")
     if (
         late_enough
+        and separates
         and config.target_mean_standard_error is not None
         and mean_standard_error is not None
         and mean_standard_error <= config.target_mean_standard_error
@@ -100,6 +106,7 @@ def decide_after_scoring(
     if (
         config.enable_stability_checking
         and late_enough
+        and separates
         and max_score_change is not None
         and max_score_change < config.stability_threshold
     ):

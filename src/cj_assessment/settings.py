@@ -114,6 +114,13 @@ class Settings(BaseSettings):
         0.05, gt=0, description="Largest score change between iterations that counts as stable"
     )
     min_iterations_for_stability: int = Field(2, ge=1, description="Iterations before stability")
+    min_reliability_to_stop_early: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Stability and the standard-error target end an assessment only once the"
+        " calibrated reliability is at least this",
+    )
     comparisons_per_essay: int = Field(
         10, ge=1, description="Default comparison budget per essay (budget = this x essays)"
     )

@@ -240,18 +240,39 @@ def test_a_success_rate_exactly_at_the_minimum_does_not_fail() -> None:
 
 def test_stability_completes_only_from_min_iterations_on() -> None:
     config = _config(min_iterations_for_stability=2, stability_threshold=0.05)
-    early = _decide(_scored(iteration=1), config, change=0.01)
+    early = _decide(_scored(iteration=1), config, change=0.01, reliability=0.8)
     assert early.verdict is Verdict.CONTINUE
-    on_time = _decide(_scored(iteration=2), config, change=0.01)
+    on_time = _decide(_scored(iteration=2), config, change=0.01, reliability=0.8)
     assert (on_time.verdict, on_time.reason) == (Verdict.COMPLETE, "stability")
-    later = _decide(_scored(iteration=5), config, change=0.01)
+    later = _decide(_scored(iteration=5), config, change=0.01, reliability=0.8)
     assert (later.verdict, later.reason) == (Verdict.COMPLETE, "stability")
 
 
 def test_stability_needs_a_change_below_the_threshold() -> None:
     config = _config(stability_threshold=0.05)
-    assert _decide(_scored(iteration=3), config, change=0.05).verdict is Verdict.CONTINUE
-    assert _decide(_scored(iteration=3), config, change=None).verdict is Verdict.CONTINUE
+    for change in (0.05, None):
+        decision = _decide(_scored(iteration=3), config, change=change, reliability=0.8)
+        assert decision.verdict is Verdict.CONTINUE
+
+
+@pytest.mark.parametrize("reliability", [None, 0.0, 0.002, 0.49])
+def test_a_scale_that_barely_separates_the_essays_is_neither_stable_nor_precise(
+    reliability: float | None,
+) -> None:
+    # A collapsed scale: every score and standard error near zero, so the change is tiny.
+    config = _config(target_mean_standard_error=0.5, min_reliability_to_stop_early=0.5)
+    decision = _decide(
+        _scored(iteration=3), config, change=0.002, mean_se=0.03, reliability=reliability
+    )
+    assert decision.verdict is Verdict.CONTINUE
+
+
+def test_stability_and_precision_stop_once_the_scale_separates_the_essays() -> None:
+    stable = _decide(_scored(iteration=3), _config(), change=0.002, reliability=0.5)
+    assert (stable.verdict, stable.reason) == (Verdict.COMPLETE, "stability")
+    config = _config(target_mean_standard_error=0.5, enable_stability_checking=False)
+    precise = _decide(_scored(iteration=3), config, mean_se=0.03, reliability=0.5)
+    assert (precise.verdict, precise.reason) == (Verdict.COMPLETE, "precision")
 
 
 def test_stability_is_ignored_when_checking_is_disabled() -> None:
@@ -272,11 +293,11 @@ def test_target_reliability_completes_once_reached_from_min_iterations_on() -> N
 
 def test_target_mean_standard_error_completes_once_reached_from_min_iterations_on() -> None:
     config = _config(target_mean_standard_error=0.4, min_iterations_for_stability=2)
-    early = _decide(_scored(iteration=1), config, mean_se=0.1)
+    early = _decide(_scored(iteration=1), config, mean_se=0.1, reliability=0.8)
     assert early.verdict is Verdict.CONTINUE
-    above = _decide(_scored(iteration=3), config, mean_se=0.41)
+    above = _decide(_scored(iteration=3), config, mean_se=0.41, reliability=0.8)
     assert above.verdict is Verdict.CONTINUE
-    reached = _decide(_scored(iteration=3), config, mean_se=0.4)
+    reached = _decide(_scored(iteration=3), config, mean_se=0.4, reliability=0.8)
     assert (reached.verdict, reached.reason) == (Verdict.COMPLETE, "precision")
 
 
