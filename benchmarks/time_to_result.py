@@ -4,7 +4,8 @@ Same service, same assessments (30 and 100 essays; 500 for the batch workflow on
 pairs (random pairing, seeded per (cj_batch_id, iteration), and a fresh database per run, so
 the measured assessment always has cj_batch_id 2 after the warm-up; the table prints a digest
 of the pairs), stability stopping off so both run the same iterations to the same budget (10
-comparisons per essay, 5 matchings per iteration: 4 iterations). Two configurations through
+comparisons per essay as the service counts its budget, 10 x essays comparisons, so each
+essay takes part in 20; 5 matchings per iteration: 4 iterations). Two configurations through
 `batch_config_overrides`:
 
 * sync:  batch_size 10, max_concurrent_batches 1, partial_completion_threshold 1.0;
