@@ -70,6 +70,15 @@ def _correlation_uuid(value: str) -> uuid.UUID | None:
         return None
 
 
+# Attempts still without an answer of their own when their assessment finished: an answer that
+# comes after the end is stored as late (a timed-out attempt's, too).
+_ANSWERABLE_AFTER_THE_END = (
+    AttemptStatus.IN_FLIGHT.value,
+    AttemptStatus.QUEUED.value,
+    AttemptStatus.TIMED_OUT.value,
+)
+
+
 class BatchCallbackHandler:
     def __init__(self, orchestrator: WorkflowOrchestrator, metrics: Metrics) -> None:
         self._orchestrator = orchestrator
@@ -191,7 +200,18 @@ class BatchCallbackHandler:
     ) -> int:
         """Count attempts of one assessment, whose state row the caller has locked, that will
         not be answered (overdue, or never sent) as failed."""
-        if not attempts or state.state in TERMINAL_STATES:
+        if not attempts:
+            return 0
+        if state.state in TERMINAL_STATES:
+            # Outstanding when the assessment finished, and now overdue: closed without
+            # counting (the published outcome stands), so that the monitor does not find them
+            # again on every pass. An answer that still comes is stored as late.
+            for attempt in attempts:
+                attempt.status = AttemptStatus.TIMED_OUT.value
+                attempt.completed_at = now
+                attempt.winner = "error"
+                attempt.error_code = cause.value.upper()
+            await repo.save_attempts(attempts)
             return 0
         ctx = (await self._contexts_of(repo, {state.cj_batch_id: state}))[state.cj_batch_id]
         progress = state.progress()
@@ -238,7 +258,7 @@ class BatchCallbackHandler:
     def _store_late(
         self, attempt: AttemptRecord, result: LLMComparisonResultV1, now: datetime
     ) -> ResultOutcome:
-        if attempt.status not in (AttemptStatus.IN_FLIGHT.value, AttemptStatus.QUEUED.value):
+        if attempt.status not in _ANSWERABLE_AFTER_THE_END:
             return ResultOutcome.DUPLICATE
         _store_result(
             attempt,

@@ -274,6 +274,8 @@ def release_batches(
         progress = _with_batch(progress, sent)
         if batch.kind is BatchKind.FIRST:
             progress = _evolve(progress, submitted=progress.submitted + batch.size)
+        else:
+            progress = _evolve(progress, pool=progress.pool.count_retry_batch_sent())
         released.append(sent)
         slots -= 1
     return progress, released

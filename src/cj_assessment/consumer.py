@@ -120,6 +120,33 @@ class _RebalanceListener(ConsumerRebalanceListener):
         log.info("partitions_assigned", partitions=len(assigned))
 
 
+class HandledOffsets:
+    """Per partition, the offset past its last handled record ({tp: offset + 1}), kept until
+    it is committed."""
+
+    def __init__(self) -> None:
+        self._next: dict[TopicPartition, int] = {}
+
+    def mark(self, records: Sequence[Any]) -> None:
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            self._next[tp] = max(self._next.get(tp, 0), record.offset + 1)
+
+    def take(
+        self, assigned: set[TopicPartition], only: set[TopicPartition] | None = None
+    ) -> dict[TopicPartition, int]:
+        """The offsets to commit now (of `only`, if given), forgotten here. Partitions no
+        longer assigned are forgotten too: taken away while their records were being handled,
+        they are the new owner's to commit, and an offset kept here would be committed should
+        the partition come back, behind what the other instance committed meanwhile."""
+        for tp in [tp for tp in self._next if tp not in assigned]:
+            del self._next[tp]
+        taken = {tp: offset for tp, offset in self._next.items() if only is None or tp in only}
+        for tp in taken:
+            del self._next[tp]
+        return taken
+
+
 class EventConsumer:
     def __init__(
         self,
@@ -145,7 +172,7 @@ class EventConsumer:
         self._clock = clock
         # State rows decoded by earlier transactions, reused while their stored text is the same.
         self._decoded = decoded if decoded is not None else DecodedStates()
-        self._handled: dict[TopicPartition, int] = {}
+        self._handled = HandledOffsets()
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self._settings
@@ -188,13 +215,7 @@ class EventConsumer:
         self, consumer: AIOKafkaConsumer, only: set[TopicPartition] | None = None
     ) -> None:
         """Commit each partition's offset past its last handled record ({tp: offset + 1})."""
-        offsets = {
-            tp: offset
-            for tp, offset in self._handled.items()
-            if (only is None or tp in only) and tp in consumer.assignment()
-        }
-        for tp in offsets:
-            del self._handled[tp]
+        offsets = self._handled.take(consumer.assignment(), only)
         if not offsets:
             return
         try:
@@ -203,11 +224,6 @@ class EventConsumer:
             # The partitions moved on; the new owner re-reads these records and its inbox
             # recognises them as handled.
             log.warning("offset_commit_skipped", error_class=type(exc).__name__)
-
-    def _mark_handled(self, records: Sequence[Any]) -> None:
-        for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            self._handled[tp] = max(self._handled.get(tp, 0), record.offset + 1)
 
     async def _process_poll(self, records: list[Any], stop: asyncio.Event) -> bool:
         results_topic = self._settings.topic_llm_comparison_result
@@ -255,8 +271,8 @@ class EventConsumer:
         for record in failed:
             if not await self._process_one(record, stop):
                 return False
-        self._mark_handled([r for r, _ in decoded])
-        self._mark_handled(poison)
+        self._handled.mark([r for r, _ in decoded])
+        self._handled.mark(poison)
         return True
 
     async def _process_one(self, record: Any, stop: asyncio.Event) -> bool:
@@ -265,7 +281,7 @@ class EventConsumer:
             return False
         if isinstance(outcome, BaseException):
             await self._dead_letter(record, outcome)
-        self._mark_handled([record])
+        self._handled.mark([record])
         return True
 
     async def _attempt(

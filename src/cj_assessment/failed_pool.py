@@ -69,6 +69,10 @@ class FailedPool:
         stats = replace(self.statistics, permanently_failed=self.statistics.permanently_failed + 1)
         return FailedPool(self.entries, stats)
 
+    def count_retry_batch_sent(self) -> FailedPool:
+        stats = replace(self.statistics, retry_batches_sent=self.statistics.retry_batches_sent + 1)
+        return FailedPool(self.entries, stats)
+
     def count_successful_retry(self) -> FailedPool:
         stats = replace(self.statistics, successful_retries=self.statistics.successful_retries + 1)
         return FailedPool(self.entries, stats)
@@ -79,10 +83,9 @@ class FailedPool:
         )
 
     def take_retry_batches(self, batch_size: int) -> tuple[FailedPool, list[list[PoolEntry]]]:
-        """Empty the pool into retry batches of at most `batch_size`, oldest failures first."""
+        """Empty the pool into retry batches of at most `batch_size`, oldest failures first.
+        They count as sent when they are released (`count_retry_batch_sent`): a batch still
+        queued when its assessment finishes is never sent."""
         ordered = sorted(self.entries, key=lambda e: (e.failed_at, e.comparison_id))
         chunks = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-        stats = replace(
-            self.statistics, retry_batches_sent=self.statistics.retry_batches_sent + len(chunks)
-        )
-        return FailedPool((), stats), chunks
+        return FailedPool((), self.statistics), chunks

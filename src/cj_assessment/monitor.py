@@ -2,10 +2,11 @@
 is claimed with `FOR UPDATE SKIP LOCKED`, so two monitors never work on the same one.
 
 Each pass (1) counts comparison attempts outstanding longer than CALLBACK_WAIT_TIMEOUT as
-failed (reason timeout), which sends them through the failed pool; (2) takes assessments idle
-for BATCH_TIMEOUT in any non-terminal state, times out everything they still wait for and
-drives them on; an assessment that still cannot move is failed with a clear error; (3) has
-`Retention` delete delivery bookkeeping past its retention."""
+failed (reason timeout), which sends them through the failed pool (those of a finished
+assessment are only closed); (2) takes assessments idle for BATCH_TIMEOUT in any non-terminal
+state, times out what is overdue and drives them on, in one transaction under the row lock;
+an assessment that still cannot move is failed with a clear error; (3) has `Retention` delete
+delivery bookkeeping past its retention."""
 
 from __future__ import annotations
 
@@ -76,10 +77,11 @@ class StuckAssessmentMonitor:
         for cj_batch_id in candidates:
             actions += await self._time_out(cj_batch_id, overdue_since, now, "timeout")
         idle_since = now - timedelta(seconds=self._settings.batch_timeout_seconds)
+        # Candidates only: each is checked again under its row lock before anything is done.
         async with self._sessions() as session, session.begin():
             idle = await AssessmentRepository(session).states_idle_since(idle_since, CLAIM_LIMIT)
         for cj_batch_id in idle:
-            actions += await self._drive_idle(cj_batch_id, now)
+            actions += await self._drive_idle(cj_batch_id, idle_since, overdue_since, now)
         async with self._sessions() as session:
             counts = await AssessmentRepository(session).count_running_by_state()
         for state in RUNNING_STATES:
@@ -105,32 +107,50 @@ class StuckAssessmentMonitor:
             log.info("comparisons_timed_out", cj_batch_id=cj_batch_id, comparisons=count)
         return count
 
-    async def _drive_idle(self, cj_batch_id: int, now: datetime) -> int:
-        # Everything it still waits for has had BATCH_TIMEOUT to answer: time it all out.
-        timed_out = await self._time_out(cj_batch_id, now, now, "idle_timeout")
+    async def _drive_idle(
+        self, cj_batch_id: int, idle_since: datetime, overdue_since: datetime, now: datetime
+    ) -> int:
+        """One transaction under the assessment's lock: whether it is still idle, its overdue
+        attempts, advancing it and the stuck check are all decided from what the lock
+        protects. A decision from the scan alone could time out retries that another monitor
+        or a result sent a moment ago, or fail an assessment whose lock was briefly busy."""
         async with self._sessions() as session, session.begin():
             repo = AssessmentRepository(session)
             state = await repo.lock_state(cj_batch_id, skip_locked=True)
-            if state is None or state.state in TERMINAL_STATES:
-                return timed_out
-            ctx = context_of(await repo.upload(cj_batch_id), state)
-            await self._orchestrator.advance(repo, ctx, state, state.progress(), now=now)
-            # Read again: advancing stored new progress in the row.
-            if state.state not in TERMINAL_STATES and not state.progress().in_flight():
-                await self._orchestrator.fail_assessment(
-                    repo,
-                    ctx,
-                    state,
-                    state.progress(),
-                    error_code="ASSESSMENT_STUCK",
-                    message=(
-                        "no progress for "
-                        f"{self._settings.batch_timeout_seconds:g} s and nothing left to wait for"
-                    ),
-                    now=now,
-                )
-                self._metrics.monitor_actions.labels("failed_stuck").inc()
+            if (
+                state is None
+                or state.state in TERMINAL_STATES
+                or state.last_activity_at >= idle_since
+            ):
+                return 0
+            # Idle is not overdue: attempts younger than CALLBACK_WAIT_TIMEOUT may still be
+            # answered (batch APIs take minutes to hours).
+            attempts = await repo.overdue_attempts(cj_batch_id, overdue_since)
+            timed_out = await self._callbacks.count_unanswered(
+                repo, state, attempts, cause=Unanswered.TIMEOUT, now=now
+            )
+            if state.state not in TERMINAL_STATES:
+                ctx = context_of(await repo.upload(cj_batch_id), state)
+                await self._orchestrator.advance(repo, ctx, state, state.progress(), now=now)
+                # Read again: advancing stored new progress in the row.
+                if state.state not in TERMINAL_STATES and not state.progress().in_flight():
+                    await self._orchestrator.fail_assessment(
+                        repo,
+                        ctx,
+                        state,
+                        state.progress(),
+                        error_code="ASSESSMENT_STUCK",
+                        message=(
+                            f"no progress for {self._settings.batch_timeout_seconds:g} s"
+                            " and nothing left to wait for"
+                        ),
+                        now=now,
+                    )
+                    self._metrics.monitor_actions.labels("failed_stuck").inc()
         self._on_commit()
+        if timed_out:
+            self._metrics.monitor_actions.labels("idle_timeout").inc(timed_out)
+            log.info("comparisons_timed_out", cj_batch_id=cj_batch_id, comparisons=timed_out)
         self._metrics.monitor_actions.labels("driven").inc()
         return timed_out + 1
 

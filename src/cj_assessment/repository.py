@@ -870,7 +870,13 @@ class AssessmentRepository:
         return Comparisons(planned, judgements)
 
     async def count_attempts(self, cj_batch_id: int) -> int:
-        stmt = select(func.count()).where(CJComparisonPair.cj_batch_id == cj_batch_id)
+        """Attempts whose requests went to the provider: paid calls. Not those still queued
+        when the assessment finished, nor those the relay set aside as undeliverable."""
+        stmt = select(func.count()).where(
+            CJComparisonPair.cj_batch_id == cj_batch_id,
+            CJComparisonPair.submitted_at.is_not(None),
+            CJComparisonPair.error_code.is_distinct_from("UNDELIVERABLE"),
+        )
         return int((await self.session.execute(stmt)).scalar_one())
 
     async def store_unmatched(self, rows: Sequence[tuple[str, str, str]]) -> None:

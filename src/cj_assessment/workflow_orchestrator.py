@@ -194,9 +194,12 @@ class WorkflowOrchestrator:
         """Drive the assessment as far as its progress allows, then store it."""
         config = ctx.config
         while True:
-            if retry_due(progress, config):
-                progress = await self._batches.plan_retries(repo, ctx, progress)
-            progress = await self._batches.release(repo, ctx, progress, now=now)
+            if not iteration_done(progress, config):
+                # Only while the iteration runs: at its close the decision comes first, and
+                # retries of an assessment that completes would be paid calls for nothing.
+                if retry_due(progress, config):
+                    progress = await self._batches.plan_retries(repo, ctx, progress)
+                progress = await self._batches.release(repo, ctx, progress, now=now)
             if not iteration_done(progress, config):
                 await repo.save_progress(state, progress, state="WAITING_CALLBACKS", now=now)
                 self._metrics.failed_pool_size.observe(len(progress.pool.entries))

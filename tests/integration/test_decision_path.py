@@ -1,0 +1,140 @@
+"""The decision path on a real database, results and monitor passes at chosen moments: what
+is sent, timed out and decided when answers, timeouts and monitors interleave."""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from tests.support.decision_path import DecisionPath, at
+
+
+async def test_the_transaction_that_completes_an_assessment_sends_no_retries(
+    sessions: async_sessionmaker[AsyncSession], database_url: str
+) -> None:
+    path = DecisionPath.build(
+        sessions, database_url, matchings_per_iteration=1, enable_stability_checking=False
+    )
+    await path.start("last-iteration", 20, at(0), batch_size=10, max_comparisons=10)
+    sent = [a for a in await path.attempts() if a.status == "in_flight"]
+    assert len(sent) == 10
+    await path.answer([(a, True) for a in sent[:8]], at(5))
+    # An error and a success: the error is pooled and due for a retry, but 9 of 10 resolved
+    # close the iteration, and the budget of 10 completes the assessment.
+    await path.answer([(sent[8], False), (sent[9], True)], at(6))
+    state = await path.state()
+    retries = await path.rows(
+        "SELECT count(*) FROM cj_event_outbox WHERE payload LIKE '%\"cj_retry\"%'"
+    )
+    assert state.state == "COMPLETED"
+    assert retries[0][0] == 0
+    assert [a.attempt for a in await path.attempts()] == [1] * 10
+
+
+async def test_a_monitor_acting_on_an_earlier_scan_leaves_just_sent_retries_alone(
+    sessions: async_sessionmaker[AsyncSession], database_url: str
+) -> None:
+    path = DecisionPath.build(
+        sessions,
+        database_url,
+        callback_wait_timeout_seconds=300,
+        batch_timeout_seconds=600,
+        matchings_per_iteration=1,
+        enable_stability_checking=False,
+    )
+    cj_batch_id = await path.start("idle", 4, at(0))
+    first, second = path.monitor(at(700)), path.monitor(at(701))
+    await first.run_once()  # times out the first attempts and sends their retries at 700 s
+    retries = [a for a in await path.attempts() if a.attempt == 2]
+    assert retries and {a.status for a in retries} == {"in_flight"}
+    # The second monitor's pass found the assessment idle before the first drove it, and
+    # now drives it from that scan.
+    driven = await second._drive_idle(cj_batch_id, at(101), at(401), at(701))
+    assert driven == 0
+    assert [a.status for a in await path.attempts() if a.attempt == 2] == ["in_flight"] * len(
+        retries
+    )
+    assert (await path.state()).state == "WAITING_CALLBACKS"
+
+
+async def test_an_idle_assessment_waits_for_attempts_not_yet_overdue(
+    sessions: async_sessionmaker[AsyncSession], database_url: str
+) -> None:
+    # A provider on batch APIs answers in minutes to hours: idle is not overdue.
+    path = DecisionPath.build(
+        sessions,
+        database_url,
+        callback_wait_timeout_seconds=3600,
+        batch_timeout_seconds=600,
+        matchings_per_iteration=1,
+    )
+    await path.start("patient", 4, at(0))
+    await path.monitor(at(700)).run_once()
+    assert {a.status for a in await path.attempts()} == {"in_flight"}
+    assert (await path.state()).state == "WAITING_CALLBACKS"
+    await path.monitor(at(3700)).run_once()
+    attempts = await path.attempts()
+    assert {a.status for a in attempts if a.attempt == 1} == {"timed_out"}
+    assert {a.status for a in attempts if a.attempt == 2} == {"in_flight"}
+
+
+async def test_attempts_left_unanswered_by_a_finished_assessment_are_closed_once(
+    sessions: async_sessionmaker[AsyncSession], database_url: str
+) -> None:
+    path = DecisionPath.build(
+        sessions, database_url, matchings_per_iteration=1, enable_stability_checking=False
+    )
+    await path.start("finished", 20, at(0), batch_size=10, max_comparisons=10)
+    sent = await path.attempts()
+    await path.answer([(a, True) for a in sent[:9]], at(5))  # 9 of 10: done, budget spent
+    assert (await path.state()).state == "COMPLETED"
+    straggler = sent[9]
+    await path.monitor(at(400)).run_once()
+    closed = (await path.attempts())[9]
+    assert (closed.status, closed.error_code) == ("timed_out", "TIMEOUT")
+    # Nothing left for later passes to find again.
+    assert await path.rows("SELECT id FROM cj_comparison_pairs WHERE status = 'in_flight'") == []
+    assert await path.answer([(straggler, True)], at(500)) == ["late"]
+    stored = (await path.attempts())[9]
+    assert (stored.status, stored.is_late) == ("succeeded", True)
+    state = await path.state()
+    assert (state.completed_comparisons, state.failed_comparisons) == (9, 0)
+
+
+async def test_the_summary_counts_only_requests_that_were_sent(
+    sessions: async_sessionmaker[AsyncSession], database_url: str
+) -> None:
+    path = DecisionPath.build(
+        sessions,
+        database_url,
+        matchings_per_iteration=1,
+        failed_comparison_retry_threshold=1,
+        enable_stability_checking=False,
+    )
+    await path.start(
+        "queued-retry",
+        60,
+        at(0),
+        batch_size=10,
+        max_concurrent_batches=1,
+        partial_completion_threshold=0.5,
+        max_comparisons=30,
+    )
+    first = [a for a in await path.attempts() if a.status == "in_flight"]
+    # One error: its retry batch is formed at once but queues behind the iteration's
+    # remaining first batches, which close the iteration and spend the budget.
+    await path.answer([(first[0], False)] + [(a, True) for a in first[1:]], at(5))
+    second = [a for a in await path.attempts() if a.status == "in_flight"]
+    await path.answer([(a, True) for a in second], at(6))
+    third = [a for a in await path.attempts() if a.status == "in_flight"]
+    await path.answer([(a, True) for a in third], at(7))
+    attempts = await path.attempts()
+    assert (await path.state()).state == "COMPLETED"
+    assert [a.status for a in attempts if a.attempt == 2] == ["queued"]
+    payload = await path.rows(
+        "SELECT payload FROM cj_event_outbox WHERE payload LIKE '%\"cj_assessment.completed\"%'"
+    )
+    summary = json.loads(payload[0][0])["data"]["processing_summary"]
+    assert summary["comparison_attempts"] == 30
+    assert summary["pool_statistics"]["retry_batches_sent"] == 0

@@ -1,0 +1,121 @@
+"""The service's decision path on a real database, without a broker: the orchestrator, the
+callback handler and the monitor wired as `serve` wires them, driven with chosen results at
+chosen moments. Outbox rows are what would be published."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from cj_assessment.batch_callback_handler import BatchCallbackHandler
+from cj_assessment.batch_config import resolve_batch_config
+from cj_assessment.batch_processor import BatchProcessor
+from cj_assessment.contracts import ErrorDetail, LLMComparisonResultV1
+from cj_assessment.metrics import Metrics
+from cj_assessment.monitor import StuckAssessmentMonitor
+from cj_assessment.repository import AssessmentRepository, DecodedStates
+from cj_assessment.retention import Retention
+from cj_assessment.settings import Settings
+from cj_assessment.workflow_orchestrator import NewAssessment, WorkflowOrchestrator
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+@dataclass
+class DecisionPath:
+    settings: Settings
+    sessions: async_sessionmaker[AsyncSession]
+    orchestrator: WorkflowOrchestrator
+    callbacks: BatchCallbackHandler
+    metrics: Metrics
+    decoded: DecodedStates
+
+    @classmethod
+    def build(
+        cls, sessions: async_sessionmaker[AsyncSession], database_url: str, **settings: Any
+    ) -> DecisionPath:
+        s = Settings(database_url=database_url, log_level="WARNING", **settings)
+        metrics = Metrics()
+        orchestrator = WorkflowOrchestrator(s, BatchProcessor(s, metrics), metrics)
+        callbacks = BatchCallbackHandler(orchestrator, metrics)
+        return cls(s, sessions, orchestrator, callbacks, metrics, DecodedStates())
+
+    def monitor(self, now: datetime) -> StuckAssessmentMonitor:
+        retention = Retention(self.settings, self.sessions, self.metrics)
+        return StuckAssessmentMonitor(
+            self.settings,
+            self.sessions,
+            self.callbacks,
+            self.orchestrator,
+            self.metrics,
+            retention,
+            lambda: now,
+        )
+
+    async def start(self, name: str, essays: int, now: datetime, **overrides: Any) -> int:
+        config = resolve_batch_config(self.settings, essay_count=essays, overrides=overrides)
+        new = NewAssessment(
+            bos_batch_id=name,
+            correlation_id=f"corr-{name}",
+            essays=[(f"e{i:02d}", None, f"text {i}") for i in range(essays)],
+            config=config,
+            essay_instructions=None,
+            llm_config_overrides={},
+            language="en",
+            course_code=None,
+            assignment_id=None,
+            user_id=None,
+            org_id=None,
+        )
+        async with self.sessions() as session, session.begin():
+            repo = AssessmentRepository(session, self.decoded)
+            cj_batch_id = await self.orchestrator.start(repo, new, now=now)
+        assert cj_batch_id is not None
+        return cj_batch_id
+
+    async def answer(self, answers: list[tuple[Any, bool]], now: datetime) -> list[str]:
+        """One poll: (attempt row from `attempts`, True for an "Essay A" verdict, False for an
+        error result)."""
+        results = [
+            (
+                LLMComparisonResultV1(
+                    correlation_id=str(row.request_correlation_id),
+                    winner="Essay A" if ok else None,
+                    error_detail=None
+                    if ok
+                    else ErrorDetail(error_code="PROVIDER_ERROR", message="unavailable"),
+                ),
+                b"{}",
+            )
+            for row, ok in answers
+        ]
+        async with self.sessions() as session, session.begin():
+            repo = AssessmentRepository(session, self.decoded)
+            outcomes = await self.callbacks.handle_results(repo, results, now=now)
+        return [o.value for o in outcomes]
+
+    async def attempts(self) -> list[Any]:
+        return await self.rows(
+            "SELECT id, comparison_id, attempt, status, submitted_at, submission_batch_id,"
+            " request_correlation_id, error_code, is_late FROM cj_comparison_pairs ORDER BY id"
+        )
+
+    async def state(self) -> Any:
+        return (
+            await self.rows(
+                "SELECT state, total_comparisons, submitted_comparisons, completed_comparisons,"
+                " failed_comparisons, current_iteration, last_activity_at FROM cj_batch_states"
+            )
+        )[0]
+
+    async def rows(self, sql: str, **params: Any) -> list[Any]:
+        async with self.sessions() as session:
+            return list((await session.execute(text(sql), params)).all())
