@@ -411,6 +411,9 @@ class WorkflowOrchestrator:
             # adaptive pairing inflates, is reported next to it for comparison.
             reliability=None if scoring.reliability is None else round(scoring.reliability, 4),
             comparison_attempts=attempts,
+            # Neither succeeded nor failed for good: still unanswered when the threshold
+            # closed the last iteration. requested = succeeded + failed + outstanding.
+            comparisons_outstanding=progress.submitted - progress.completed - progress.failed,
             pool_statistics=progress.pool.statistics.to_json(),
             scale_separation_reliability=None
             if scoring.scale_separation_reliability is None

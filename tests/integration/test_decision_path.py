@@ -123,7 +123,7 @@ async def test_the_summary_counts_only_requests_that_were_sent(
     )
     first = [a for a in await path.attempts() if a.status == "in_flight"]
     # One error: its retry batch is formed at once but queues behind the iteration's
-    # remaining first batches, which close the iteration and spend the budget.
+    # remaining first batches; the threshold closes the iteration and the budget is spent.
     await path.answer([(first[0], False)] + [(a, True) for a in first[1:]], at(5))
     second = [a for a in await path.attempts() if a.status == "in_flight"]
     await path.answer([(a, True) for a in second], at(6))
@@ -138,3 +138,12 @@ async def test_the_summary_counts_only_requests_that_were_sent(
     summary = json.loads(payload[0][0])["data"]["processing_summary"]
     assert summary["comparison_attempts"] == 30
     assert summary["pool_statistics"]["retry_batches_sent"] == 0
+    # 19 of 30 resolved passed the threshold of 0.5 as the third batch went out: its ten
+    # answers came after the end, and the errored comparison was never retried. Those 11 are
+    # neither succeeded nor failed for good.
+    assert (
+        summary["comparisons_requested"],
+        summary["comparisons_succeeded"],
+        summary["comparisons_failed"],
+        summary["comparisons_outstanding"],
+    ) == (30, 19, 0, 11)
