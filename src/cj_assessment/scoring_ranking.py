@@ -770,9 +770,11 @@ def _ranked_essays(
     wins: IntArray,
     losses: IntArray,
 ) -> tuple[EssayScore, ...]:
+    # Ordered by the score as published (6 decimals): scores that are equal in theory differ
+    # in their last bits, and those bits must not decide a rank; the essay id does.
     order = sorted(
         range(len(ids)),
-        key=lambda k: (-scores[k], wins[k] + losses[k] == 0, ids[k]),
+        key=lambda k: (-round(float(scores[k]), 6), wins[k] + losses[k] == 0, ids[k]),
     )
     return tuple(
         EssayScore(

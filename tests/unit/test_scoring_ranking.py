@@ -175,6 +175,17 @@ def test_equal_scores_are_ranked_by_essay_id() -> None:
     assert all(essay.score == pytest.approx(0.0, abs=1e-12) for essay in result.essays)
 
 
+def test_scores_equal_in_theory_are_ranked_by_essay_id_not_by_their_last_bits() -> None:
+    # Two disconnected pairs, each winner beating its loser three times (one always shown as
+    # Essay B, the other as Essay A, so the fitted position bias is 0): equal scores in
+    # theory, unequal in the last bits of the fit.
+    judgements = [("l1", "w1", False), ("w2", "l2", True)] * 3
+
+    result = score_judgements(["w2", "l2", "w1", "l1"], judgements)
+
+    assert [essay.essay_id for essay in result.essays] == ["w1", "w2", "l1", "l2"]
+
+
 def test_reliability_lies_between_zero_and_one() -> None:
     for seed in range(5):
         ids, _, outcomes = _simulated_batch(seed=seed, comparisons_per_essay=10)
