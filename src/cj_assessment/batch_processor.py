@@ -17,7 +17,7 @@ import structlog
 
 from cj_assessment import batch_state
 from cj_assessment.batch_config import BatchConfig
-from cj_assessment.batch_state import BatchKind, Progress
+from cj_assessment.batch_state import AttemptStatus, AttemptView, BatchKind, Progress
 from cj_assessment.contracts import (
     ComparisonRequestMetadata,
     LLMComparisonRequestV1,
@@ -144,13 +144,63 @@ class BatchProcessor:
         *,
         now: datetime,
     ) -> Progress:
-        """Send queued batches while fewer than `max_concurrent_batches` are in flight."""
-        progress, released = batch_state.release_batches(
-            progress, max_concurrent=ctx.config.max_concurrent_batches, now=utc_iso(now)
-        )
-        if not released:
-            return progress
-        rows = await repo.send_batches(ctx.cj_batch_id, [uuid.UUID(b.id) for b in released], now)
+        """Send queued batches while fewer than `max_concurrent_batches` are in flight. A
+        retry whose comparison was answered while it queued is not sent (a paid call for
+        nothing): it counts as a superseded result of its batch, which may free a slot."""
+        while True:
+            progress, released = batch_state.release_batches(
+                progress, max_concurrent=ctx.config.max_concurrent_batches, now=utc_iso(now)
+            )
+            if not released:
+                return progress
+            rows = await repo.send_batches(
+                ctx.cj_batch_id, [uuid.UUID(b.id) for b in released], now
+            )
+            sent = [r for r in rows if r.status == AttemptStatus.IN_FLIGHT.value]
+            unsent = [r for r in rows if r.status == AttemptStatus.SUPERSEDED.value]
+            await self._publish(repo, ctx, sent, now)
+            for batch in released:
+                self._metrics.submission_batches.labels(batch.kind.value).inc()
+            for row in sent:
+                kind = BatchKind.FIRST if row.attempt == 1 else BatchKind.RETRY
+                self._metrics.comparisons_requested.labels(kind.value).inc()
+            log.info(
+                "submission_batches_released",
+                cj_batch_id=ctx.cj_batch_id,
+                batches=[b.id for b in released],
+                comparisons=len(sent),
+                answered_meanwhile=len(unsent),
+                retry=any(b.kind is BatchKind.RETRY for b in released),
+            )
+            if not unsent:
+                return progress
+            for row in unsent:
+                progress, _ = batch_state.record_outcome(
+                    progress,
+                    AttemptView(
+                        comparison_id=str(row.comparison_id),
+                        correlation_id=str(row.request_correlation_id),
+                        essay_a_id=row.essay_a_els_id,
+                        essay_b_id=row.essay_b_els_id,
+                        iteration=row.iteration,
+                        attempt=row.attempt,
+                        submission_batch_id=str(row.submission_batch_id),
+                        status=AttemptStatus.IN_FLIGHT,
+                        comparison_resolved=True,
+                    ),
+                    succeeded=True,
+                    failure_reason=None,
+                    now=utc_iso(now),
+                    max_retry_attempts=ctx.config.max_retry_attempts,
+                    threshold=ctx.config.partial_completion_threshold,
+                )
+
+    async def _publish(
+        self, repo: AssessmentRepository, ctx: AssessmentContext, rows: list[Any], now: datetime
+    ) -> None:
+        """The comparison requests of these attempts, as outbox rows."""
+        if not rows:
+            return
         texts = await repo.essay_texts(
             ctx.cj_batch_id, [e for r in rows for e in (r.essay_a_els_id, r.essay_b_els_id)]
         )
@@ -190,15 +240,3 @@ class BatchProcessor:
             )
             messages.append(OutboxRow(event_id, topic, ctx.bos_batch_id, payload))
         await repo.add_outbox(messages)
-        for batch in released:
-            kind = batch.kind.value
-            self._metrics.submission_batches.labels(kind).inc()
-            self._metrics.comparisons_requested.labels(kind).inc(batch.size)
-        log.info(
-            "submission_batches_released",
-            cj_batch_id=ctx.cj_batch_id,
-            batches=[b.id for b in released],
-            comparisons=len(rows),
-            retry=any(b.kind is BatchKind.RETRY for b in released),
-        )
-        return progress

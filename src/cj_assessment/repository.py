@@ -257,12 +257,20 @@ _ESSAY_TEXTS = text(
     " WHERE cj_batch_id = :cj_batch_id AND els_essay_id = ANY(CAST(:ids AS text[]))"
 )
 # By assessment and status first: that is the index; the batch ids only pick among its rows.
+# A queued retry whose comparison was answered meanwhile (a timed-out attempt answered after
+# all) is not sent: superseded, never submitted.
 _SEND_BATCHES = text(
-    "UPDATE cj_comparison_pairs SET status = :in_flight, submitted_at = :now"
-    " WHERE cj_batch_id = :cj_batch_id AND status = :queued"
-    " AND submission_batch_id = ANY(CAST(:batch_ids AS uuid[]))"
-    " RETURNING id, request_correlation_id, essay_a_els_id, essay_b_els_id,"
-    " submission_batch_id, iteration, attempt"
+    "UPDATE cj_comparison_pairs AS p SET"
+    " status = CASE WHEN a.answered THEN :superseded ELSE :in_flight END,"
+    " submitted_at = CASE WHEN a.answered THEN NULL ELSE CAST(:now AS timestamptz) END,"
+    " completed_at = CASE WHEN a.answered THEN CAST(:now AS timestamptz) END"
+    " FROM (SELECT q.id, EXISTS (SELECT 1 FROM cj_comparison_pairs AS s"
+    " WHERE s.comparison_id = q.comparison_id AND s.status = :succeeded) AS answered"
+    " FROM cj_comparison_pairs AS q WHERE q.cj_batch_id = :cj_batch_id AND q.status = :queued"
+    " AND q.submission_batch_id = ANY(CAST(:batch_ids AS uuid[]))) AS a"
+    " WHERE p.id = a.id"
+    " RETURNING p.id, p.request_correlation_id, p.essay_a_els_id, p.essay_b_els_id,"
+    " p.submission_batch_id, p.iteration, p.attempt, p.comparison_id, p.status"
 )
 # In id order: judgements in the order they were planned, whatever order they arrived in.
 _COMPARISONS = text(
@@ -789,7 +797,9 @@ class AssessmentRepository:
         self, cj_batch_id: int, batch_ids: Sequence[uuid.UUID], now: datetime
     ) -> list[Any]:
         """Mark the attempts of these submission batches of the assessment in flight and
-        return them (rows with the request's columns, in planning order)."""
+        return them (rows with the request's columns and the new status, in planning order).
+        Retries whose comparison has been answered meanwhile come back `superseded`: they
+        are not to be sent."""
         rows = await self.session.execute(
             _SEND_BATCHES,
             {
@@ -797,6 +807,8 @@ class AssessmentRepository:
                 "batch_ids": list(batch_ids),
                 "queued": AttemptStatus.QUEUED.value,
                 "in_flight": AttemptStatus.IN_FLIGHT.value,
+                "superseded": AttemptStatus.SUPERSEDED.value,
+                "succeeded": AttemptStatus.SUCCEEDED.value,
                 "now": now,
             },
         )

@@ -147,3 +147,37 @@ async def test_the_summary_counts_only_requests_that_were_sent(
         summary["comparisons_failed"],
         summary["comparisons_outstanding"],
     ) == (30, 19, 0, 11)
+
+
+async def test_a_queued_retry_of_a_comparison_answered_meanwhile_is_not_sent(
+    sessions: async_sessionmaker[AsyncSession], database_url: str
+) -> None:
+    path = DecisionPath.build(
+        sessions,
+        database_url,
+        callback_wait_timeout_seconds=300,
+        matchings_per_iteration=1,
+        failed_comparison_retry_threshold=1,
+        enable_stability_checking=False,
+    )
+    await path.start("rescued", 40, at(0), batch_size=10, max_concurrent_batches=1)
+    first = [a for a in await path.attempts() if a.status == "in_flight"]
+    await path.answer([(a, True) for a in first[1:]], at(200))  # releases the second batch
+    late = first[0]
+    await path.monitor(at(400)).run_once()  # times out `late`; its retry queues behind
+    retry = [a for a in await path.attempts() if a.attempt == 2]
+    assert [a.status for a in retry] == ["queued"]
+    assert await path.answer([(late, True)], at(410)) == ["handled"]  # rescued after all
+    second = [a for a in await path.attempts() if a.status == "in_flight"]
+    await path.answer([(a, True) for a in second], at(420))  # the slot frees: retry's turn
+    attempts = await path.attempts()
+    (retried,) = [a for a in attempts if a.attempt == 2]
+    assert (retried.status, retried.submitted_at) == ("superseded", None)
+    requests = await path.rows(
+        "SELECT count(*) FROM cj_event_outbox WHERE payload LIKE :id",
+        id=f"%{retried.request_correlation_id}%",
+    )
+    assert requests[0][0] == 0
+    state = await path.state()
+    assert (state.state, state.current_iteration) == ("WAITING_CALLBACKS", 2)
+    assert state.completed_comparisons == 20
