@@ -57,9 +57,13 @@ HOT_QUERIES = {
         " WHERE cj_batch_id = 3 ORDER BY id"
     ),
     "send batches (per release)": (
-        "UPDATE cj_comparison_pairs SET status = 'in_flight', submitted_at = now()"
-        " WHERE cj_batch_id = 3 AND status = 'queued' AND submission_batch_id = ANY("
-        "ARRAY(SELECT submission_batch_id FROM cj_comparison_pairs LIMIT 1)) RETURNING id"
+        "UPDATE cj_comparison_pairs AS p SET status = CASE WHEN a.answered THEN 'superseded'"
+        " ELSE 'in_flight' END, submitted_at = now() FROM (SELECT q.id, EXISTS (SELECT 1"
+        " FROM cj_comparison_pairs AS s WHERE s.comparison_id = q.comparison_id"
+        " AND s.status = 'succeeded') AS answered FROM cj_comparison_pairs AS q"
+        " WHERE q.cj_batch_id = 3 AND q.status = 'queued' AND q.submission_batch_id = ANY("
+        "ARRAY(SELECT submission_batch_id FROM cj_comparison_pairs LIMIT 1))) AS a"
+        " WHERE p.id = a.id RETURNING p.id"
     ),
     "outbox claim (relay)": (
         "SELECT id, topic, message_key, payload FROM cj_event_outbox WHERE published_at IS NULL"
