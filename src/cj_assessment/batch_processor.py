@@ -17,7 +17,7 @@ import structlog
 
 from cj_assessment import batch_state
 from cj_assessment.batch_config import BatchConfig
-from cj_assessment.batch_state import AttemptStatus, AttemptView, BatchKind, Progress
+from cj_assessment.batch_state import AttemptStatus, BatchKind, Progress
 from cj_assessment.contracts import (
     ComparisonRequestMetadata,
     LLMComparisonRequestV1,
@@ -175,23 +175,9 @@ class BatchProcessor:
             if not unsent:
                 return progress
             for row in unsent:
-                progress, _ = batch_state.record_outcome(
+                progress = batch_state.withdraw_answered(
                     progress,
-                    AttemptView(
-                        comparison_id=str(row.comparison_id),
-                        correlation_id=str(row.request_correlation_id),
-                        essay_a_id=row.essay_a_els_id,
-                        essay_b_id=row.essay_b_els_id,
-                        iteration=row.iteration,
-                        attempt=row.attempt,
-                        submission_batch_id=str(row.submission_batch_id),
-                        status=AttemptStatus.IN_FLIGHT,
-                        comparison_resolved=True,
-                    ),
-                    succeeded=True,
-                    failure_reason=None,
-                    now=utc_iso(now),
-                    max_retry_attempts=ctx.config.max_retry_attempts,
+                    batch_id=str(row.submission_batch_id),
                     threshold=ctx.config.partial_completion_threshold,
                 )
 

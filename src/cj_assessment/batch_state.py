@@ -344,12 +344,7 @@ def record_outcome(
     # One copy of the progress per result: the counters of the attempt's submission batch and
     # iteration and the comparison's outcome are applied together.
     batch_index = _batch_index(progress, attempt.submission_batch_id)
-    batch = progress.batches[batch_index]
-    batch = _evolve(
-        batch, results_in=batch.results_in + 1, failures=batch.failures + (0 if succeeded else 1)
-    )
-    if batch.status is BatchStatus.IN_FLIGHT and batch_reached_threshold(batch, threshold):
-        batch = _evolve(batch, status=BatchStatus.DONE)
+    batch = _counted(progress.batches[batch_index], failed=not succeeded, threshold=threshold)
     it_index = _iteration_index(progress, attempt.iteration)
     it = progress.iterations[it_index]
     it_changes: dict[str, int] = {}
@@ -396,6 +391,23 @@ def record_outcome(
         **changes,
     )
     return progress, disposition
+
+
+def withdraw_answered(progress: Progress, *, batch_id: str, threshold: float) -> Progress:
+    """A retry of the just-released batch `batch_id` whose comparison was answered while the
+    retry queued (its timed-out attempt answered after all): never sent, it counts among the
+    batch's results as superseded, so that the batch can still reach its threshold."""
+    index = _batch_index(progress, batch_id)
+    batch = _counted(progress.batches[index], failed=False, threshold=threshold)
+    return _evolve(progress, batches=_replaced(progress.batches, index, batch))
+
+
+def _counted(batch: SubmissionBatch, *, failed: bool, threshold: float) -> SubmissionBatch:
+    """One more result of the batch; done once it reaches the partial-completion share."""
+    batch = _evolve(batch, results_in=batch.results_in + 1, failures=batch.failures + failed)
+    if batch.status is BatchStatus.IN_FLIGHT and batch_reached_threshold(batch, threshold):
+        batch = _evolve(batch, status=BatchStatus.DONE)
+    return batch
 
 
 def _comparison_rescued(progress: Progress, attempt: AttemptView) -> Progress:

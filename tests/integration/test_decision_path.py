@@ -13,9 +13,7 @@ from tests.support.decision_path import DecisionPath, at
 async def test_the_transaction_that_completes_an_assessment_sends_no_retries(
     sessions: async_sessionmaker[AsyncSession], database_url: str
 ) -> None:
-    path = DecisionPath.build(
-        sessions, database_url, matchings_per_iteration=1, enable_stability_checking=False
-    )
+    path = DecisionPath.build(sessions, database_url)
     await path.start("last-iteration", 20, at(0), batch_size=10, max_comparisons=10)
     sent = [a for a in await path.attempts() if a.status == "in_flight"]
     assert len(sent) == 10
@@ -40,8 +38,6 @@ async def test_a_monitor_acting_on_an_earlier_scan_leaves_just_sent_retries_alon
         database_url,
         callback_wait_timeout_seconds=300,
         batch_timeout_seconds=600,
-        matchings_per_iteration=1,
-        enable_stability_checking=False,
     )
     cj_batch_id = await path.start("idle", 4, at(0))
     first, second = path.monitor(at(700)), path.monitor(at(701))
@@ -67,7 +63,6 @@ async def test_an_idle_assessment_waits_for_attempts_not_yet_overdue(
         database_url,
         callback_wait_timeout_seconds=3600,
         batch_timeout_seconds=600,
-        matchings_per_iteration=1,
     )
     await path.start("patient", 4, at(0))
     await path.monitor(at(700)).run_once()
@@ -82,9 +77,7 @@ async def test_an_idle_assessment_waits_for_attempts_not_yet_overdue(
 async def test_attempts_left_unanswered_by_a_finished_assessment_are_closed_once(
     sessions: async_sessionmaker[AsyncSession], database_url: str
 ) -> None:
-    path = DecisionPath.build(
-        sessions, database_url, matchings_per_iteration=1, enable_stability_checking=False
-    )
+    path = DecisionPath.build(sessions, database_url)
     await path.start("finished", 20, at(0), batch_size=10, max_comparisons=10)
     sent = await path.attempts()
     await path.answer([(a, True) for a in sent[:9]], at(5))  # 9 of 10: done, budget spent
@@ -108,9 +101,7 @@ async def test_the_summary_counts_only_requests_that_were_sent(
     path = DecisionPath.build(
         sessions,
         database_url,
-        matchings_per_iteration=1,
         failed_comparison_retry_threshold=1,
-        enable_stability_checking=False,
     )
     await path.start(
         "queued-retry",
@@ -156,9 +147,7 @@ async def test_a_queued_retry_of_a_comparison_answered_meanwhile_is_not_sent(
         sessions,
         database_url,
         callback_wait_timeout_seconds=300,
-        matchings_per_iteration=1,
         failed_comparison_retry_threshold=1,
-        enable_stability_checking=False,
     )
     await path.start("rescued", 40, at(0), batch_size=10, max_concurrent_batches=1)
     first = [a for a in await path.attempts() if a.status == "in_flight"]

@@ -42,7 +42,10 @@ class DecisionPath:
     def build(
         cls, sessions: async_sessionmaker[AsyncSession], database_url: str, **settings: Any
     ) -> DecisionPath:
-        s = Settings(database_url=database_url, log_level="WARNING", **settings)
+        """One matching per iteration and no stopping on stability, unless `settings` say
+        otherwise: small iterations whose end the tests choose."""
+        defaults = {"matchings_per_iteration": 1, "enable_stability_checking": False}
+        s = Settings(database_url=database_url, log_level="WARNING", **(defaults | settings))
         metrics = Metrics()
         orchestrator = WorkflowOrchestrator(s, BatchProcessor(s, metrics), metrics)
         callbacks = BatchCallbackHandler(orchestrator, metrics)

@@ -34,6 +34,7 @@ from cj_assessment.batch_state import (
     plan_retry_batches,
     record_outcome,
     release_batches,
+    withdraw_answered,
 )
 from cj_assessment.completion_policy import iteration_done, retry_due
 from cj_assessment.contracts import utc_iso
@@ -175,26 +176,32 @@ def test_release_sends_oldest_batches_first_up_to_max_concurrent() -> None:
     assert progress.submitted == 30
 
 
+def _pool_of(count: int) -> FailedPool:
+    """`count` first attempts of iteration 1, batch b0, failed and waiting for a retry."""
+    return FailedPool(
+        tuple(
+            PoolEntry(
+                comparison_id=f"c{i}",
+                correlation_id=f"r{i}",
+                essay_a_id="a",
+                essay_b_id="b",
+                iteration=1,
+                failure_reason="error",
+                failed_at=NOW,
+                retry_count=0,
+                submission_batch_id="b0",
+            )
+            for i in range(count)
+        )
+    )
+
+
 def test_release_counts_only_first_batches_as_submitted() -> None:
     progress, _ = plan_iteration(
         Progress(), iteration=1, batch_ids=["b0"], comparisons=10, batch_size=10
     )
     progress, _ = release_batches(progress, max_concurrent=3, now=NOW)
-    entries = tuple(
-        PoolEntry(
-            comparison_id=f"c{i}",
-            correlation_id=f"r{i}",
-            essay_a_id="a",
-            essay_b_id="b",
-            iteration=1,
-            failure_reason="error",
-            failed_at=NOW,
-            retry_count=0,
-            submission_batch_id="b0",
-        )
-        for i in range(4)
-    )
-    progress = replace(progress, pool=FailedPool(entries))
+    progress = replace(progress, pool=_pool_of(4))
     progress, planned = plan_retry_batches(progress, batch_size=10, batch_ids=["r0"])
     assert [(bid, len(chunk)) for bid, chunk in planned] == [("r0", 4)]
     assert progress.batch("r0").kind is BatchKind.RETRY
@@ -203,6 +210,23 @@ def test_release_counts_only_first_batches_as_submitted() -> None:
     assert [b.id for b in released] == ["r0"]
     assert progress.submitted == 10  # the retry batch is not counted again
     assert progress.total == 10
+    assert progress.pool.statistics.retry_batches_sent == 1
+
+
+def test_retries_answered_before_they_were_sent_count_toward_their_batch() -> None:
+    progress, _ = plan_iteration(
+        Progress(), iteration=1, batch_ids=["b0"], comparisons=2, batch_size=10
+    )
+    progress, _ = plan_retry_batches(
+        replace(progress, pool=_pool_of(2)), batch_size=10, batch_ids=["r0"]
+    )
+    progress, _ = release_batches(progress, max_concurrent=3, now=NOW)
+    once = withdraw_answered(progress, batch_id="r0", threshold=1.0)
+    assert (once.batch("r0").results_in, once.batch("r0").status) == (1, BatchStatus.IN_FLIGHT)
+    twice = withdraw_answered(once, batch_id="r0", threshold=1.0)
+    assert (twice.batch("r0").results_in, twice.batch("r0").failures) == (2, 0)
+    assert twice.batch("r0").status is BatchStatus.DONE
+    assert (twice.completed, twice.failed, twice.iterations) == (0, 0, progress.iterations)
 
 
 @FAST
