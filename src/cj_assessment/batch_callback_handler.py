@@ -207,7 +207,7 @@ class BatchCallbackHandler:
             # counting (the published outcome stands), so that the monitor does not find them
             # again on every pass. An answer that still comes is stored as late.
             for attempt in attempts:
-                attempt.status = AttemptStatus.TIMED_OUT.value
+                attempt.status = _status_of(cause).value
                 attempt.completed_at = now
                 attempt.winner = "error"
                 attempt.error_code = cause.value.upper()
@@ -228,9 +228,7 @@ class BatchCallbackHandler:
             )
             if disposition is Disposition.DUPLICATE:
                 continue
-            attempt.status = (
-                AttemptStatus.TIMED_OUT if cause is Unanswered.TIMEOUT else AttemptStatus.FAILED
-            ).value
+            attempt.status = _status_of(cause).value
             attempt.completed_at = now
             attempt.winner = "error"
             attempt.error_code = cause.value.upper()
@@ -295,6 +293,11 @@ class BatchCallbackHandler:
                 self._metrics.permanent_failures.inc()
             case Disposition.SUPERSEDED | Disposition.DUPLICATE:
                 pass
+
+
+def _status_of(cause: Unanswered) -> AttemptStatus:
+    # A timed-out attempt may still be answered; an undeliverable one never will be.
+    return AttemptStatus.TIMED_OUT if cause is Unanswered.TIMEOUT else AttemptStatus.FAILED
 
 
 def _contradicts_pair(attempt: AttemptRecord, result: LLMComparisonResultV1) -> bool:
