@@ -132,6 +132,11 @@ class HandledOffsets:
             tp = TopicPartition(record.topic, record.partition)
             self._next[tp] = max(self._next.get(tp, 0), record.offset + 1)
 
+    def keep(self, offsets: dict[TopicPartition, int]) -> None:
+        """Offsets taken but not committed: committed with the next ones."""
+        for tp, offset in offsets.items():
+            self._next[tp] = max(self._next.get(tp, 0), offset)
+
     def take(
         self, assigned: set[TopicPartition], only: set[TopicPartition] | None = None
     ) -> dict[TopicPartition, int]:
@@ -224,6 +229,12 @@ class EventConsumer:
             # The partitions moved on; the new owner re-reads these records and its inbox
             # recognises them as handled.
             log.warning("offset_commit_skipped", error_class=type(exc).__name__)
+        except KafkaError as exc:
+            # The coordinator or broker is away for a moment: the next commit carries these
+            # offsets too (the handling is committed in the database; a redelivery meanwhile
+            # is recognised by the inbox).
+            self._handled.keep(offsets)
+            log.warning("offset_commit_deferred", error_class=type(exc).__name__)
 
     async def _process_poll(self, records: list[Any], stop: asyncio.Event) -> bool:
         results_topic = self._settings.topic_llm_comparison_result

@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiokafka import TopicPartition
+from aiokafka.errors import RequestTimedOutError
 
-from cj_assessment.consumer import HandledOffsets
+from cj_assessment.consumer import EventConsumer, HandledOffsets
+from cj_assessment.metrics import Metrics
+from cj_assessment.settings import Settings
 
 A, B = TopicPartition("results", 0), TopicPartition("results", 1)
 
@@ -40,3 +43,39 @@ def test_an_offset_of_a_partition_taken_away_is_never_committed_later() -> None:
     # Back again after the other instance committed 501: 101 must not be committed.
     handled.mark([Record("results", 1, 2)])
     assert handled.take({A, B}) == {B: 3}
+
+
+def test_offsets_not_committed_are_committed_with_the_next_ones() -> None:
+    handled = HandledOffsets()
+    handled.mark([Record("results", 0, 7)])
+    failed = handled.take({A, B})
+    handled.mark([Record("results", 1, 2)])
+    handled.keep(failed)
+    assert handled.take({A, B}) == {A: 8, B: 3}
+
+
+class _BrokerAway:
+    """The commit side of an AIOKafkaConsumer whose coordinator is away for one commit."""
+
+    def __init__(self) -> None:
+        self.committed: list[dict[TopicPartition, int]] = []
+        self.failures = 1
+
+    def assignment(self) -> set[TopicPartition]:
+        return {A, B}
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise RequestTimedOutError()
+        self.committed.append(offsets)
+
+
+async def test_a_commit_that_fails_for_a_moment_keeps_the_consumer_running() -> None:
+    consumer = EventConsumer(Settings(), *[None] * 5, Metrics())  # type: ignore[arg-type]
+    broker = _BrokerAway()
+    consumer._handled.mark([Record("results", 0, 7)])
+    await consumer._commit_handled(broker)  # type: ignore[arg-type]
+    consumer._handled.mark([Record("results", 1, 0)])
+    await consumer._commit_handled(broker)  # type: ignore[arg-type]
+    assert broker.committed == [{A: 8, B: 1}]
