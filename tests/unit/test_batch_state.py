@@ -38,7 +38,8 @@ from cj_assessment.batch_state import (
 )
 from cj_assessment.completion_policy import iteration_done, retry_due
 from cj_assessment.contracts import utc_iso
-from cj_assessment.failed_pool import FailedPool, PoolEntry, PoolStatistics
+from cj_assessment.failed_pool import PoolStatistics
+from tests.support.pool import failed_pool
 
 NOW = "2026-01-01T12:00:00Z"
 BASE = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -176,32 +177,12 @@ def test_release_sends_oldest_batches_first_up_to_max_concurrent() -> None:
     assert progress.submitted == 30
 
 
-def _pool_of(count: int) -> FailedPool:
-    """`count` first attempts of iteration 1, batch b0, failed and waiting for a retry."""
-    return FailedPool(
-        tuple(
-            PoolEntry(
-                comparison_id=f"c{i}",
-                correlation_id=f"r{i}",
-                essay_a_id="a",
-                essay_b_id="b",
-                iteration=1,
-                failure_reason="error",
-                failed_at=NOW,
-                retry_count=0,
-                submission_batch_id="b0",
-            )
-            for i in range(count)
-        )
-    )
-
-
 def test_release_counts_only_first_batches_as_submitted() -> None:
     progress, _ = plan_iteration(
         Progress(), iteration=1, batch_ids=["b0"], comparisons=10, batch_size=10
     )
     progress, _ = release_batches(progress, max_concurrent=3, now=NOW)
-    progress = replace(progress, pool=_pool_of(4))
+    progress = replace(progress, pool=failed_pool(4))
     progress, planned = plan_retry_batches(progress, batch_size=10, batch_ids=["r0"])
     assert [(bid, len(chunk)) for bid, chunk in planned] == [("r0", 4)]
     assert progress.batch("r0").kind is BatchKind.RETRY
@@ -218,7 +199,7 @@ def test_retries_answered_before_they_were_sent_count_toward_their_batch() -> No
         Progress(), iteration=1, batch_ids=["b0"], comparisons=2, batch_size=10
     )
     progress, _ = plan_retry_batches(
-        replace(progress, pool=_pool_of(2)), batch_size=10, batch_ids=["r0"]
+        replace(progress, pool=failed_pool(2)), batch_size=10, batch_ids=["r0"]
     )
     progress, _ = release_batches(progress, max_concurrent=3, now=NOW)
     once = withdraw_answered(progress, batch_id="r0", threshold=1.0)

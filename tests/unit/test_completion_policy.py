@@ -22,7 +22,7 @@ from cj_assessment.completion_policy import (
     iteration_done,
     retry_due,
 )
-from cj_assessment.failed_pool import FailedPool, PoolEntry
+from tests.support.pool import failed_pool
 
 NOW = "2026-01-01T12:00:00Z"
 
@@ -43,23 +43,6 @@ def _config(**overrides: object) -> BatchConfig:
     }
     values.update(overrides)
     return BatchConfig(**values)  # type: ignore[arg-type]
-
-
-def _entries(n: int) -> tuple[PoolEntry, ...]:
-    return tuple(
-        PoolEntry(
-            comparison_id=f"c{i}",
-            correlation_id=f"r{i}",
-            essay_a_id="a",
-            essay_b_id="b",
-            iteration=1,
-            failure_reason="error",
-            failed_at=NOW,
-            retry_count=0,
-            submission_batch_id="b0",
-        )
-        for i in range(n)
-    )
 
 
 def _sent_iteration(planned: int, *, batch_size: int = 50) -> Progress:
@@ -96,22 +79,22 @@ def test_retry_is_not_due_with_an_empty_pool() -> None:
 def test_retry_is_due_once_the_pool_reaches_the_threshold() -> None:
     progress = _sent_iteration(100)  # first attempts still outstanding
     config = _config(failed_comparison_retry_threshold=5)
-    assert not retry_due(replace(progress, pool=FailedPool(_entries(4))), config)
-    assert retry_due(replace(progress, pool=FailedPool(_entries(5))), config)
-    assert retry_due(replace(progress, pool=FailedPool(_entries(9))), config)
+    assert not retry_due(replace(progress, pool=failed_pool(4)), config)
+    assert retry_due(replace(progress, pool=failed_pool(5)), config)
+    assert retry_due(replace(progress, pool=failed_pool(9)), config)
 
 
 @pytest.mark.parametrize("pool_size", [1, 2, 19])
 def test_retry_is_due_at_end_of_iteration_whatever_the_pool_size(pool_size: int) -> None:
     progress = _with_current(_sent_iteration(100), first_attempts_outstanding=0)
     config = _config(failed_comparison_retry_threshold=20)
-    assert retry_due(replace(progress, pool=FailedPool(_entries(pool_size))), config)
+    assert retry_due(replace(progress, pool=failed_pool(pool_size)), config)
 
 
 def test_retry_waits_while_first_attempts_are_outstanding_below_threshold() -> None:
     progress = _with_current(_sent_iteration(100), first_attempts_outstanding=1)
     config = _config(failed_comparison_retry_threshold=20)
-    assert not retry_due(replace(progress, pool=FailedPool(_entries(19))), config)
+    assert not retry_due(replace(progress, pool=failed_pool(19)), config)
 
 
 # --- iteration_done --------------------------------------------------------------------------
