@@ -198,15 +198,16 @@ class ELSCJAssessmentRequestV1(_Accept):
 
 def bos_batch_id_of(data: dict[str, Any]) -> str | None:
     """The identity of a request payload that may not validate, read as `bos_batch_id` reads
-    a valid one: with it, an invalid request is answered by a failed event. None when no
-    usable identity is there (missing, empty, not text, or too long to store)."""
+    a valid one (`entity_ref.entity_id`, else the flat `entity_id`): with it, an invalid
+    request is answered by a failed event. None when no usable identity is there (missing,
+    empty, not text, or too long to store)."""
     ref = data.get("entity_ref")
-    if ref is not None:
-        candidate = ref.get("entity_id") if isinstance(ref, dict) else None
-    else:
-        candidate = data.get("entity_id")
-    if isinstance(candidate, str) and candidate and len(candidate) <= MAX_ID_CHARS:
-        return candidate
+    for candidate in (
+        ref.get("entity_id") if isinstance(ref, dict) else None,
+        data.get("entity_id"),
+    ):
+        if isinstance(candidate, str) and candidate and len(candidate) <= MAX_ID_CHARS:
+            return candidate
     return None
 
 
