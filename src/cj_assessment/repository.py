@@ -258,13 +258,15 @@ _ESSAY_TEXTS = text(
 )
 # By assessment and status first: that is the index; the batch ids only pick among its rows.
 # A queued retry whose comparison was answered meanwhile (a timed-out attempt answered after
-# all) is not sent: superseded, never submitted.
+# all) is not sent: superseded, never submitted. Only retries are looked up (AND stops at the
+# first false): a first attempt has no earlier sibling, and an iteration's release sends
+# hundreds of them.
 _SEND_BATCHES = text(
     "UPDATE cj_comparison_pairs AS p SET"
     " status = CASE WHEN a.answered THEN :superseded ELSE :in_flight END,"
     " submitted_at = CASE WHEN a.answered THEN NULL ELSE CAST(:now AS timestamptz) END,"
     " completed_at = CASE WHEN a.answered THEN CAST(:now AS timestamptz) END"
-    " FROM (SELECT q.id, EXISTS (SELECT 1 FROM cj_comparison_pairs AS s"
+    " FROM (SELECT q.id, q.attempt > 1 AND EXISTS (SELECT 1 FROM cj_comparison_pairs AS s"
     " WHERE s.comparison_id = q.comparison_id AND s.status = :succeeded) AS answered"
     " FROM cj_comparison_pairs AS q WHERE q.cj_batch_id = :cj_batch_id AND q.status = :queued"
     " AND q.submission_batch_id = ANY(CAST(:batch_ids AS uuid[]))) AS a"
