@@ -12,7 +12,13 @@ from enum import StrEnum
 import structlog
 
 from cj_assessment import batch_state
-from cj_assessment.batch_state import AttemptStatus, AttemptView, Disposition, Progress
+from cj_assessment.batch_state import (
+    AttemptStatus,
+    AttemptView,
+    Disposition,
+    Progress,
+    Unanswered,
+)
 from cj_assessment.contracts import LLMComparisonResultV1, utc_iso
 from cj_assessment.metrics import Metrics
 from cj_assessment.repository import AssessmentRepository, AttemptRecord, StateRow
@@ -28,13 +34,6 @@ log = structlog.get_logger(__name__)
 
 # About 2 KB each: the contexts of every assessment a busy instance has in flight.
 CONTEXTS_KEPT = 4096
-
-
-class Unanswered(StrEnum):
-    """Why an attempt will get no answer: counted as a failed attempt all the same."""
-
-    TIMEOUT = "timeout"  # overdue; a late answer can still rescue its comparison
-    UNDELIVERABLE = "undeliverable"  # the broker refused the request; no answer can come
 
 
 class ResultOutcome(StrEnum):
@@ -207,10 +206,7 @@ class BatchCallbackHandler:
             # counting (the published outcome stands), so that the monitor does not find them
             # again on every pass. An answer that still comes is stored as late.
             for attempt in attempts:
-                attempt.status = _status_of(cause).value
-                attempt.completed_at = now
-                attempt.winner = "error"
-                attempt.error_code = cause.value.upper()
+                _close_unanswered(attempt, cause, now)
             await repo.save_attempts(attempts)
             return 0
         ctx = (await self._contexts_of(repo, {state.cj_batch_id: state}))[state.cj_batch_id]
@@ -228,10 +224,7 @@ class BatchCallbackHandler:
             )
             if disposition is Disposition.DUPLICATE:
                 continue
-            attempt.status = _status_of(cause).value
-            attempt.completed_at = now
-            attempt.winner = "error"
-            attempt.error_code = cause.value.upper()
+            _close_unanswered(attempt, cause, now)
             attempt.siblings[attempt.attempt] = attempt.status
             written.append(attempt)
             self._count(attempt, disposition, cause.value, now)
@@ -295,9 +288,11 @@ class BatchCallbackHandler:
                 pass
 
 
-def _status_of(cause: Unanswered) -> AttemptStatus:
-    # A timed-out attempt may still be answered; an undeliverable one never will be.
-    return AttemptStatus.TIMED_OUT if cause is Unanswered.TIMEOUT else AttemptStatus.FAILED
+def _close_unanswered(attempt: AttemptRecord, cause: Unanswered, now: datetime) -> None:
+    attempt.status = cause.status.value
+    attempt.completed_at = now
+    attempt.winner = "error"
+    attempt.error_code = cause.error_code
 
 
 def _contradicts_pair(attempt: AttemptRecord, result: LLMComparisonResultV1) -> bool:

@@ -42,6 +42,22 @@ class AttemptStatus(StrEnum):
     SUPERSEDED = "superseded"  # answered after its comparison was already resolved
 
 
+class Unanswered(StrEnum):
+    """Why an attempt will get no answer: counted as a failed attempt all the same."""
+
+    TIMEOUT = "timeout"  # overdue; a late answer can still rescue its comparison
+    UNDELIVERABLE = "undeliverable"  # the broker refused the request; no answer can come
+
+    @property
+    def status(self) -> AttemptStatus:
+        return AttemptStatus.TIMED_OUT if self is Unanswered.TIMEOUT else AttemptStatus.FAILED
+
+    @property
+    def error_code(self) -> str:
+        """Stored in `cj_comparison_pairs.error_code`."""
+        return self.value.upper()
+
+
 @dataclass(frozen=True)
 class SubmissionBatch:
     id: str

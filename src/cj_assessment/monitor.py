@@ -18,10 +18,10 @@ from datetime import datetime, timedelta
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from cj_assessment.batch_callback_handler import BatchCallbackHandler, Unanswered
-from cj_assessment.batch_state import AttemptStatus
+from cj_assessment.batch_callback_handler import BatchCallbackHandler
+from cj_assessment.batch_state import AttemptStatus, Unanswered
 from cj_assessment.metrics import Metrics
-from cj_assessment.repository import AssessmentRepository
+from cj_assessment.repository import AssessmentRepository, StateRow
 from cj_assessment.retention import Retention
 from cj_assessment.settings import Settings
 from cj_assessment.tables import TERMINAL_STATES
@@ -75,7 +75,7 @@ class StuckAssessmentMonitor:
                 overdue_since, CLAIM_LIMIT
             )
         for cj_batch_id in candidates:
-            actions += await self._time_out(cj_batch_id, overdue_since, now, "timeout")
+            actions += await self._time_out(cj_batch_id, overdue_since, now)
         idle_since = now - timedelta(seconds=self._settings.batch_timeout_seconds)
         # Candidates only: each is checked again under its row lock before anything is done.
         async with self._sessions() as session, session.begin():
@@ -89,23 +89,31 @@ class StuckAssessmentMonitor:
         await self._retention.prune(now)
         return actions
 
-    async def _time_out(
-        self, cj_batch_id: int, overdue_since: datetime, now: datetime, action: str
-    ) -> int:
+    async def _time_out(self, cj_batch_id: int, overdue_since: datetime, now: datetime) -> int:
         async with self._sessions() as session, session.begin():
             repo = AssessmentRepository(session)
             state = await repo.lock_state(cj_batch_id, skip_locked=True)
             if state is None:
                 return 0
-            attempts = await repo.overdue_attempts(cj_batch_id, overdue_since)
-            count = await self._callbacks.count_unanswered(
-                repo, state, attempts, cause=Unanswered.TIMEOUT, now=now
-            )
+            count = await self._time_out_locked(repo, state, overdue_since, now)
         if count:
             self._on_commit()
+        self._count_timeouts("timeout", cj_batch_id, count)
+        return count
+
+    async def _time_out_locked(
+        self, repo: AssessmentRepository, state: StateRow, overdue_since: datetime, now: datetime
+    ) -> int:
+        """Count the overdue attempts of an assessment whose row the caller holds as failed."""
+        attempts = await repo.overdue_attempts(state.cj_batch_id, overdue_since)
+        return await self._callbacks.count_unanswered(
+            repo, state, attempts, cause=Unanswered.TIMEOUT, now=now
+        )
+
+    def _count_timeouts(self, action: str, cj_batch_id: int, count: int) -> None:
+        if count:
             self._metrics.monitor_actions.labels(action).inc(count)
             log.info("comparisons_timed_out", cj_batch_id=cj_batch_id, comparisons=count)
-        return count
 
     async def _drive_idle(
         self, cj_batch_id: int, idle_since: datetime, overdue_since: datetime, now: datetime
@@ -125,10 +133,7 @@ class StuckAssessmentMonitor:
                 return 0
             # Idle is not overdue: attempts younger than CALLBACK_WAIT_TIMEOUT may still be
             # answered (batch APIs take minutes to hours).
-            attempts = await repo.overdue_attempts(cj_batch_id, overdue_since)
-            timed_out = await self._callbacks.count_unanswered(
-                repo, state, attempts, cause=Unanswered.TIMEOUT, now=now
-            )
+            timed_out = await self._time_out_locked(repo, state, overdue_since, now)
             if state.state not in TERMINAL_STATES:
                 ctx = context_of(await repo.upload(cj_batch_id), state)
                 await self._orchestrator.advance(repo, ctx, state, state.progress(), now=now)
@@ -148,9 +153,7 @@ class StuckAssessmentMonitor:
                     )
                     self._metrics.monitor_actions.labels("failed_stuck").inc()
         self._on_commit()
-        if timed_out:
-            self._metrics.monitor_actions.labels("idle_timeout").inc(timed_out)
-            log.info("comparisons_timed_out", cj_batch_id=cj_batch_id, comparisons=timed_out)
+        self._count_timeouts("idle_timeout", cj_batch_id, timed_out)
         self._metrics.monitor_actions.labels("driven").inc()
         return timed_out + 1
 
@@ -183,7 +186,9 @@ class UnsentAttempts:
         for cj_batch_id in sorted(assessments):
             async with self._sessions() as session, session.begin():
                 repo = AssessmentRepository(session)
-                state = (await repo.lock_states([cj_batch_id]))[cj_batch_id]
+                state = await repo.lock_state(cj_batch_id)
+                if state is None:
+                    continue
                 attempts = await repo.attempts_by_correlation(ids, within=[cj_batch_id])
                 in_flight = [
                     a for a in attempts.values() if a.status == AttemptStatus.IN_FLIGHT.value

@@ -35,10 +35,9 @@ _CLAIM = text(
     " WHERE published_at IS NULL AND undeliverable IS NULL"
     " ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
 )
+_TOO_LARGE = "larger than kafka_max_message_bytes"
 _SET_ASIDE = text(
-    "UPDATE cj_event_outbox AS o SET undeliverable = v.reason"
-    " FROM unnest(CAST(:ids AS bigint[]), CAST(:reasons AS text[])) AS v(id, reason)"
-    " WHERE o.id = v.id"
+    "UPDATE cj_event_outbox SET undeliverable = :reason WHERE id = ANY(CAST(:ids AS bigint[]))"
 )
 # Each row gets the moment the broker acknowledged it, not the end of its round: a round of
 # hundreds of rows takes a while, and published_at is what time-to-result is measured from.
@@ -116,7 +115,7 @@ class OutboxRelay:
                 return 0
             sent: list[tuple[int, str]] = []
             futures = []
-            aside: list[tuple[int, str, str, str]] = []  # id, topic, payload, reason
+            aside: list[tuple[int, str, str]] = []  # id, topic, payload
             for position, (row_id, topic, key, payload) in enumerate(rows, start=1):
                 try:
                     future = await self._producer.send(
@@ -126,7 +125,7 @@ class OutboxRelay:
                     )
                 except MessageSizeTooLargeError:
                     # The producer's limit is the broker's: it would refuse the row every time.
-                    aside.append((row_id, topic, payload, "larger than kafka_max_message_bytes"))
+                    aside.append((row_id, topic, payload))
                     continue
                 sent.append((row_id, topic))
                 futures.append(future)
@@ -145,24 +144,24 @@ class OutboxRelay:
             if aside:
                 await session.execute(
                     _SET_ASIDE,
-                    {"ids": [a[0] for a in aside], "reasons": [a[3] for a in aside]},
+                    {"ids": [a[0] for a in aside], "reason": _TOO_LARGE},
                 )
         for _, topic in sent:
             self._metrics.outbox_published.labels(topic).inc()
         if aside:
-            await self._set_aside(aside)
+            await self._report_set_aside(aside)
         return len(rows)
 
-    async def _set_aside(self, rows: list[tuple[int, str, str, str]]) -> None:
+    async def _report_set_aside(self, rows: list[tuple[int, str, str]]) -> None:
         unsent: list[str] = []
-        for row_id, topic, payload, reason in rows:
+        for row_id, topic, payload in rows:
             self._metrics.outbox_undeliverable.labels(topic).inc()
             log.error(
                 "outbox_row_undeliverable",
                 outbox_id=row_id,
                 topic=topic,
                 payload_chars=len(payload),
-                reason=reason,
+                reason=_TOO_LARGE,
             )
             if topic == self._comparison_topic:
                 unsent.append(json.loads(payload)["data"]["correlation_id"])

@@ -15,7 +15,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from cj_assessment.batch_state import AttemptStatus, Progress
+from cj_assessment.batch_state import AttemptStatus, Progress, Unanswered
 from cj_assessment.tables import (
     TERMINAL_STATES,
     CJBatchState,
@@ -889,7 +889,7 @@ class AssessmentRepository:
         stmt = select(func.count()).where(
             CJComparisonPair.cj_batch_id == cj_batch_id,
             CJComparisonPair.submitted_at.is_not(None),
-            CJComparisonPair.error_code.is_distinct_from("UNDELIVERABLE"),
+            CJComparisonPair.error_code.is_distinct_from(Unanswered.UNDELIVERABLE.error_code),
         )
         return int((await self.session.execute(stmt)).scalar_one())
 

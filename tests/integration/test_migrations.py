@@ -4,6 +4,7 @@ and keep an index an operator built by hand; the outbox's claim index covers pen
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -17,21 +18,40 @@ PENDING_INDEX = {
 }
 
 
-async def _brin_indexes(url: str) -> dict[str, bool]:
-    """Name -> valid, for the BRIN indexes of the outbox and inbox."""
-    engine = create_async_engine(url)
+async def _rows(url: str, sql: str) -> list[Any]:
+    """One statement on its own autocommit connection (CREATE INDEX CONCURRENTLY needs it)."""
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
     try:
         async with engine.connect() as conn:
-            rows = await conn.execute(
-                text(
-                    "SELECT c.relname, i.indisvalid FROM pg_index i"
-                    " JOIN pg_class c ON c.oid = i.indexrelid"
-                    " JOIN pg_am a ON a.oid = c.relam WHERE a.amname = 'brin'"
-                )
-            )
-            return {name: valid for name, valid in rows.all()}
+            result = await conn.execute(text(sql))
+            return list(result.all()) if result.returns_rows else []
     finally:
         await engine.dispose()
+
+
+async def _brin_indexes(url: str) -> dict[str, bool]:
+    """Name -> valid, for the BRIN indexes of the outbox and inbox."""
+    rows = await _rows(
+        url,
+        "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " JOIN pg_am a ON a.oid = c.relam WHERE a.amname = 'brin'",
+    )
+    return dict(rows)
+
+
+async def _outbox_shape(url: str) -> tuple[dict[str, str], set[str]]:
+    """Partial-index predicates and column names of the outbox."""
+    indexes = await _rows(
+        url,
+        "SELECT c.relname, pg_get_expr(i.indpred, i.indrelid) FROM pg_index i"
+        " JOIN pg_class c ON c.oid = i.indexrelid"
+        " WHERE i.indrelid = 'cj_event_outbox'::regclass AND i.indpred IS NOT NULL",
+    )
+    columns = await _rows(
+        url,
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'cj_event_outbox'",
+    )
+    return dict(indexes), {c for (c,) in columns}
 
 
 async def test_retention_indexes_are_rebuilt_concurrently_and_keep_one_built_by_hand(
@@ -43,46 +63,17 @@ async def test_retention_indexes_are_rebuilt_concurrently_and_keep_one_built_by_
     await asyncio.to_thread(command.downgrade, config, "0002")
     assert await _brin_indexes(database_url) == {}
 
-    engine = create_async_engine(database_url, isolation_level="AUTOCOMMIT")
-    async with engine.connect() as conn:
-        await conn.execute(
-            text(
-                "CREATE INDEX CONCURRENTLY ix_cj_event_outbox_created_brin"
-                " ON cj_event_outbox USING brin (created_at)"
-            )
-        )
-    await engine.dispose()
+    await _rows(
+        database_url,
+        "CREATE INDEX CONCURRENTLY ix_cj_event_outbox_created_brin"
+        " ON cj_event_outbox USING brin (created_at)",
+    )
     await asyncio.to_thread(command.upgrade, config, "head")
 
     assert await _brin_indexes(database_url) == dict.fromkeys(BRIN_INDEXES, True)
-    engine = create_async_engine(database_url)
-    async with engine.connect() as conn:
-        version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
-    await engine.dispose()
-    assert version == head_revision()
-
-
-async def _outbox_shape(url: str) -> tuple[dict[str, str], set[str]]:
-    """Partial-index predicates and column names of the outbox."""
-    engine = create_async_engine(url)
-    try:
-        async with engine.connect() as conn:
-            indexes = await conn.execute(
-                text(
-                    "SELECT c.relname, pg_get_expr(i.indpred, i.indrelid) FROM pg_index i"
-                    " JOIN pg_class c ON c.oid = i.indexrelid"
-                    " WHERE i.indrelid = 'cj_event_outbox'::regclass AND i.indpred IS NOT NULL"
-                )
-            )
-            columns = await conn.execute(
-                text(
-                    "SELECT column_name FROM information_schema.columns"
-                    " WHERE table_name = 'cj_event_outbox'"
-                )
-            )
-            return dict(indexes.all()), set(columns.scalars())
-    finally:
-        await engine.dispose()
+    assert await _rows(database_url, "SELECT version_num FROM alembic_version") == [
+        (head_revision(),)
+    ]
 
 
 async def test_the_outbox_claim_index_covers_pending_rows_and_the_downgrade_restores_it(
