@@ -30,6 +30,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from cj_assessment.errors import ServiceStalled
     from cj_assessment.service import SchemaNotMigrated, serve
 
     settings = Settings()
@@ -39,6 +40,9 @@ def _serve(args: argparse.Namespace) -> int:
     except SchemaNotMigrated as exc:
         print(f"cj-assessment serve: {exc}", file=sys.stderr)
         return 2
+    except ServiceStalled as exc:
+        print(f"cj-assessment serve: stalled, exiting for a restart: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -19,7 +19,14 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+)
 from pydantic import ValidationError
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -39,7 +46,14 @@ from cj_assessment.contracts import (
     EventEnvelope,
     bos_batch_id_of,
 )
-from cj_assessment.errors import PermanentError, PoisonMessage, RequestRejected, TransientError
+from cj_assessment.database import transaction
+from cj_assessment.errors import (
+    PermanentError,
+    PoisonMessage,
+    RequestRejected,
+    ServiceStalled,
+    TransientError,
+)
 from cj_assessment.metrics import Metrics
 from cj_assessment.repository import AssessmentRepository, DecodedStates, InboxEntry
 from cj_assessment.settings import Settings
@@ -178,6 +192,8 @@ class EventConsumer:
         # State rows decoded by earlier transactions, reused while their stored text is the same.
         self._decoded = decoded if decoded is not None else DecodedStates()
         self._handled = HandledOffsets()
+        # When the oldest handled offset still uncommitted was first refused (monotonic).
+        self._uncommitted_since: float | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self._settings
@@ -209,32 +225,58 @@ class EventConsumer:
                 if not await self._process_poll(records, stop):
                     return  # stopping during a transient retry: the rest is redelivered
                 await self._commit_handled(consumer)
+                self._check_commits_progress()
                 waited = time.perf_counter() - fetched
                 for _ in records:
                     self._metrics.consume_to_commit.observe(waited)
         finally:
-            await self._commit_handled(consumer)
-            await consumer.stop()
+            # Stopping, perhaps with the broker away: a share of the shutdown's deadline each.
+            await self._commit_handled(consumer, timeout=s.shutdown_timeout_seconds / 3)
+            try:
+                await asyncio.wait_for(consumer.stop(), timeout=s.shutdown_timeout_seconds / 3)
+            except TimeoutError:
+                log.warning("consumer_close_timed_out")
+
+    def _check_commits_progress(self) -> None:
+        """Handled records whose offsets the group refuses for too long (a coordinator that
+        never comes back, topics gone from under the group): this process is alive but can
+        move nothing forward, so it stops for its supervisor to start a fresh one."""
+        since = self._uncommitted_since
+        stall = self._settings.consumer_commit_stall_seconds
+        if since is not None and time.monotonic() - since > stall:
+            raise ServiceStalled(f"offsets of handled records not committed for {stall:.0f} s")
 
     async def _commit_handled(
-        self, consumer: AIOKafkaConsumer, only: set[TopicPartition] | None = None
+        self,
+        consumer: AIOKafkaConsumer,
+        only: set[TopicPartition] | None = None,
+        timeout: float | None = None,
     ) -> None:
         """Commit each partition's offset past its last handled record ({tp: offset + 1})."""
         offsets = self._handled.take(consumer.assignment(), only)
         if not offsets:
             return
         try:
-            await consumer.commit(offsets)
+            # aiokafka retries a commit for as long as the coordinator stays away; bounded,
+            # so that the loop (and a SIGTERM) is never stuck behind it.
+            await asyncio.wait_for(
+                consumer.commit(offsets),
+                timeout=timeout or self._settings.kafka_operation_timeout_seconds,
+            )
         except (CommitFailedError, IllegalStateError) as exc:
             # The partitions moved on; the new owner re-reads these records and its inbox
             # recognises them as handled.
             log.warning("offset_commit_skipped", error_class=type(exc).__name__)
-        except KafkaError as exc:
+        except (KafkaError, TimeoutError) as exc:
             # The coordinator or broker is away for a moment: the next commit carries these
             # offsets too (the handling is committed in the database; a redelivery meanwhile
             # is recognised by the inbox).
             self._handled.keep(offsets)
+            if self._uncommitted_since is None:
+                self._uncommitted_since = time.monotonic()
             log.warning("offset_commit_deferred", error_class=type(exc).__name__)
+            return
+        self._uncommitted_since = None
 
     async def _process_poll(self, records: list[Any], stop: asyncio.Event) -> bool:
         results_topic = self._settings.topic_llm_comparison_result
@@ -255,7 +297,8 @@ class EventConsumer:
             try:
                 decoded.append((record, _decode_result(record.value)))
             except PoisonMessage as exc:
-                await self._dead_letter(record, exc)
+                if not await self._dead_letter(record, exc, stop):
+                    return False
                 poison.append(record)
         groups = _by_assessment(decoded, self._settings.consumer_result_transactions)
         # The groups' transactions overlap: while one waits for PostgreSQL, another computes.
@@ -290,8 +333,10 @@ class EventConsumer:
         outcome = await self._attempt(lambda: self._process_record(record), stop, [record])
         if outcome is _Stopped:
             return False
-        if isinstance(outcome, BaseException):
-            await self._dead_letter(record, outcome)
+        if isinstance(outcome, BaseException) and not await self._dead_letter(
+            record, outcome, stop
+        ):
+            return False
         self._handled.mark([record])
         return True
 
@@ -338,7 +383,15 @@ class EventConsumer:
                 except TimeoutError:
                     delay = min(delay * 2, 10.0)
 
-    async def _dead_letter(self, record: Any, exc: BaseException) -> None:
+    async def _dead_letter(self, record: Any, exc: BaseException, stop: asyncio.Event) -> bool:
+        """Copy `record` to `<topic>.dlt` with why it failed; False if the service stopped
+        before the broker took it (the record is then redelivered, not skipped).
+
+        A record the broker accepted can still be too large to copy (the headers add to it):
+        the copy then goes without its value (`dlt.value.dropped.bytes` says how large it
+        was), then without its key too; the source partition and offset locate the original.
+        A broker away is waited for; any other refusal stops the service rather than let a
+        partition pass a record that is nowhere."""
         reason = "poison" if isinstance(exc, PoisonMessage) else type(exc).__name__
         message = _short_message(exc)
         headers = [
@@ -348,9 +401,41 @@ class EventConsumer:
             ("dlt.error.class", type(exc).__name__.encode()),
             ("dlt.error.message", message.encode()),
         ]
-        await self._producer.send_and_wait(
-            f"{record.topic}.dlt", value=record.value, key=record.key, headers=headers
-        )
+        value, key = record.value, record.key
+        delay = 0.1
+        while True:
+            try:
+                await asyncio.wait_for(
+                    self._producer.send_and_wait(
+                        f"{record.topic}.dlt", value=value, key=key, headers=headers
+                    ),
+                    timeout=self._settings.kafka_operation_timeout_seconds,
+                )
+                break
+            except (MessageSizeTooLargeError, RecordTooLargeError):
+                if value is not None:
+                    headers.append(("dlt.value.dropped.bytes", str(len(value)).encode()))
+                    value = None
+                elif key is not None:
+                    headers.append(("dlt.key.dropped.bytes", str(len(key)).encode()))
+                    key = None
+                else:
+                    raise
+                log.warning("dead_letter_copy_shortened", topic=record.topic)
+            except (KafkaError, TimeoutError) as send_error:
+                if not _broker_away(send_error):
+                    raise
+                log.warning(
+                    "dead_letter_send_retry",
+                    topic=record.topic,
+                    error_class=type(send_error).__name__,
+                    delay_seconds=delay,
+                )
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                    return False
+                except TimeoutError:
+                    delay = min(delay * 2, 10.0)
         self._metrics.dead_letters.labels(record.topic, reason).inc()
         self._metrics.records.labels(record.topic, "dead_lettered").inc()
         log.warning(
@@ -361,6 +446,7 @@ class EventConsumer:
             error_class=type(exc).__name__,
             error=message,
         )
+        return True
 
     async def _process_record(self, record: Any) -> None:
         if record.topic == self._settings.topic_llm_comparison_result:
@@ -377,7 +463,7 @@ class EventConsumer:
         parsed = [(record, env, env.data) for record, env in decoded]
         started = time.perf_counter()
         outcomes: dict[int, str] = {}
-        async with self._sessions() as session, session.begin():
+        async with transaction(self._sessions) as session:
             repo = AssessmentRepository(session, self._decoded)
             claimed = await repo.claim_inbox(
                 [InboxEntry(env.event_id, r.topic, r.partition, r.offset) for r, env, _ in parsed]
@@ -427,7 +513,7 @@ class EventConsumer:
         envelope: EventEnvelope,
         work: Callable[[AssessmentRepository, datetime], Awaitable[Any]],
     ) -> str:
-        async with self._sessions() as session, session.begin():
+        async with transaction(self._sessions) as session:
             repo = AssessmentRepository(session, self._decoded)
             entry = InboxEntry(envelope.event_id, record.topic, record.partition, record.offset)
             if not await repo.claim_inbox([entry]):
@@ -570,6 +656,13 @@ def _by_assessment(
         key = (result.request_metadata or {}).get("bos_batch_id") or result.correlation_id
         groups[hash(str(key)) % count].append((record, envelope))
     return [group for group in groups if group]
+
+
+def _broker_away(exc: BaseException) -> bool:
+    """A Kafka failure that waiting can cure (aiokafka does not mark its own timeout so)."""
+    return isinstance(exc, TimeoutError | KafkaTimeoutError) or (
+        isinstance(exc, KafkaError) and exc.retriable
+    )
 
 
 def _decode_envelope(value: bytes | None) -> EventEnvelope:

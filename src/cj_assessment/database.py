@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from sqlalchemy import text
@@ -13,6 +15,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from cj_assessment.metrics import counted_on_commit
 from cj_assessment.settings import Settings
 
 
@@ -27,6 +30,15 @@ def create_engine(settings: Settings) -> AsyncEngine:
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@asynccontextmanager
+async def transaction(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """One transaction, committed when the block ends; what it counts in metrics is counted
+    only once the commit succeeded."""
+    with counted_on_commit():
+        async with sessions() as session, session.begin():
+            yield session
 
 
 def alembic_directory() -> Path:

@@ -1,6 +1,8 @@
 """The service's error tree. Each edge translates these into one outcome.
 
 CJError
+├── ServiceStalled        the process cannot make progress (offsets uncommittable for too long):
+│                         `serve` exits with status 1 for its supervisor to restart it
 ├── TransientError        broker or database away, timeouts: retry with backoff, never dead-letter
 └── PermanentError        the record can never succeed: dead-letter it, commit, move on
     ├── PoisonMessage     undecodable bytes, schema-invalid envelope or result, a request with
@@ -17,6 +19,10 @@ from typing import Any
 
 class CJError(Exception):
     """Root of every error this service raises on purpose."""
+
+
+class ServiceStalled(CJError):
+    """Progress is impossible in this process; a fresh one (re-joining the group) may do."""
 
 
 class TransientError(CJError):

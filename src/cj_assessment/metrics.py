@@ -1,8 +1,63 @@
-"""Prometheus metrics: base units, `_total` counters, no per-assessment labels."""
+"""Prometheus metrics: base units, `_total` counters, no per-assessment labels.
+
+Counters and histograms of what a transaction decides count only if it commits: inside
+`counted_on_commit()` their increments are held and applied when the block ends without an
+exception. A transaction retried after a lost connection would otherwise count its
+comparisons, assessments and retries once per try."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import partial
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_held: ContextVar[list[Callable[[], None]] | None] = ContextVar("cj_metrics_held", default=None)
+
+
+@contextmanager
+def counted_on_commit() -> Iterator[None]:
+    """Hold the increments made inside; apply them only if the block completes."""
+    outer = _held.get()
+    held: list[Callable[[], None]] = []
+    token = _held.set(held)
+    try:
+        yield
+    finally:
+        _held.reset(token)
+    if outer is not None:
+        outer.extend(held)
+    else:
+        for apply in held:
+            apply()
+
+
+class _OnCommit:
+    """A counter or histogram (or one of its labelled children) whose updates wait for the
+    enclosing `counted_on_commit()`, if any."""
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+
+    def labels(self, *values: str) -> _OnCommit:
+        return _OnCommit(self._metric.labels(*values))
+
+    def inc(self, amount: float = 1) -> None:
+        self._apply(partial(self._metric.inc, amount))
+
+    def observe(self, value: float) -> None:
+        self._apply(partial(self._metric.observe, value))
+
+    @staticmethod
+    def _apply(update: Callable[[], None]) -> None:
+        held = _held.get()
+        if held is None:
+            update()
+        else:
+            held.append(update)
 
 
 class Metrics:
@@ -27,41 +82,57 @@ class Metrics:
             ["topic"],
             registry=r,
         )
-        self.submission_batches = Counter(
-            "cj_submission_batches_total", "Submission batches sent", ["kind"], registry=r
+        self.submission_batches = _OnCommit(
+            Counter("cj_submission_batches_total", "Submission batches sent", ["kind"], registry=r)
         )
-        self.comparisons_requested = Counter(
-            "cj_comparisons_requested_total",
-            "Comparison requests sent (attempts)",
-            ["kind"],
-            registry=r,
+        self.comparisons_requested = _OnCommit(
+            Counter(
+                "cj_comparisons_requested_total",
+                "Comparison requests sent (attempts)",
+                ["kind"],
+                registry=r,
+            )
         )
-        self.comparisons_succeeded = Counter(
-            "cj_comparisons_succeeded_total", "Comparisons answered with a winner", registry=r
+        self.comparisons_succeeded = _OnCommit(
+            Counter(
+                "cj_comparisons_succeeded_total", "Comparisons answered with a winner", registry=r
+            )
         )
-        self.comparisons_failed = Counter(
-            "cj_comparisons_failed_total", "Failed comparison attempts", ["reason"], registry=r
+        self.comparisons_failed = _OnCommit(
+            Counter(
+                "cj_comparisons_failed_total", "Failed comparison attempts", ["reason"], registry=r
+            )
         )
-        self.retry_batches = Counter(
-            "cj_retry_batches_total", "Retry batches formed from the failed pool", registry=r
+        self.retry_batches = _OnCommit(
+            Counter(
+                "cj_retry_batches_total", "Retry batches formed from the failed pool", registry=r
+            )
         )
-        self.successful_retries = Counter(
-            "cj_successful_retries_total", "Retried comparisons that succeeded", registry=r
+        self.successful_retries = _OnCommit(
+            Counter("cj_successful_retries_total", "Retried comparisons that succeeded", registry=r)
         )
-        self.permanent_failures = Counter(
-            "cj_permanent_failures_total", "Comparisons that exhausted their retries", registry=r
+        self.permanent_failures = _OnCommit(
+            Counter(
+                "cj_permanent_failures_total",
+                "Comparisons that exhausted their retries",
+                registry=r,
+            )
         )
-        self.failed_pool_size = Histogram(
-            "cj_failed_pool_size",
-            "Failed-pool size after each change",
-            buckets=(0, 1, 5, 10, 20, 50, 100, 200, 500),
-            registry=r,
+        self.failed_pool_size = _OnCommit(
+            Histogram(
+                "cj_failed_pool_size",
+                "Failed-pool size after each change",
+                buckets=(0, 1, 5, 10, 20, 50, 100, 200, 500),
+                registry=r,
+            )
         )
-        self.assessments = Counter(
-            "cj_assessments_total", "Assessments finished, by outcome", ["outcome"], registry=r
+        self.assessments = _OnCommit(
+            Counter(
+                "cj_assessments_total", "Assessments finished, by outcome", ["outcome"], registry=r
+            )
         )
-        self.assessments_started = Counter(
-            "cj_assessments_started_total", "Assessments accepted and started", registry=r
+        self.assessments_started = _OnCommit(
+            Counter("cj_assessments_started_total", "Assessments accepted and started", registry=r)
         )
         self.assessments_by_state = Gauge(
             "cj_assessments_in_state",
@@ -69,11 +140,13 @@ class Metrics:
             ["state"],
             registry=r,
         )
-        self.callback_latency = Histogram(
-            "cj_callback_latency_seconds",
-            "Comparison request sent to its result processed",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
-            registry=r,
+        self.callback_latency = _OnCommit(
+            Histogram(
+                "cj_callback_latency_seconds",
+                "Comparison request sent to its result processed",
+                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+                registry=r,
+            )
         )
         self.callback_processing = Histogram(
             "cj_callback_processing_seconds",
@@ -93,17 +166,24 @@ class Metrics:
             buckets=(1, 2, 5, 10, 25, 50, 100, 200, 500, 1000, 2000),
             registry=r,
         )
-        self.unmatched_results = Counter(
-            "cj_unmatched_results_total", "Results matching no comparison", ["reason"], registry=r
+        self.unmatched_results = _OnCommit(
+            Counter(
+                "cj_unmatched_results_total",
+                "Results matching no comparison",
+                ["reason"],
+                registry=r,
+            )
         )
-        self.late_results = Counter(
-            "cj_late_results_total", "Results for finished assessments", registry=r
+        self.late_results = _OnCommit(
+            Counter("cj_late_results_total", "Results for finished assessments", registry=r)
         )
-        self.monitor_actions = Counter(
-            "cj_monitor_actions_total",
-            "Actions of the stuck-assessment monitor",
-            ["action"],
-            registry=r,
+        self.monitor_actions = _OnCommit(
+            Counter(
+                "cj_monitor_actions_total",
+                "Actions of the stuck-assessment monitor",
+                ["action"],
+                registry=r,
+            )
         )
         self.outbox_backlog = Gauge("cj_outbox_backlog", "Unpublished outbox rows", registry=r)
         self.outbox_oldest_age = Gauge(

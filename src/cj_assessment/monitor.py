@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from cj_assessment.batch_callback_handler import BatchCallbackHandler
 from cj_assessment.batch_state import AttemptStatus, Unanswered
+from cj_assessment.database import transaction
 from cj_assessment.metrics import Metrics
 from cj_assessment.repository import AssessmentRepository, StateRow
 from cj_assessment.retention import Retention
@@ -78,7 +79,7 @@ class StuckAssessmentMonitor:
             actions += await self._time_out(cj_batch_id, overdue_since, now)
         idle_since = now - timedelta(seconds=self._settings.batch_timeout_seconds)
         # Candidates only: each is checked again under its row lock before anything is done.
-        async with self._sessions() as session, session.begin():
+        async with transaction(self._sessions) as session:
             idle = await AssessmentRepository(session).states_idle_since(idle_since, CLAIM_LIMIT)
         for cj_batch_id in idle:
             actions += await self._drive_idle(cj_batch_id, idle_since, overdue_since, now)
@@ -90,7 +91,7 @@ class StuckAssessmentMonitor:
         return actions
 
     async def _time_out(self, cj_batch_id: int, overdue_since: datetime, now: datetime) -> int:
-        async with self._sessions() as session, session.begin():
+        async with transaction(self._sessions) as session:
             repo = AssessmentRepository(session)
             state = await repo.lock_state(cj_batch_id, skip_locked=True)
             if state is None:
@@ -122,7 +123,7 @@ class StuckAssessmentMonitor:
         attempts, advancing it and the stuck check are all decided from what the lock
         protects. A decision from the scan alone could time out retries that another monitor
         or a result sent a moment ago, or fail an assessment whose lock was briefly busy."""
-        async with self._sessions() as session, session.begin():
+        async with transaction(self._sessions) as session:
             repo = AssessmentRepository(session)
             state = await repo.lock_state(cj_batch_id, skip_locked=True)
             if (
@@ -184,7 +185,7 @@ class UnsentAttempts:
             assessments = await AssessmentRepository(session).assessments_answered(ids)
         failed = 0
         for cj_batch_id in sorted(assessments):
-            async with self._sessions() as session, session.begin():
+            async with transaction(self._sessions) as session:
                 repo = AssessmentRepository(session)
                 state = await repo.lock_state(cj_batch_id)
                 if state is None:

@@ -108,14 +108,34 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         stop_task = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([*tasks, stop_task], return_when=asyncio.FIRST_COMPLETED)
         stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # One deadline for the whole shutdown, broker or database away included. Whatever is
+        # cut short is left as a crash would leave it, which loses nothing: unacknowledged
+        # outbox rows stay pending, uncommitted offsets are redelivered to the inbox.
+        deadline = loop.time() + settings.shutdown_timeout_seconds
+        await _finish(tasks, deadline)
         relay_stop.set()
         relay.notify()
-        await relay_task
+        await _finish([relay_task], deadline)
+        try:
+            await asyncio.wait_for(producer.stop(), timeout=max(0.1, deadline - loop.time()))
+        except TimeoutError:
+            log.warning("producer_close_timed_out")
+        stop_task.cancel()
         await runner.cleanup()
         for task in tasks:
-            if task.done() and task.exception() is not None:
+            if task.done() and not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
         log.info("service_stopped")
     finally:
         await container.close()
+
+
+async def _finish(tasks: list[asyncio.Task[None]], deadline: float) -> None:
+    """Wait for `tasks` until `deadline`; cancel those still running then."""
+    loop = asyncio.get_running_loop()
+    _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+    for task in pending:
+        log.warning("shutdown_task_cancelled", task=task.get_name())
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=5.0)

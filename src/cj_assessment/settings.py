@@ -40,6 +40,24 @@ class Settings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(
         20, ge=0, description="Longest the broker waits to gather fetch_min_bytes"
     )
+    kafka_operation_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Longest one offset commit or dead-letter send may take; a commit past it"
+        " is carried by the next one, a dead-letter send is tried again",
+    )
+    consumer_commit_stall_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Handled records whose offsets could not be committed for this long stop"
+        " the service with exit status 1, for its supervisor to restart it",
+    )
+    shutdown_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="At SIGTERM, the longest each of the final offset commit, the relay's last"
+        " round and the Kafka clients' close may take",
+    )
     gc_young_threshold: int = Field(
         10_000,
         ge=0,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
 
+import structlog
 from aiokafka import AIOKafkaProducer
 from dishka import AsyncContainer, Provider, Scope, from_context, make_async_container, provide
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -20,6 +22,8 @@ from cj_assessment.outbox import OutboxRelay
 from cj_assessment.retention import Retention
 from cj_assessment.settings import Settings
 from cj_assessment.workflow_orchestrator import WorkflowOrchestrator
+
+log = structlog.get_logger(__name__)
 
 
 class ServiceProvider(Provider):
@@ -63,7 +67,13 @@ class ServiceProvider(Provider):
         )
         await producer.start()
         yield producer
-        await producer.stop()
+        try:
+            # Stopping flushes what is buffered, which waits as long as the broker is away.
+            # Nothing unacknowledged is lost by giving up: outbox rows are marked published
+            # only at their acknowledgement, dead letters are sent and awaited one by one.
+            await asyncio.wait_for(producer.stop(), timeout=settings.shutdown_timeout_seconds)
+        except TimeoutError:
+            log.warning("producer_close_timed_out")
 
     @provide
     async def content(self, settings: Settings) -> AsyncIterator[ContentClient]:

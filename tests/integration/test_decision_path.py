@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.support.decision_path import DecisionPath, at
@@ -170,3 +171,26 @@ async def test_a_queued_retry_of_a_comparison_answered_meanwhile_is_not_sent(
     state = await path.state()
     assert (state.state, state.current_iteration) == ("WAITING_CALLBACKS", 2)
     assert state.completed_comparisons == 20
+
+
+async def test_metrics_count_a_poll_once_when_its_first_transaction_was_lost(
+    sessions: async_sessionmaker[AsyncSession], database_url: str
+) -> None:
+    path = DecisionPath.build(sessions, database_url)
+    await path.start("retried-poll", 20, at(0), batch_size=10)
+    sent = [a for a in await path.attempts() if a.status == "in_flight"]
+    poll = [(sent[0], True), (sent[1], True), (sent[2], False)]
+    with pytest.raises(ConnectionResetError):
+        await path.answer(poll, at(5), lost_before_commit=True)
+    # Redelivered, handled again, committed this time.
+    await path.answer(poll, at(6))
+    stored = await path.rows(
+        "SELECT status, count(*) FROM cj_comparison_pairs WHERE status IN ('succeeded', 'failed')"
+        " GROUP BY status"
+    )
+    registry = path.metrics.registry
+    assert dict(stored) == {"succeeded": 2, "failed": 1}
+    assert registry.get_sample_value("cj_comparisons_succeeded_total") == 2
+    failed = {"reason": "provider_error"}
+    assert registry.get_sample_value("cj_comparisons_failed_total", failed) == 1
+    assert registry.get_sample_value("cj_assessments_started_total") == 1

@@ -152,6 +152,35 @@ async def test_poison_records_on_both_topics_are_dead_lettered_and_the_next_reco
             assert all(SENTINEL.encode() not in v for v in headers.values())
 
 
+async def test_a_poison_record_too_large_to_copy_whole_is_dead_lettered_without_its_value(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    settings = system_settings(kafka_bootstrap, database_url, kafka_max_message_bytes=65_536)
+    # Within the broker's limit, but not once the dead-letter headers are added to it.
+    oversized = b"x" * 65_400
+    async with running_system(settings, provider_config(settings)) as system:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=False)
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                settings.topic_llm_comparison_result, oversized, key=b"big"
+            )
+        finally:
+            await producer.stop()
+        await system.submit(request_envelope(bos_batch_id="after-big", essays=_essays(4)))
+        outcome = (await system.watcher.wait_for(["after-big"], timeout=60))["after-big"]
+        system.check_alive()
+        dead = await _read_all(kafka_bootstrap, f"{settings.topic_llm_comparison_result}.dlt", 1)
+    assert outcome["data"]["status"] == "completed_successfully"
+    assert len(dead) == 1
+    headers = dict(dead[0].headers)
+    assert dead[0].value is None
+    assert dead[0].key == b"big"
+    assert headers["dlt.value.dropped.bytes"] == str(len(oversized)).encode()
+    assert headers["dlt.source.topic"].decode() == settings.topic_llm_comparison_result
+    assert int(headers["dlt.source.offset"]) >= 0
+
+
 async def test_database_away_for_ten_seconds_loses_nothing_and_the_assessment_completes(
     kafka_bootstrap: str,
 ) -> None:

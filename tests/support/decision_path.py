@@ -15,6 +15,7 @@ from cj_assessment.batch_callback_handler import BatchCallbackHandler
 from cj_assessment.batch_config import resolve_batch_config
 from cj_assessment.batch_processor import BatchProcessor
 from cj_assessment.contracts import ErrorDetail, LLMComparisonResultV1
+from cj_assessment.database import transaction
 from cj_assessment.metrics import Metrics
 from cj_assessment.monitor import StuckAssessmentMonitor
 from cj_assessment.repository import AssessmentRepository, DecodedStates
@@ -78,15 +79,18 @@ class DecisionPath:
             user_id=None,
             org_id=None,
         )
-        async with self.sessions() as session, session.begin():
+        async with transaction(self.sessions) as session:
             repo = AssessmentRepository(session, self.decoded)
             cj_batch_id = await self.orchestrator.start(repo, new, now=now)
         assert cj_batch_id is not None
         return cj_batch_id
 
-    async def answer(self, answers: list[tuple[Any, bool]], now: datetime) -> list[str]:
+    async def answer(
+        self, answers: list[tuple[Any, bool]], now: datetime, *, lost_before_commit: bool = False
+    ) -> list[str]:
         """One poll: (attempt row from `attempts`, True for an "Essay A" verdict, False for an
-        error result)."""
+        error result). `lost_before_commit`: the connection drops once the poll is handled,
+        before its transaction commits (ConnectionResetError)."""
         results = [
             (
                 LLMComparisonResultV1(
@@ -100,9 +104,11 @@ class DecisionPath:
             )
             for row, ok in answers
         ]
-        async with self.sessions() as session, session.begin():
+        async with transaction(self.sessions) as session:
             repo = AssessmentRepository(session, self.decoded)
             outcomes = await self.callbacks.handle_results(repo, results, now=now)
+            if lost_before_commit:
+                raise ConnectionResetError("connection lost before the commit")
         return [o.value for o in outcomes]
 
     async def attempts(self) -> list[Any]:

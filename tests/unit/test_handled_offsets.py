@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
+import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import RequestTimedOutError
 
 from cj_assessment.consumer import EventConsumer, HandledOffsets
+from cj_assessment.errors import ServiceStalled
 from cj_assessment.metrics import Metrics
 from cj_assessment.settings import Settings
 
@@ -79,3 +82,50 @@ async def test_a_commit_that_fails_for_a_moment_keeps_the_consumer_running() -> 
     consumer._handled.mark([Record("results", 1, 0)])
     await consumer._commit_handled(broker)  # type: ignore[arg-type]
     assert broker.committed == [{A: 8, B: 1}]
+
+
+class _CoordinatorGone(_BrokerAway):
+    """A coordinator that never answers: aiokafka would retry such a commit forever."""
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.failures:
+            self.failures -= 1
+            await asyncio.Event().wait()
+        self.committed.append(offsets)
+
+
+async def test_a_commit_that_never_returns_is_given_up_and_carried_by_the_next() -> None:
+    settings = Settings(kafka_operation_timeout_seconds=0.05)
+    consumer = EventConsumer(settings, *[None] * 5, Metrics())  # type: ignore[arg-type]
+    broker = _CoordinatorGone()
+    consumer._handled.mark([Record("results", 0, 7)])
+    await asyncio.wait_for(consumer._commit_handled(broker), timeout=5)  # type: ignore[arg-type]
+    consumer._handled.mark([Record("results", 1, 0)])
+    await consumer._commit_handled(broker)  # type: ignore[arg-type]
+    assert broker.committed == [{A: 8, B: 1}]
+
+
+async def test_offsets_refused_past_the_stall_limit_stop_the_consumer() -> None:
+    settings = Settings(kafka_operation_timeout_seconds=0.01, consumer_commit_stall_seconds=0.2)
+    consumer = EventConsumer(settings, *[None] * 5, Metrics())  # type: ignore[arg-type]
+    broker = _CoordinatorGone()
+    broker.failures = 1_000
+    consumer._handled.mark([Record("results", 0, 7)])
+    await consumer._commit_handled(broker)  # type: ignore[arg-type]
+    consumer._check_commits_progress()  # refused for a moment only: carry on
+    await asyncio.sleep(0.25)
+    await consumer._commit_handled(broker)  # type: ignore[arg-type]
+    with pytest.raises(ServiceStalled):
+        consumer._check_commits_progress()
+
+
+async def test_a_commit_that_succeeds_again_clears_the_stall() -> None:
+    settings = Settings(kafka_operation_timeout_seconds=0.01, consumer_commit_stall_seconds=0.2)
+    consumer = EventConsumer(settings, *[None] * 5, Metrics())  # type: ignore[arg-type]
+    broker = _CoordinatorGone()
+    consumer._handled.mark([Record("results", 0, 7)])
+    await consumer._commit_handled(broker)  # type: ignore[arg-type]
+    await asyncio.sleep(0.25)
+    await consumer._commit_handled(broker)  # type: ignore[arg-type]
+    consumer._check_commits_progress()
+    assert broker.committed == [{A: 8}]
