@@ -4,7 +4,8 @@
 #   docker run --rm cj-assessment --help
 #
 # One image serves every role; the compose file picks the subcommand:
-#   migrate | serve (default) | provider | demo | submit
+#   migrate | serve (default) | provider | submit
+# (`demo` embeds its own broker and database, from the `dev` extra, which the image omits.)
 #
 # Stage 1 builds the package and its runtime dependencies (no `dev` extra) into a
 # self-contained virtualenv; stage 2 copies only that venv onto a clean slim base.

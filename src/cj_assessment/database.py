@@ -25,6 +25,9 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_size,
         pool_pre_ping=True,
+        # asyncpg waits 60 s for a connection by default: a database that drops packets would
+        # hold a handler (and a shutdown) that long before its retry or its stop is noticed.
+        connect_args={"timeout": settings.database_connect_timeout_seconds},
     )
 
 
@@ -75,6 +78,13 @@ def head_revision() -> str:
     head = ScriptDirectory.from_config(_alembic_config("")).get_current_head()
     assert head is not None
     return head
+
+
+def known_revisions() -> set[str]:
+    """Every revision this build's migrations know."""
+    from alembic.script import ScriptDirectory
+
+    return {r.revision for r in ScriptDirectory.from_config(_alembic_config("")).walk_revisions()}
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:

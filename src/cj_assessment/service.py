@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cj_assessment.consumer import EventConsumer
-from cj_assessment.database import current_revision, head_revision
+from cj_assessment.database import current_revision, head_revision, known_revisions
 from cj_assessment.http_api import build_app
 from cj_assessment.metrics import Metrics
 from cj_assessment.monitor import StuckAssessmentMonitor
@@ -35,6 +35,11 @@ class SchemaNotMigrated(RuntimeError):
 async def check_schema(engine: AsyncEngine) -> None:
     current = await current_revision(engine)
     head = head_revision()
+    if current is not None and current != head and current not in known_revisions():
+        raise SchemaNotMigrated(
+            f"database schema is at revision {current}, newer than this build knows (its"
+            f" newest is {head}): run a build that includes revision {current}"
+        )
     if current != head:
         raise SchemaNotMigrated(
             f"database schema is at revision {current or 'none'}, this service needs {head}: "
@@ -71,6 +76,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             settings.kafka_bootstrap_servers,
             service_topics(settings),
             settings.kafka_topic_partitions,
+            settings.kafka_topic_replication_factor,
         )
         metrics = await container.get(Metrics)
         producer = await container.get(AIOKafkaProducer)
@@ -79,10 +85,10 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         monitor = await container.get(StuckAssessmentMonitor)
 
         async def readiness() -> dict[str, bool]:
-            checks = {"database": False, "broker": False}
+            # Stopping: no longer ready, so that traffic and dependants move on first.
+            checks = {"database": False, "broker": False, "running": not stop.is_set()}
             try:
-                async with engine.connect() as conn:
-                    await conn.execute(text("SELECT 1"))
+                await asyncio.wait_for(_database_answers(engine), timeout=2)
                 checks["database"] = True
             except Exception:  # noqa: BLE001 - readiness reports, never raises
                 pass
@@ -139,3 +145,8 @@ async def _finish(tasks: list[asyncio.Task[None]], deadline: float) -> None:
         task.cancel()
     if pending:
         await asyncio.wait(pending, timeout=5.0)
+
+
+async def _database_answers(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))

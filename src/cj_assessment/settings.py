@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     kafka_topic_partitions: int = Field(
         6, ge=1, description="Partitions for topics the service creates when missing"
     )
+    kafka_topic_replication_factor: int = Field(
+        1,
+        ge=1,
+        description="Replicas of topics the service creates when missing (3 on a production"
+        " cluster; 1 for a single broker)",
+    )
     kafka_max_poll_records: int = Field(
         2000, ge=1, description="Records fetched per poll (a poll's results are handled together)"
     )
@@ -88,6 +94,9 @@ class Settings(BaseSettings):
         description="SQLAlchemy async URL of the service's PostgreSQL database",
     )
     database_pool_size: int = Field(10, ge=1, description="Connection pool size")
+    database_connect_timeout_seconds: float = Field(
+        10.0, gt=0, description="Longest wait for a new database connection to open"
+    )
 
     # Content Service
     content_service_url: str = Field(

@@ -19,7 +19,9 @@ def service_topics(settings: Settings) -> list[str]:
     ]
 
 
-async def ensure_topics(bootstrap_servers: str, topics: list[str], partitions: int) -> None:
+async def ensure_topics(
+    bootstrap_servers: str, topics: list[str], partitions: int, replication_factor: int = 1
+) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
     await admin.start()
     try:
@@ -28,7 +30,12 @@ async def ensure_topics(bootstrap_servers: str, topics: list[str], partitions: i
         if missing:
             try:
                 await admin.create_topics(
-                    [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
+                    [
+                        NewTopic(
+                            t, num_partitions=partitions, replication_factor=replication_factor
+                        )
+                        for t in missing
+                    ]
                 )
             except TopicAlreadyExistsError:
                 pass

@@ -221,6 +221,25 @@ async def test_serve_refuses_to_start_on_an_unmigrated_database(
         await admin.dispose()
 
 
+async def test_serve_refuses_a_database_migrated_by_a_newer_build_and_says_so(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from cj_assessment.service import SchemaNotMigrated, serve
+
+    engine = create_async_engine(database_url)
+    async with engine.begin() as conn:
+        await conn.execute(text("UPDATE alembic_version SET version_num = '9999_from_the_future'"))
+    await engine.dispose()
+    with pytest.raises(SchemaNotMigrated) as refused:
+        await asyncio.wait_for(serve(system_settings(kafka_bootstrap, database_url)), timeout=30)
+    assert "9999_from_the_future" in str(refused.value)
+    assert "newer than this build" in str(refused.value)
+    assert "cj-assessment migrate" not in str(refused.value)
+
+
 @pytest.mark.real_kafka
 async def test_with_an_idempotent_producer_on_real_kafka_an_assessment_completes_once(
     kafka_bootstrap: str, database_url: str
