@@ -32,12 +32,13 @@ def _migrate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from cj_assessment.errors import ServiceStalled
     from cj_assessment.service import SchemaNotMigrated, serve
+    from cj_assessment.topics import TopicsNotCreated
 
     settings = Settings()
     configure_logging(settings.log_level, json=settings.log_json)
     try:
         asyncio.run(serve(settings))
-    except SchemaNotMigrated as exc:
+    except (SchemaNotMigrated, TopicsNotCreated) as exc:
         print(f"cj-assessment serve: {exc}", file=sys.stderr)
         return 2
     except ServiceStalled as exc:

@@ -116,7 +116,7 @@ class _RebalanceListener(ConsumerRebalanceListener):
     def __init__(
         self,
         metrics: Metrics,
-        commit: Callable[[AIOKafkaConsumer, set[TopicPartition]], Awaitable[None]],
+        commit: Callable[[AIOKafkaConsumer, set[TopicPartition]], Awaitable[object]],
         consumer: AIOKafkaConsumer,
     ) -> None:
         self._metrics = metrics
@@ -145,6 +145,10 @@ class HandledOffsets:
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
             self._next[tp] = max(self._next.get(tp, 0), record.offset + 1)
+
+    def pending(self) -> bool:
+        """Offsets handled and not yet committed."""
+        return bool(self._next)
 
     def keep(self, offsets: dict[TopicPartition, int]) -> None:
         """Offsets taken but not committed: committed with the next ones."""
@@ -219,23 +223,33 @@ class EventConsumer:
                 assigned = consumer.assignment()
                 records = [r for tp, rs in batch.items() if tp in assigned for r in rs]
                 if not records:
+                    if self._handled.pending():
+                        # Offsets refused before: tried again while idle, not only when the
+                        # next records come, so that a stall is measured on real attempts.
+                        await self._commit_handled(consumer)
+                        self._check_commits_progress()
                     continue
                 fetched = time.perf_counter()
                 self._metrics.poll_records.observe(len(records))
                 if not await self._process_poll(records, stop):
                     return  # stopping during a transient retry: the rest is redelivered
-                await self._commit_handled(consumer)
+                committed = await self._commit_handled(consumer)
                 self._check_commits_progress()
-                waited = time.perf_counter() - fetched
-                for _ in records:
-                    self._metrics.consume_to_commit.observe(waited)
+                if committed:
+                    waited = time.perf_counter() - fetched
+                    for _ in records:
+                        self._metrics.consume_to_commit.observe(waited)
         finally:
-            # Stopping, perhaps with the broker away: a share of the shutdown's deadline each.
-            await self._commit_handled(consumer, timeout=s.shutdown_timeout_seconds / 3)
+            # Stopping, perhaps with the broker away; `serve` may cancel this task at its
+            # deadline, and the group is left (consumer.stop) even then.
+            budget = s.shutdown_timeout_seconds / 5
             try:
-                await asyncio.wait_for(consumer.stop(), timeout=s.shutdown_timeout_seconds / 3)
-            except TimeoutError:
-                log.warning("consumer_close_timed_out")
+                await self._commit_handled(consumer, timeout=budget)
+            finally:
+                try:
+                    await asyncio.wait_for(consumer.stop(), timeout=budget)
+                except TimeoutError:
+                    log.warning("consumer_close_timed_out")
 
     def _check_commits_progress(self) -> None:
         """Handled records whose offsets the group refuses for too long (a coordinator that
@@ -251,11 +265,15 @@ class EventConsumer:
         consumer: AIOKafkaConsumer,
         only: set[TopicPartition] | None = None,
         timeout: float | None = None,
-    ) -> None:
-        """Commit each partition's offset past its last handled record ({tp: offset + 1})."""
+    ) -> bool:
+        """Commit each partition's offset past its last handled record ({tp: offset + 1});
+        False if the offsets were kept for a later commit."""
         offsets = self._handled.take(consumer.assignment(), only)
         if not offsets:
-            return
+            if not self._handled.pending():
+                # Nothing waits any more (offsets of partitions taken away are dropped).
+                self._uncommitted_since = None
+            return True
         try:
             # aiokafka retries a commit for as long as the coordinator stays away; bounded,
             # so that the loop (and a SIGTERM) is never stuck behind it.
@@ -275,8 +293,9 @@ class EventConsumer:
             if self._uncommitted_since is None:
                 self._uncommitted_since = time.monotonic()
             log.warning("offset_commit_deferred", error_class=type(exc).__name__)
-            return
+            return False
         self._uncommitted_since = None
+        return True
 
     async def _process_poll(self, records: list[Any], stop: asyncio.Event) -> bool:
         results_topic = self._settings.topic_llm_comparison_result
@@ -405,12 +424,17 @@ class EventConsumer:
         delay = 0.1
         while True:
             try:
-                await asyncio.wait_for(
-                    self._producer.send_and_wait(
+                # One copy per try: its acknowledgement is then waited for as long as it takes
+                # (an idempotent producer retries it until the broker is back), never sent
+                # again on a mere timeout, which would leave several copies in the topic.
+                delivery = await asyncio.wait_for(
+                    self._producer.send(
                         f"{record.topic}.dlt", value=value, key=key, headers=headers
                     ),
                     timeout=self._settings.kafka_operation_timeout_seconds,
                 )
+                if not await _acknowledged_unless_stopped(delivery, stop, record.topic):
+                    return False
                 break
             except (MessageSizeTooLargeError, RecordTooLargeError):
                 if value is not None:
@@ -656,6 +680,25 @@ def _by_assessment(
         key = (result.request_metadata or {}).get("bos_batch_id") or result.correlation_id
         groups[hash(str(key)) % count].append((record, envelope))
     return [group for group in groups if group]
+
+
+async def _acknowledged_unless_stopped(
+    delivery: asyncio.Future[Any], stop: asyncio.Event, topic: str
+) -> bool:
+    """True once the broker acknowledged `delivery` (its failure is raised); False if the
+    service stopped first."""
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        while not delivery.done():
+            await asyncio.wait({delivery, stopping}, timeout=30.0, return_when="FIRST_COMPLETED")
+            if stopping.done() and not delivery.done():
+                return False
+            if not delivery.done():
+                log.warning("dead_letter_waiting_for_broker", topic=topic)
+    finally:
+        stopping.cancel()
+    delivery.result()
+    return True
 
 
 def _broker_away(exc: BaseException) -> bool:

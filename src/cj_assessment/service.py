@@ -37,8 +37,9 @@ async def check_schema(engine: AsyncEngine) -> None:
     head = head_revision()
     if current is not None and current != head and current not in known_revisions():
         raise SchemaNotMigrated(
-            f"database schema is at revision {current}, newer than this build knows (its"
-            f" newest is {head}): run a build that includes revision {current}"
+            f"database schema is at revision {current}, which this build does not know (a"
+            f" newer build's, or another branch's; this build's newest is {head}): run a build"
+            f" that includes revision {current}"
         )
     if current != head:
         raise SchemaNotMigrated(
@@ -116,14 +117,21 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         stop.set()
         # One deadline for the whole shutdown, broker or database away included. Whatever is
         # cut short is left as a crash would leave it, which loses nothing: unacknowledged
-        # outbox rows stay pending, uncommitted offsets are redelivered to the inbox.
-        deadline = loop.time() + settings.shutdown_timeout_seconds
-        await _finish(tasks, deadline)
+        # outbox rows stay pending, uncommitted offsets are redelivered to the inbox. The
+        # consumer, cancelled at half-time, still commits and leaves the group, each within a
+        # fifth of the deadline; then the relay's last round, then the producer's flush.
+        budget = settings.shutdown_timeout_seconds
+        started = loop.time()
+        await _finish(tasks, cancel_at=started + 0.5 * budget, give_up_at=started + 0.9 * budget)
         relay_stop.set()
         relay.notify()
-        await _finish([relay_task], deadline)
+        await _finish(
+            [relay_task], cancel_at=started + 0.95 * budget, give_up_at=started + 0.97 * budget
+        )
         try:
-            await asyncio.wait_for(producer.stop(), timeout=max(0.1, deadline - loop.time()))
+            await asyncio.wait_for(
+                producer.stop(), timeout=max(0.1, started + budget - loop.time())
+            )
         except TimeoutError:
             log.warning("producer_close_timed_out")
         stop_task.cancel()
@@ -136,15 +144,16 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await container.close()
 
 
-async def _finish(tasks: list[asyncio.Task[None]], deadline: float) -> None:
-    """Wait for `tasks` until `deadline`; cancel those still running then."""
+async def _finish(tasks: list[asyncio.Task[None]], cancel_at: float, give_up_at: float) -> None:
+    """Wait for `tasks` until `cancel_at` (loop time), cancel those still running then, and
+    wait for their clean-up until `give_up_at`."""
     loop = asyncio.get_running_loop()
-    _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+    _, pending = await asyncio.wait(tasks, timeout=max(0.0, cancel_at - loop.time()))
     for task in pending:
         log.warning("shutdown_task_cancelled", task=task.get_name())
         task.cancel()
     if pending:
-        await asyncio.wait(pending, timeout=5.0)
+        await asyncio.wait(pending, timeout=max(0.0, give_up_at - loop.time()))
 
 
 async def _database_answers(engine: AsyncEngine) -> None:

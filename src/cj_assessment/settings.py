@@ -61,8 +61,8 @@ class Settings(BaseSettings):
     shutdown_timeout_seconds: float = Field(
         30.0,
         gt=0,
-        description="At SIGTERM, the longest each of the final offset commit, the relay's last"
-        " round and the Kafka clients' close may take",
+        description="After SIGTERM, serve exits within about this long, even with the broker"
+        " or the database away (one deadline for the consumer, the relay and the producer)",
     )
     gc_young_threshold: int = Field(
         10_000,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -29,7 +31,7 @@ async def ensure_topics(
         missing = [t for t in topics if t not in existing]
         if missing:
             try:
-                await admin.create_topics(
+                response = await admin.create_topics(
                     [
                         NewTopic(
                             t, num_partitions=partitions, replication_factor=replication_factor
@@ -38,6 +40,26 @@ async def ensure_topics(
                     ]
                 )
             except TopicAlreadyExistsError:
-                pass
+                return
+            raise_refused_topics(response)
     finally:
         await admin.close()
+
+
+class TopicsNotCreated(RuntimeError):
+    """The broker refused to create topics the service needs."""
+
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+def raise_refused_topics(response: Any) -> None:
+    """aiokafka reports per-topic errors in the create-topics response instead of raising:
+    raise them. A topic that another instance created meanwhile is no error."""
+    refused = [
+        f"{error[0]}: {error[2] if len(error) > 2 and error[2] else f'error code {error[1]}'}"
+        for error in response.topic_errors
+        if error[1] not in (0, _TOPIC_ALREADY_EXISTS)
+    ]
+    if refused:
+        raise TopicsNotCreated("the broker refused to create " + "; ".join(refused))

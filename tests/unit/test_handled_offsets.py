@@ -1,4 +1,5 @@
-"""Offsets to commit: past each partition's last handled record, only while it is ours."""
+"""Offsets to commit: past each partition's last handled record, only while it is ours; and
+what happens to them, and to dead letters, while the broker is away."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import RequestTimedOutError
 
 from cj_assessment.consumer import EventConsumer, HandledOffsets
-from cj_assessment.errors import ServiceStalled
+from cj_assessment.errors import PoisonMessage, ServiceStalled
 from cj_assessment.metrics import Metrics
 from cj_assessment.settings import Settings
 
@@ -129,3 +130,81 @@ async def test_a_commit_that_succeeds_again_clears_the_stall() -> None:
     await consumer._commit_handled(broker)  # type: ignore[arg-type]
     consumer._check_commits_progress()
     assert broker.committed == [{A: 8}]
+
+
+async def test_offsets_dropped_with_their_partitions_leave_nothing_stalled() -> None:
+    settings = Settings(kafka_operation_timeout_seconds=0.01, consumer_commit_stall_seconds=0.2)
+    consumer = EventConsumer(settings, *[None] * 5, Metrics())  # type: ignore[arg-type]
+    broker = _CoordinatorGone()
+    consumer._handled.mark([Record("results", 0, 7)])
+    await consumer._commit_handled(broker)  # type: ignore[arg-type]
+    await asyncio.sleep(0.25)
+    broker.assignment = lambda: {B}  # type: ignore[method-assign]  # partition 0 moved away
+    await consumer._commit_handled(broker)  # type: ignore[arg-type]
+    consumer._check_commits_progress()
+    assert broker.committed == []
+
+
+@dataclass(frozen=True)
+class PoisonRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class _SlowBroker:
+    """The send side of an AIOKafkaProducer whose broker acknowledges after `ack_after`
+    seconds; what it acknowledged is what the dead-letter topic holds."""
+
+    def __init__(self, ack_after: float) -> None:
+        self.ack_after = ack_after
+        self.topic: list[tuple[str, bytes | None, dict[str, bytes]]] = []
+
+    async def send(
+        self, topic: str, value: bytes | None, key: bytes | None, headers: list
+    ) -> asyncio.Future[None]:
+        delivery: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def acknowledge() -> None:
+            self.topic.append((topic, value, dict(headers)))
+            delivery.set_result(None)
+
+        asyncio.get_running_loop().call_later(self.ack_after, acknowledge)
+        return delivery
+
+    async def send_and_wait(
+        self, topic: str, value: bytes | None, key: bytes | None, headers: list
+    ) -> None:
+        await (await self.send(topic, value, key, headers))
+
+
+def _dead_lettering(broker: _SlowBroker) -> EventConsumer:
+    settings = Settings(kafka_operation_timeout_seconds=0.02)
+    return EventConsumer(settings, *[None] * 4, broker, Metrics())  # type: ignore[arg-type]
+
+
+async def test_a_dead_letter_acknowledged_late_is_in_the_topic_once() -> None:
+    broker = _SlowBroker(ack_after=0.3)
+    record = PoisonRecord("results", 0, 42, b"k", b"not json")
+    sent = await asyncio.wait_for(
+        _dead_lettering(broker)._dead_letter(record, PoisonMessage("undecodable"), asyncio.Event()),
+        timeout=3,
+    )
+    await asyncio.sleep(0.4)
+    assert sent is True
+    assert [(topic, value) for topic, value, _ in broker.topic] == [("results.dlt", b"not json")]
+    assert broker.topic[0][2]["dlt.source.offset"] == b"42"
+
+
+async def test_stopping_while_a_dead_letter_waits_leaves_the_record_unhandled() -> None:
+    broker = _SlowBroker(ack_after=5.0)
+    stop = asyncio.Event()
+    record = PoisonRecord("results", 0, 42, b"k", b"not json")
+    asyncio.get_running_loop().call_later(0.1, stop.set)
+    sent = await asyncio.wait_for(
+        _dead_lettering(broker)._dead_letter(record, PoisonMessage("undecodable"), stop),
+        timeout=2,
+    )
+    assert sent is False
