@@ -396,11 +396,9 @@ class EventConsumer:
                     error_class=type(exc).__name__,
                     delay_seconds=delay,
                 )
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                if await _stopped_within(stop, delay):
                     return _Stopped
-                except TimeoutError:
-                    delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, 10.0)
 
     async def _dead_letter(self, record: Any, exc: BaseException, stop: asyncio.Event) -> bool:
         """Copy `record` to `<topic>.dlt` with why it failed; False if the service stopped
@@ -455,11 +453,9 @@ class EventConsumer:
                     error_class=type(send_error).__name__,
                     delay_seconds=delay,
                 )
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                if await _stopped_within(stop, delay):
                     return False
-                except TimeoutError:
-                    delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, 10.0)
         self._metrics.dead_letters.labels(record.topic, reason).inc()
         self._metrics.records.labels(record.topic, "dead_lettered").inc()
         log.warning(
@@ -680,6 +676,15 @@ def _by_assessment(
         key = (result.request_metadata or {}).get("bos_batch_id") or result.correlation_id
         groups[hash(str(key)) % count].append((record, envelope))
     return [group for group in groups if group]
+
+
+async def _stopped_within(stop: asyncio.Event, delay: float) -> bool:
+    """Wait out a retry's backoff; True if the service stopped meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=delay)
+        return True
+    except TimeoutError:
+        return False
 
 
 async def _acknowledged_unless_stopped(

@@ -15,14 +15,16 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_held: ContextVar[list[Callable[[], None]] | None] = ContextVar("cj_metrics_held", default=None)
+# An update held for the commit: the metric's bound `inc` or `observe`, and its argument.
+_Update = tuple[Callable[[float], None], float]
+_held: ContextVar[list[_Update] | None] = ContextVar("cj_metrics_held", default=None)
 
 
 @contextmanager
 def counted_on_commit() -> Iterator[None]:
     """Hold the increments made inside; apply them only if the block completes."""
     outer = _held.get()
-    held: list[Callable[[], None]] = []
+    held: list[_Update] = []
     token = _held.set(held)
     try:
         yield
@@ -31,33 +33,36 @@ def counted_on_commit() -> Iterator[None]:
     if outer is not None:
         outer.extend(held)
     else:
-        for apply in held:
-            apply()
+        for update, value in held:
+            update(value)
 
 
 class _OnCommit:
     """A counter or histogram (or one of its labelled children) whose updates wait for the
     enclosing `counted_on_commit()`, if any."""
 
+    __slots__ = ("inc", "observe", "_metric")
+    inc: Callable[..., None]
+    observe: Callable[..., None]
+
     def __init__(self, metric: Any) -> None:
         self._metric = metric
+        # Bound once: results update these several times each, on the hot path.
+        if hasattr(metric, "inc"):
+            self.inc = partial(_update, metric.inc)
+        if hasattr(metric, "observe"):
+            self.observe = partial(_update, metric.observe)
 
     def labels(self, *values: str) -> _OnCommit:
         return _OnCommit(self._metric.labels(*values))
 
-    def inc(self, amount: float = 1) -> None:
-        self._apply(partial(self._metric.inc, amount))
 
-    def observe(self, value: float) -> None:
-        self._apply(partial(self._metric.observe, value))
-
-    @staticmethod
-    def _apply(update: Callable[[], None]) -> None:
-        held = _held.get()
-        if held is None:
-            update()
-        else:
-            held.append(update)
+def _update(update: Callable[[float], None], value: float = 1) -> None:
+    held = _held.get()
+    if held is None:
+        update(value)
+    else:
+        held.append((update, value))
 
 
 class Metrics:

@@ -106,13 +106,19 @@ async def test_a_commit_that_never_returns_is_given_up_and_carried_by_the_next()
     assert broker.committed == [{A: 8, B: 1}]
 
 
-async def test_offsets_refused_past_the_stall_limit_stop_the_consumer() -> None:
+async def _refused_once(failures: int = 1) -> tuple[EventConsumer, _CoordinatorGone]:
+    """A consumer whose first commit the coordinator left unanswered; the stall limit 0.2 s."""
     settings = Settings(kafka_operation_timeout_seconds=0.01, consumer_commit_stall_seconds=0.2)
     consumer = EventConsumer(settings, *[None] * 5, Metrics())  # type: ignore[arg-type]
     broker = _CoordinatorGone()
-    broker.failures = 1_000
+    broker.failures = failures
     consumer._handled.mark([Record("results", 0, 7)])
     await consumer._commit_handled(broker)  # type: ignore[arg-type]
+    return consumer, broker
+
+
+async def test_offsets_refused_past_the_stall_limit_stop_the_consumer() -> None:
+    consumer, broker = await _refused_once(failures=1_000)
     consumer._check_commits_progress()  # refused for a moment only: carry on
     await asyncio.sleep(0.25)
     await consumer._commit_handled(broker)  # type: ignore[arg-type]
@@ -121,11 +127,7 @@ async def test_offsets_refused_past_the_stall_limit_stop_the_consumer() -> None:
 
 
 async def test_a_commit_that_succeeds_again_clears_the_stall() -> None:
-    settings = Settings(kafka_operation_timeout_seconds=0.01, consumer_commit_stall_seconds=0.2)
-    consumer = EventConsumer(settings, *[None] * 5, Metrics())  # type: ignore[arg-type]
-    broker = _CoordinatorGone()
-    consumer._handled.mark([Record("results", 0, 7)])
-    await consumer._commit_handled(broker)  # type: ignore[arg-type]
+    consumer, broker = await _refused_once()
     await asyncio.sleep(0.25)
     await consumer._commit_handled(broker)  # type: ignore[arg-type]
     consumer._check_commits_progress()
@@ -133,11 +135,7 @@ async def test_a_commit_that_succeeds_again_clears_the_stall() -> None:
 
 
 async def test_offsets_dropped_with_their_partitions_leave_nothing_stalled() -> None:
-    settings = Settings(kafka_operation_timeout_seconds=0.01, consumer_commit_stall_seconds=0.2)
-    consumer = EventConsumer(settings, *[None] * 5, Metrics())  # type: ignore[arg-type]
-    broker = _CoordinatorGone()
-    consumer._handled.mark([Record("results", 0, 7)])
-    await consumer._commit_handled(broker)  # type: ignore[arg-type]
+    consumer, broker = await _refused_once()
     await asyncio.sleep(0.25)
     broker.assignment = lambda: {B}  # type: ignore[method-assign]  # partition 0 moved away
     await consumer._commit_handled(broker)  # type: ignore[arg-type]
