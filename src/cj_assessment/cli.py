@@ -31,7 +31,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from cj_assessment.errors import ServiceStalled
-    from cj_assessment.service import SchemaNotMigrated, serve
+    from cj_assessment.service import DependencyUnavailable, SchemaNotMigrated, serve
     from cj_assessment.topics import TopicsNotCreated
 
     settings = Settings()
@@ -43,6 +43,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     except ServiceStalled as exc:
         print(f"cj-assessment serve: stalled, exiting for a restart: {exc}", file=sys.stderr)
+        return 1
+    except DependencyUnavailable as exc:
+        print(f"cj-assessment serve: {exc}", file=sys.stderr)
         return 1
     return 0
 

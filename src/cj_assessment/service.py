@@ -12,7 +12,9 @@ import signal
 import structlog
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cj_assessment.consumer import EventConsumer
@@ -30,6 +32,11 @@ log = structlog.get_logger(__name__)
 
 class SchemaNotMigrated(RuntimeError):
     pass
+
+
+class DependencyUnavailable(RuntimeError):
+    """The database or the broker could not be reached at start-up; a supervisor's restart
+    tries again."""
 
 
 async def check_schema(engine: AsyncEngine) -> None:
@@ -72,15 +79,23 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     container = build_container(settings)
     try:
         engine = await container.get(AsyncEngine)
-        await check_schema(engine)
-        await ensure_topics(
-            settings.kafka_bootstrap_servers,
-            service_topics(settings),
-            settings.kafka_topic_partitions,
-            settings.kafka_topic_replication_factor,
-        )
+        try:
+            await check_schema(engine)
+        except (OSError, TimeoutError, DBAPIError) as exc:
+            where = engine.url.render_as_string(hide_password=True)
+            raise DependencyUnavailable(f"database {where} unreachable: {exc!r:.300}") from exc
+        try:
+            await ensure_topics(
+                settings.kafka_bootstrap_servers,
+                service_topics(settings),
+                settings.kafka_topic_partitions,
+                settings.kafka_topic_replication_factor,
+            )
+            producer = await container.get(AIOKafkaProducer)
+        except (OSError, TimeoutError, KafkaError) as exc:
+            where = settings.kafka_bootstrap_servers
+            raise DependencyUnavailable(f"broker {where} unreachable: {exc!r:.300}") from exc
         metrics = await container.get(Metrics)
-        producer = await container.get(AIOKafkaProducer)
         relay = await container.get(OutboxRelay)
         consumer = await container.get(EventConsumer)
         monitor = await container.get(StuckAssessmentMonitor)

@@ -98,3 +98,21 @@ async def test_cli_ranks_twenty_essays_once_through_separate_processes(
 
 def test_cli_is_installed_as_a_console_script() -> None:
     assert shutil.which("cj-assessment") or Path(sys.executable).with_name("cj-assessment").exists()
+
+
+@pytest.mark.parametrize("unreachable", ["database", "broker"])
+def test_serve_without_its_database_or_broker_exits_1_with_one_clear_line(
+    unreachable: str, kafka_bootstrap: str, database_url: str
+) -> None:
+    closed = f"127.0.0.1:{free_port()}"
+    settings = system_settings(
+        closed if unreachable == "broker" else kafka_bootstrap,
+        database_url.replace(database_url.split("@")[1].split("/")[0], closed)
+        if unreachable == "database"
+        else database_url,
+    )
+    served = subprocess.run([*CLI, "serve"], env=_env(settings), capture_output=True, timeout=90)
+    stderr = served.stderr.decode()
+    assert served.returncode == 1, stderr[-2000:]
+    assert f"{unreachable} " in stderr and "unreachable" in stderr
+    assert "Traceback" not in stderr
