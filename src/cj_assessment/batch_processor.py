@@ -161,9 +161,10 @@ class BatchProcessor:
             await self._publish(repo, ctx, sent, now)
             for batch in released:
                 self._metrics.submission_batches.labels(batch.kind.value).inc()
-            for row in sent:
-                kind = BatchKind.FIRST if row.attempt == 1 else BatchKind.RETRY
-                self._metrics.comparisons_requested.labels(kind.value).inc()
+            retries = sum(1 for row in sent if row.attempt > 1)
+            for kind, count in ((BatchKind.FIRST, len(sent) - retries), (BatchKind.RETRY, retries)):
+                if count:
+                    self._metrics.comparisons_requested.labels(kind.value).inc(count)
             log.info(
                 "submission_batches_released",
                 cj_batch_id=ctx.cj_batch_id,

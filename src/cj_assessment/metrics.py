@@ -7,7 +7,7 @@ comparisons, assessments and retries once per try."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import partial
@@ -41,12 +41,13 @@ class _OnCommit:
     """A counter or histogram (or one of its labelled children) whose updates wait for the
     enclosing `counted_on_commit()`, if any."""
 
-    __slots__ = ("inc", "observe", "_metric")
+    __slots__ = ("inc", "observe", "_metric", "_children")
     inc: Callable[..., None]
     observe: Callable[..., None]
 
     def __init__(self, metric: Any) -> None:
         self._metric = metric
+        self._children: dict[tuple[str, ...], _OnCommit] = {}
         # Bound once: results update these several times each, on the hot path.
         if hasattr(metric, "inc"):
             self.inc = partial(_update, metric.inc)
@@ -54,7 +55,10 @@ class _OnCommit:
             self.observe = partial(_update, metric.observe)
 
     def labels(self, *values: str) -> _OnCommit:
-        return _OnCommit(self._metric.labels(*values))
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _OnCommit(self._metric.labels(*values))
+        return child
 
 
 def _update(update: Callable[[float], None], value: float = 1) -> None:
@@ -69,6 +73,11 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+
+        def held(name: str, documentation: str, labels: Sequence[str] = ()) -> _OnCommit:
+            """A counter of what transactions decide: counted when they commit."""
+            return _OnCommit(Counter(name, documentation, labels, registry=r))
+
         self.records = Counter(
             "cj_consumed_records_total",
             "Consumed records by topic and outcome",
@@ -87,41 +96,26 @@ class Metrics:
             ["topic"],
             registry=r,
         )
-        self.submission_batches = _OnCommit(
-            Counter("cj_submission_batches_total", "Submission batches sent", ["kind"], registry=r)
+        self.submission_batches = held(
+            "cj_submission_batches_total", "Submission batches sent", ["kind"]
         )
-        self.comparisons_requested = _OnCommit(
-            Counter(
-                "cj_comparisons_requested_total",
-                "Comparison requests sent (attempts)",
-                ["kind"],
-                registry=r,
-            )
+        self.comparisons_requested = held(
+            "cj_comparisons_requested_total", "Comparison requests sent (attempts)", ["kind"]
         )
-        self.comparisons_succeeded = _OnCommit(
-            Counter(
-                "cj_comparisons_succeeded_total", "Comparisons answered with a winner", registry=r
-            )
+        self.comparisons_succeeded = held(
+            "cj_comparisons_succeeded_total", "Comparisons answered with a winner"
         )
-        self.comparisons_failed = _OnCommit(
-            Counter(
-                "cj_comparisons_failed_total", "Failed comparison attempts", ["reason"], registry=r
-            )
+        self.comparisons_failed = held(
+            "cj_comparisons_failed_total", "Failed comparison attempts", ["reason"]
         )
-        self.retry_batches = _OnCommit(
-            Counter(
-                "cj_retry_batches_total", "Retry batches formed from the failed pool", registry=r
-            )
+        self.retry_batches = held(
+            "cj_retry_batches_total", "Retry batches formed from the failed pool"
         )
-        self.successful_retries = _OnCommit(
-            Counter("cj_successful_retries_total", "Retried comparisons that succeeded", registry=r)
+        self.successful_retries = held(
+            "cj_successful_retries_total", "Retried comparisons that succeeded"
         )
-        self.permanent_failures = _OnCommit(
-            Counter(
-                "cj_permanent_failures_total",
-                "Comparisons that exhausted their retries",
-                registry=r,
-            )
+        self.permanent_failures = held(
+            "cj_permanent_failures_total", "Comparisons that exhausted their retries"
         )
         self.failed_pool_size = _OnCommit(
             Histogram(
@@ -131,13 +125,11 @@ class Metrics:
                 registry=r,
             )
         )
-        self.assessments = _OnCommit(
-            Counter(
-                "cj_assessments_total", "Assessments finished, by outcome", ["outcome"], registry=r
-            )
+        self.assessments = held(
+            "cj_assessments_total", "Assessments finished, by outcome", ["outcome"]
         )
-        self.assessments_started = _OnCommit(
-            Counter("cj_assessments_started_total", "Assessments accepted and started", registry=r)
+        self.assessments_started = held(
+            "cj_assessments_started_total", "Assessments accepted and started"
         )
         self.assessments_by_state = Gauge(
             "cj_assessments_in_state",
@@ -171,24 +163,12 @@ class Metrics:
             buckets=(1, 2, 5, 10, 25, 50, 100, 200, 500, 1000, 2000),
             registry=r,
         )
-        self.unmatched_results = _OnCommit(
-            Counter(
-                "cj_unmatched_results_total",
-                "Results matching no comparison",
-                ["reason"],
-                registry=r,
-            )
+        self.unmatched_results = held(
+            "cj_unmatched_results_total", "Results matching no comparison", ["reason"]
         )
-        self.late_results = _OnCommit(
-            Counter("cj_late_results_total", "Results for finished assessments", registry=r)
-        )
-        self.monitor_actions = _OnCommit(
-            Counter(
-                "cj_monitor_actions_total",
-                "Actions of the stuck-assessment monitor",
-                ["action"],
-                registry=r,
-            )
+        self.late_results = held("cj_late_results_total", "Results for finished assessments")
+        self.monitor_actions = held(
+            "cj_monitor_actions_total", "Actions of the stuck-assessment monitor", ["action"]
         )
         self.outbox_backlog = Gauge("cj_outbox_backlog", "Unpublished outbox rows", registry=r)
         self.outbox_oldest_age = Gauge(

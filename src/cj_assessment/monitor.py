@@ -116,6 +116,29 @@ class StuckAssessmentMonitor:
             self._metrics.monitor_actions.labels(action).inc(count)
             log.info("comparisons_timed_out", cj_batch_id=cj_batch_id, comparisons=count)
 
+    async def _advance_or_fail(
+        self, repo: AssessmentRepository, state: StateRow, now: datetime
+    ) -> None:
+        """Drive a locked, running assessment on; fail it if it then waits for nothing."""
+        ctx = context_of(await repo.upload(state.cj_batch_id), state)
+        await self._orchestrator.advance(repo, ctx, state, state.progress(), now=now)
+        # Read again: advancing stored new progress in the row.
+        if state.state in TERMINAL_STATES or state.progress().in_flight():
+            return
+        await self._orchestrator.fail_assessment(
+            repo,
+            ctx,
+            state,
+            state.progress(),
+            error_code="ASSESSMENT_STUCK",
+            message=(
+                f"no progress for {self._settings.batch_timeout_seconds:g} s"
+                " and nothing left to wait for"
+            ),
+            now=now,
+        )
+        self._metrics.monitor_actions.labels("failed_stuck").inc()
+
     async def _drive_idle(
         self, cj_batch_id: int, idle_since: datetime, overdue_since: datetime, now: datetime
     ) -> int:
@@ -136,23 +159,7 @@ class StuckAssessmentMonitor:
             # answered (batch APIs take minutes to hours).
             timed_out = await self._time_out_locked(repo, state, overdue_since, now)
             if state.state not in TERMINAL_STATES:
-                ctx = context_of(await repo.upload(cj_batch_id), state)
-                await self._orchestrator.advance(repo, ctx, state, state.progress(), now=now)
-                # Read again: advancing stored new progress in the row.
-                if state.state not in TERMINAL_STATES and not state.progress().in_flight():
-                    await self._orchestrator.fail_assessment(
-                        repo,
-                        ctx,
-                        state,
-                        state.progress(),
-                        error_code="ASSESSMENT_STUCK",
-                        message=(
-                            f"no progress for {self._settings.batch_timeout_seconds:g} s"
-                            " and nothing left to wait for"
-                        ),
-                        now=now,
-                    )
-                    self._metrics.monitor_actions.labels("failed_stuck").inc()
+                await self._advance_or_fail(repo, state, now)
         self._on_commit()
         self._count_timeouts("idle_timeout", cj_batch_id, timed_out)
         self._metrics.monitor_actions.labels("driven").inc()

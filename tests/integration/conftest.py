@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from tests.support.decision_path import DecisionPath
 
 
 @pytest.fixture
@@ -16,3 +19,11 @@ async def sessions(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncS
         yield async_sessionmaker(engine, expire_on_commit=False)
     finally:
         await engine.dispose()
+
+
+@pytest.fixture
+def decision_path(
+    sessions: async_sessionmaker[AsyncSession], database_url: str
+) -> Callable[..., DecisionPath]:
+    """`decision_path(**settings)`: the decision path on the test's database."""
+    return partial(DecisionPath.build, sessions, database_url)

@@ -4,19 +4,19 @@ is sent, timed out and decided when answers, timeouts and monitors interleave.""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.support.decision_path import DecisionPath, at
 
 
 async def test_the_transaction_that_completes_an_assessment_sends_no_retries(
-    sessions: async_sessionmaker[AsyncSession], database_url: str
+    decision_path: Callable[..., DecisionPath],
 ) -> None:
-    path = DecisionPath.build(sessions, database_url)
+    path = decision_path()
     await path.start("last-iteration", 20, at(0), batch_size=10, max_comparisons=10)
-    sent = [a for a in await path.attempts() if a.status == "in_flight"]
+    sent = await path.in_flight()
     assert len(sent) == 10
     await path.answer([(a, True) for a in sent[:8]], at(5))
     # An error and a success: the error is pooled and due for a retry, but 9 of 10 resolved
@@ -32,11 +32,9 @@ async def test_the_transaction_that_completes_an_assessment_sends_no_retries(
 
 
 async def test_a_monitor_acting_on_an_earlier_scan_leaves_just_sent_retries_alone(
-    sessions: async_sessionmaker[AsyncSession], database_url: str
+    decision_path: Callable[..., DecisionPath],
 ) -> None:
-    path = DecisionPath.build(
-        sessions,
-        database_url,
+    path = decision_path(
         callback_wait_timeout_seconds=300,
         batch_timeout_seconds=600,
     )
@@ -56,12 +54,10 @@ async def test_a_monitor_acting_on_an_earlier_scan_leaves_just_sent_retries_alon
 
 
 async def test_an_idle_assessment_waits_for_attempts_not_yet_overdue(
-    sessions: async_sessionmaker[AsyncSession], database_url: str
+    decision_path: Callable[..., DecisionPath],
 ) -> None:
     # A provider on batch APIs answers in minutes to hours: idle is not overdue.
-    path = DecisionPath.build(
-        sessions,
-        database_url,
+    path = decision_path(
         callback_wait_timeout_seconds=3600,
         batch_timeout_seconds=600,
     )
@@ -76,9 +72,9 @@ async def test_an_idle_assessment_waits_for_attempts_not_yet_overdue(
 
 
 async def test_attempts_left_unanswered_by_a_finished_assessment_are_closed_once(
-    sessions: async_sessionmaker[AsyncSession], database_url: str
+    decision_path: Callable[..., DecisionPath],
 ) -> None:
-    path = DecisionPath.build(sessions, database_url)
+    path = decision_path()
     await path.start("finished", 20, at(0), batch_size=10, max_comparisons=10)
     sent = await path.attempts()
     await path.answer([(a, True) for a in sent[:9]], at(5))  # 9 of 10: done, budget spent
@@ -97,11 +93,9 @@ async def test_attempts_left_unanswered_by_a_finished_assessment_are_closed_once
 
 
 async def test_the_summary_counts_only_requests_that_were_sent(
-    sessions: async_sessionmaker[AsyncSession], database_url: str
+    decision_path: Callable[..., DecisionPath],
 ) -> None:
-    path = DecisionPath.build(
-        sessions,
-        database_url,
+    path = decision_path(
         failed_comparison_retry_threshold=1,
     )
     await path.start(
@@ -113,13 +107,13 @@ async def test_the_summary_counts_only_requests_that_were_sent(
         partial_completion_threshold=0.5,
         max_comparisons=30,
     )
-    first = [a for a in await path.attempts() if a.status == "in_flight"]
+    first = await path.in_flight()
     # One error: its retry batch is formed at once but queues behind the iteration's
     # remaining first batches; the threshold closes the iteration and the budget is spent.
     await path.answer([(first[0], False)] + [(a, True) for a in first[1:]], at(5))
-    second = [a for a in await path.attempts() if a.status == "in_flight"]
+    second = await path.in_flight()
     await path.answer([(a, True) for a in second], at(6))
-    third = [a for a in await path.attempts() if a.status == "in_flight"]
+    third = await path.in_flight()
     await path.answer([(a, True) for a in third], at(7))
     attempts = await path.attempts()
     assert (await path.state()).state == "COMPLETED"
@@ -142,23 +136,21 @@ async def test_the_summary_counts_only_requests_that_were_sent(
 
 
 async def test_a_queued_retry_of_a_comparison_answered_meanwhile_is_not_sent(
-    sessions: async_sessionmaker[AsyncSession], database_url: str
+    decision_path: Callable[..., DecisionPath],
 ) -> None:
-    path = DecisionPath.build(
-        sessions,
-        database_url,
+    path = decision_path(
         callback_wait_timeout_seconds=300,
         failed_comparison_retry_threshold=1,
     )
     await path.start("rescued", 40, at(0), batch_size=10, max_concurrent_batches=1)
-    first = [a for a in await path.attempts() if a.status == "in_flight"]
+    first = await path.in_flight()
     await path.answer([(a, True) for a in first[1:]], at(200))  # releases the second batch
     late = first[0]
     await path.monitor(at(400)).run_once()  # times out `late`; its retry queues behind
     retry = [a for a in await path.attempts() if a.attempt == 2]
     assert [a.status for a in retry] == ["queued"]
     assert await path.answer([(late, True)], at(410)) == ["handled"]  # rescued after all
-    second = [a for a in await path.attempts() if a.status == "in_flight"]
+    second = await path.in_flight()
     await path.answer([(a, True) for a in second], at(420))  # the slot frees: retry's turn
     attempts = await path.attempts()
     (retried,) = [a for a in attempts if a.attempt == 2]
@@ -174,11 +166,11 @@ async def test_a_queued_retry_of_a_comparison_answered_meanwhile_is_not_sent(
 
 
 async def test_metrics_count_a_poll_once_when_its_first_transaction_was_lost(
-    sessions: async_sessionmaker[AsyncSession], database_url: str
+    decision_path: Callable[..., DecisionPath],
 ) -> None:
-    path = DecisionPath.build(sessions, database_url)
+    path = decision_path()
     await path.start("retried-poll", 20, at(0), batch_size=10)
-    sent = [a for a in await path.attempts() if a.status == "in_flight"]
+    sent = await path.in_flight()
     poll = [(sent[0], True), (sent[1], True), (sent[2], False)]
     with pytest.raises(ConnectionResetError):
         await path.answer(poll, at(5), lost_before_commit=True)

@@ -111,6 +111,10 @@ class DecisionPath:
                 raise ConnectionResetError("connection lost before the commit")
         return [o.value for o in outcomes]
 
+    async def in_flight(self) -> list[Any]:
+        """The attempts sent and not yet answered, in planning order."""
+        return [a for a in await self.attempts() if a.status == "in_flight"]
+
     async def attempts(self) -> list[Any]:
         return await self.rows(
             "SELECT id, comparison_id, attempt, status, submitted_at, submission_batch_id,"
