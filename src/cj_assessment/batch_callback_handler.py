@@ -44,11 +44,11 @@ class ResultOutcome(StrEnum):
     INTEGRITY = "integrity"
 
 
-def _attempt_view(row: AttemptRecord, max_retry_attempts: int) -> AttemptView:
+def _attempt_view(row: AttemptRecord, progress: Progress, max_retry_attempts: int) -> AttemptView:
     resolved = batch_state.comparison_resolved(
         [(AttemptStatus(status), number) for number, status in row.siblings.items()],
         max_retry_attempts,
-    )
+    ) or progress.pool.gave_up(str(row.comparison_id))
     return AttemptView(
         comparison_id=str(row.comparison_id),
         correlation_id=str(row.correlation_id),
@@ -162,12 +162,13 @@ class BatchCallbackHandler:
                 reason = "integrity" if mismatch else (None if succeeded else _error_reason(result))
                 progress, disposition = batch_state.record_outcome(
                     progress,
-                    _attempt_view(attempt, ctx.config.max_retry_attempts),
+                    _attempt_view(attempt, progress, ctx.config.max_retry_attempts),
                     succeeded=succeeded,
                     failure_reason=reason,
                     now=stamp,
                     max_retry_attempts=ctx.config.max_retry_attempts,
                     threshold=ctx.config.partial_completion_threshold,
+                    budget=ctx.config.max_comparisons,
                 )
                 if disposition is Disposition.DUPLICATE:
                     outcomes[i] = ResultOutcome.DUPLICATE
@@ -215,12 +216,13 @@ class BatchCallbackHandler:
         for attempt in attempts:
             progress, disposition = batch_state.record_outcome(
                 progress,
-                _attempt_view(attempt, ctx.config.max_retry_attempts),
+                _attempt_view(attempt, progress, ctx.config.max_retry_attempts),
                 succeeded=False,
                 failure_reason=cause.value,
                 now=utc_iso(now),
                 max_retry_attempts=ctx.config.max_retry_attempts,
                 threshold=ctx.config.partial_completion_threshold,
+                budget=ctx.config.max_comparisons,
             )
             if disposition is Disposition.DUPLICATE:
                 continue
@@ -251,11 +253,16 @@ class BatchCallbackHandler:
     ) -> ResultOutcome:
         if attempt.status not in _ANSWERABLE_AFTER_THE_END:
             return ResultOutcome.DUPLICATE
+        if AttemptStatus.SUCCEEDED.value in attempt.siblings.values():
+            # Another attempt of its comparison already succeeded: one success per comparison.
+            disposition = Disposition.SUPERSEDED
+        else:
+            disposition = Disposition.SUCCEEDED if result.winner else Disposition.RETRY_POOLED
         _store_result(
             attempt,
             result,
             now,
-            disposition=Disposition.SUCCEEDED if result.winner else Disposition.RETRY_POOLED,
+            disposition=disposition,
             integrity_failure=_contradicts_pair(attempt, result),
         )
         attempt.is_late = True

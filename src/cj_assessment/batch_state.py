@@ -10,6 +10,10 @@ Counter invariants (never overwritten, never above 100%):
 where total counts planned comparisons (a comparison is one pair question, however many attempts
 it takes), submitted those sent at least once, completed those answered with a winner and
 failed those that exhausted their retries.
+
+The budget (`max_comparisons`) caps LLM calls, retries included: `calls_committed` (first
+attempts planned, retries planned, and one call held by each pooled failure for its retry)
+never exceeds it. A failure that finds no call left is not retried (`FailedPool.unretried`).
 """
 
 from __future__ import annotations
@@ -143,12 +147,15 @@ class Progress:
     # --- metadata round trip -------------------------------------------------------------
 
     def metadata_json(self) -> dict[str, Any]:
-        return {
+        metadata = {
             "submission_batches": [b.to_json() for b in self.batches],
             "iterations": [i.to_json() for i in self.iterations],
             "failed_comparison_pool": [e.to_json() for e in self.pool.entries],
             "pool_statistics": self.pool.statistics.to_json(),
         }
+        if self.pool.unretried:  # rare: only once a budget runs out with failures to retry
+            metadata["unretried_comparisons"] = list(self.pool.unretried)
+        return metadata
 
     @classmethod
     def from_state(
@@ -176,8 +183,16 @@ class Progress:
             pool=FailedPool(
                 tuple(PoolEntry.from_json(e) for e in metadata.get("failed_comparison_pool", [])),
                 PoolStatistics.from_json(metadata.get("pool_statistics")),
+                tuple(metadata.get("unretried_comparisons", ())),
             ),
         )
+
+
+def calls_committed(progress: Progress) -> int:
+    """LLM calls the assessment has planned or holds, which its budget caps: first attempts,
+    retries, and one call for the retry of each failure in the pool."""
+    retries = sum(b.size for b in progress.batches if b.kind is BatchKind.RETRY)
+    return progress.total + retries + len(progress.pool.entries)
 
 
 # --- transitions -------------------------------------------------------------------------
@@ -346,8 +361,11 @@ def record_outcome(
     now: str,
     max_retry_attempts: int,
     threshold: float,
+    budget: int | None = None,
 ) -> tuple[Progress, Disposition]:
-    """Apply one attempt's outcome (a result or a timeout) to the progress."""
+    """Apply one attempt's outcome (a result or a timeout) to the progress. A failure is
+    pooled for a retry while it has retries left and the `budget` (None: unlimited) has a
+    call left for it; otherwise its comparison fails for good."""
     if attempt.status in (AttemptStatus.SUCCEEDED, AttemptStatus.FAILED, AttemptStatus.SUPERSEDED):
         return progress, Disposition.DUPLICATE
     if attempt.status is AttemptStatus.TIMED_OUT:
@@ -381,6 +399,11 @@ def record_outcome(
         it_changes["permanently_failed"] = it.permanently_failed + 1
         changes["failed"] = progress.failed + 1
         changes["pool"] = progress.pool.count_failure().count_permanent_failure()
+    elif budget is not None and calls_committed(progress) >= budget:
+        disposition = Disposition.PERMANENTLY_FAILED
+        it_changes["permanently_failed"] = it.permanently_failed + 1
+        changes["failed"] = progress.failed + 1
+        changes["pool"] = progress.pool.give_up_over_budget(attempt.comparison_id)
     else:
         disposition = Disposition.RETRY_POOLED
         entry = PoolEntry(

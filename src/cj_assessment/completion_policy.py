@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from cj_assessment.batch_config import BatchConfig
-from cj_assessment.batch_state import BatchKind, BatchStatus, Progress
+from cj_assessment.batch_state import BatchKind, BatchStatus, Progress, calls_committed
 
 
 def retry_due(progress: Progress, config: BatchConfig) -> bool:
@@ -111,7 +111,8 @@ def decide_after_scoring(
         and max_score_change < config.stability_threshold
     ):
         return Decision(Verdict.COMPLETE, "stability")
-    remaining = config.max_comparisons - progress.total
+    # Retries are paid calls too: what the budget has left after them goes to new pairs.
+    remaining = config.max_comparisons - calls_committed(progress)
     if remaining <= 0:
         return Decision(Verdict.COMPLETE, "budget")
     if all_pairs_seen:

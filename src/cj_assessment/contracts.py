@@ -253,12 +253,26 @@ class ErrorDetail(_Accept):
     details: dict[str, Any] | None = Field(None, description="Extra details")
 
 
+def _confidence_or_none(value: Any) -> float | None:
+    """The provider's confidence, if it is a number within 1-5. Anything else is dropped rather
+    than refused: the verdict it came with is a paid answer and still counts."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if 1.0 <= number <= 5.0 else None  # NaN fails both comparisons
+
+
 class LLMComparisonResultV1(_Accept):
     request_id: str | None = Field(None, description="Provider queue id (never used to match)")
     correlation_id: _Text = Field(description="The request's correlation_id")
     winner: Literal["Essay A", "Essay B"] | None = Field(None, description="Verdict on success")
     justification: str | None = Field(None, description="Short reason (<= 500 chars)")
-    confidence: float | None = Field(None, ge=1.0, le=5.0, description="Confidence 1-5")
+    confidence: Annotated[float | None, BeforeValidator(_confidence_or_none)] = Field(
+        None, description="Confidence 1-5; dropped (None) when outside it or not a number"
+    )
     error_detail: ErrorDetail | None = Field(None, description="Set on error, exclusive of winner")
     provider: str | None = Field(None, description="Provider that answered")
     model: str | None = Field(None, description="Model that answered")

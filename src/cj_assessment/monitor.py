@@ -125,6 +125,10 @@ class StuckAssessmentMonitor:
         # Read again: advancing stored new progress in the row.
         if state.state in TERMINAL_STATES or state.progress().in_flight():
             return
+        # A batch past its threshold is no longer in flight, but its last attempts may still
+        # be answered: with CALLBACK_WAIT_TIMEOUT above BATCH_TIMEOUT they are not overdue yet.
+        if await repo.awaits_answers(state.cj_batch_id):
+            return
         await self._orchestrator.fail_assessment(
             repo,
             ctx,

@@ -862,6 +862,17 @@ class AssessmentRepository:
         )
         return _attempt_records(rows.all())
 
+    async def awaits_answers(self, cj_batch_id: int) -> bool:
+        """Whether any attempt of the assessment is sent and still unanswered."""
+        row = await self.session.execute(
+            text(
+                "SELECT EXISTS (SELECT 1 FROM cj_comparison_pairs"
+                " WHERE cj_batch_id = :cj_batch_id AND status = :in_flight)"
+            ),
+            {"cj_batch_id": cj_batch_id, "in_flight": AttemptStatus.IN_FLIGHT.value},
+        )
+        return bool(row.scalar())
+
     async def save_attempts(self, records: Sequence[AttemptRecord]) -> None:
         """Write the outcome of these attempts in one statement."""
         if not records:

@@ -105,7 +105,7 @@ async def test_the_summary_counts_only_requests_that_were_sent(
         batch_size=10,
         max_concurrent_batches=1,
         partial_completion_threshold=0.5,
-        max_comparisons=30,
+        max_comparisons=31,  # 30 first attempts and one call for a retry
     )
     first = await path.in_flight()
     # One error: its retry batch is formed at once but queues behind the iteration's
@@ -186,3 +186,73 @@ async def test_metrics_count_a_poll_once_when_its_first_transaction_was_lost(
     failed = {"reason": "provider_error"}
     assert registry.get_sample_value("cj_comparisons_failed_total", failed) == 1
     assert registry.get_sample_value("cj_assessments_started_total") == 1
+
+
+async def test_retries_are_paid_calls_within_the_budget_and_a_failure_without_one_is_not_retried(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(min_success_rate=0.5)
+    # 4 essays, one matching: 2 comparisons; a budget of 3 LLM calls leaves one for a retry.
+    await path.start("tight-budget", 4, at(0), batch_size=10, max_comparisons=3)
+    first = await path.in_flight()
+    assert len(first) == 2
+    await path.answer([(first[0], False), (first[1], False)], at(5))
+    retries = await path.in_flight()
+    assert [a.comparison_id for a in retries] == [first[0].comparison_id]
+    await path.answer([(retries[0], True)], at(6))
+    assert (await path.state()).state == "COMPLETED"
+    assert len(await path.attempts()) == 3  # calls made: never more than max_comparisons
+    requests = await path.rows(
+        "SELECT count(*) FROM cj_event_outbox WHERE topic = :topic",
+        topic=path.settings.topic_llm_comparison_request,
+    )
+    assert requests[0][0] == 3
+    payload = await path.rows(
+        "SELECT payload FROM cj_event_outbox WHERE payload LIKE '%\"cj_assessment.completed\"%'"
+    )
+    summary = json.loads(payload[0][0])["data"]["processing_summary"]
+    assert (summary["comparisons_succeeded"], summary["comparisons_failed"]) == (1, 1)
+    assert summary["stop_reason"] == "budget"
+    assert summary["pool_statistics"]["unretried_over_budget"] == 1
+
+
+async def test_a_late_answer_after_a_successful_retry_is_stored_as_superseded(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(callback_wait_timeout_seconds=300)
+    # 2 comparisons and their 2 retries spend the budget of 4.
+    await path.start("late-twin", 4, at(0), batch_size=10, max_comparisons=4)
+    first = await path.in_flight()
+    await path.monitor(at(400)).run_once()  # both time out; their retries go out
+    retries = await path.in_flight()
+    assert [a.attempt for a in retries] == [2, 2]
+    await path.answer([(a, True) for a in retries], at(410))
+    assert (await path.state()).state == "COMPLETED"
+    assert await path.answer([(first[0], True)], at(420)) == ["late"]
+    stored = (await path.attempts())[0]
+    assert (stored.status, stored.is_late) == ("superseded", True)
+    # One success per comparison in the stored rows, as in the published counts.
+    succeeded = await path.rows(
+        "SELECT comparison_id, count(*) FROM cj_comparison_pairs WHERE status = 'succeeded'"
+        " GROUP BY comparison_id"
+    )
+    assert sorted(count for _, count in succeeded) == [1, 1]
+
+
+async def test_an_idle_assessment_is_not_stuck_while_attempts_past_their_batch_threshold_wait(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    # A batch past its threshold is no longer in flight, yet its last attempts may still be
+    # answered when the callback timeout is longer than the batch timeout (batch APIs).
+    path = decision_path(callback_wait_timeout_seconds=3600, batch_timeout_seconds=600)
+    await path.start("patient-tail", 20, at(0), batch_size=10)
+    first = await path.in_flight()
+    await path.answer([(a, False) for a in first[:9]], at(5))  # 9 of 10 in: batch done
+    retries = await path.in_flight()
+    retries = [a for a in retries if a.attempt == 2]
+    assert len(retries) == 9
+    await path.answer([(a, True) for a in retries[:8]], at(6))  # 8 of 10 resolved: < 85%
+    await path.monitor(at(700)).run_once()
+    state = await path.state()
+    assert state.state == "WAITING_CALLBACKS"
+    assert len(await path.in_flight()) == 2  # the first batch's tail and one retry

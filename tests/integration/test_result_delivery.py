@@ -259,8 +259,9 @@ async def test_a_timed_out_attempt_and_its_retry_answered_in_one_poll_count_once
         matchings_per_iteration=1,
         enable_stability_checking=False,
     )
+    # 2 comparisons and a retry each: the budget of 4 LLM calls ends the assessment after them.
     request = request_envelope(
-        bos_batch_id="answered-twice", essays=_essays(4), metadata={"max_comparisons": 2}
+        bos_batch_id="answered-twice", essays=_essays(4), metadata={"max_comparisons": 4}
     )
     async with running_system(settings, provider=None) as system:
         await system.submit(request)

@@ -28,6 +28,7 @@ from cj_assessment.batch_state import (
     Progress,
     SubmissionBatch,
     batch_reached_threshold,
+    calls_committed,
     close_iteration,
     comparison_resolved,
     plan_iteration,
@@ -58,6 +59,7 @@ def _config(
     threshold: float = 0.85,
     max_retry: int = 3,
     retry_threshold: int = 20,
+    budget: int = 10_000,
 ) -> BatchConfig:
     return BatchConfig(
         batch_size=batch_size,
@@ -66,7 +68,7 @@ def _config(
         enable_stability_checking=True,
         stability_threshold=0.05,
         min_iterations_for_stability=2,
-        max_comparisons=10_000,
+        max_comparisons=budget,
         matchings_per_iteration=5,
         failed_comparison_retry_threshold=retry_threshold,
         max_retry_attempts=max_retry,
@@ -343,6 +345,23 @@ def test_the_last_allowed_attempt_failing_fails_the_comparison_for_good() -> Non
     assert progress.iteration(1).permanently_failed == 1
 
 
+def test_a_failure_with_no_call_left_in_the_budget_fails_for_good_without_a_retry() -> None:
+    progress = _one_batch(size=4)  # 4 first attempts planned
+    common = dict(now=NOW, max_retry_attempts=3, threshold=1.0, failure_reason="error")
+    progress, first = record_outcome(progress, _view(cid="c0"), succeeded=False, budget=5, **common)
+    assert first is Disposition.RETRY_POOLED  # the fifth call is held for its retry
+    assert calls_committed(progress) == 5
+    progress, second = record_outcome(
+        progress, _view(cid="c1"), succeeded=False, budget=5, **common
+    )
+    assert second is Disposition.PERMANENTLY_FAILED
+    assert progress.failed == 1 and progress.iteration(1).permanently_failed == 1
+    assert progress.pool.gave_up("c1") and not progress.pool.gave_up("c0")
+    assert progress.pool.statistics.unretried_over_budget == 1
+    assert [e.comparison_id for e in progress.pool.entries] == ["c0"]
+    assert _roundtrip(progress) == progress
+
+
 def test_no_retries_allowed_fails_at_the_first_failure() -> None:
     _, disposition = _record(_one_batch(), _view(), succeeded=False, max_retry=0)
     assert disposition is Disposition.PERMANENTLY_FAILED
@@ -608,15 +627,19 @@ class Simulation:
                 max_score_change=None,
                 reliability=None,
             )
-            if not self.later_iterations:
+            # What the budget leaves after first attempts, retries and pooled failures.
+            remaining = self.config.max_comparisons - calls_committed(self.progress)
+            if not self.later_iterations or remaining <= 0:
                 return
-            self.plan(self.later_iterations.pop(0))
+            self.plan(min(remaining, self.later_iterations.pop(0)))
 
     def deliver(self, corr: str, *, succeeded: bool, timeout: bool = False) -> Disposition:
         attempt = self.attempts[corr]
         cid = attempt.comparison_id
         siblings = [(a.status, a.attempt) for a in self.attempts.values() if a.comparison_id == cid]
-        resolved = comparison_resolved(siblings, self.config.max_retry_attempts)
+        resolved = comparison_resolved(
+            siblings, self.config.max_retry_attempts
+        ) or self.progress.pool.gave_up(cid)
         assert resolved == (cid in self.counted)
 
         if attempt.status in ANSWERED:
@@ -629,6 +652,8 @@ class Simulation:
             expected = Disposition.SUCCEEDED
         elif self.failures[cid] + 1 > self.config.max_retry_attempts:
             expected = Disposition.PERMANENTLY_FAILED
+        elif calls_committed(self.progress) >= self.config.max_comparisons:
+            expected = Disposition.PERMANENTLY_FAILED  # no call left in the budget to retry it
         else:
             expected = Disposition.RETRY_POOLED
 
@@ -651,6 +676,7 @@ class Simulation:
             now=self.now(),
             max_retry_attempts=self.config.max_retry_attempts,
             threshold=self.config.partial_completion_threshold,
+            budget=self.config.max_comparisons,
         )
         assert disposition is expected
         self.dispositions[disposition] += 1
@@ -732,16 +758,25 @@ class Simulation:
                 a.comparison_id == cid and a.status in LIVE for a in self.attempts.values()
             )
 
+        # Every LLM call, sent or still queued, and every call held for a pooled retry, is
+        # within the budget.
+        assert len(self.attempts) + len(p.pool.entries) == calls_committed(p)
+        assert calls_committed(p) <= cfg.max_comparisons
+
         limit = cfg.max_retry_attempts + 1
         for cid in self.orientation:
             assert self.failures[cid] <= limit
             if self.failures[cid] == limit:
                 assert self.counted.get(cid) == "failed"
             if self.counted.get(cid) == "failed":
-                assert self.failures[cid] == limit
+                # Out of retries, or out of budget for the next one.
+                assert self.failures[cid] == limit or p.pool.gave_up(cid)
+        assert len(set(p.pool.unretried)) == len(p.pool.unretried)
+        assert all(self.counted.get(cid) == "failed" for cid in p.pool.unretried)
 
         stats = p.pool.statistics
         assert stats.permanently_failed == p.failed
+        assert stats.unretried_over_budget == len(p.pool.unretried)
         assert stats.total_failed == (
             self.dispositions[Disposition.RETRY_POOLED]
             + self.dispositions[Disposition.PERMANENTLY_FAILED]
@@ -773,6 +808,9 @@ def test_random_interleavings_keep_the_counter_invariants(data: st.DataObject) -
     )
     first = data.draw(st.integers(1, 40), label="comparisons")
     later = data.draw(st.lists(st.integers(1, 15), max_size=2), label="later_iterations")
+    # A budget (LLM calls, retries included) from none to spare to far more than needed.
+    spare = data.draw(st.sampled_from([0, 1, 3, 10, 10_000]), label="budget_spare")
+    config = replace(config, max_comparisons=first + spare)
     sim = Simulation(config, later)
     sim.plan(first)
     sim.advance()

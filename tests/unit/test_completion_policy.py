@@ -9,8 +9,10 @@ import pytest
 
 from cj_assessment.batch_config import BatchConfig
 from cj_assessment.batch_state import (
+    BatchKind,
     IterationProgress,
     Progress,
+    SubmissionBatch,
     plan_iteration,
     release_batches,
 )
@@ -336,6 +338,20 @@ def test_continues_with_the_smaller_of_budget_and_matchings(
         scored=essays,
     )
     assert decision == Decision(Verdict.CONTINUE, "", expected)
+
+
+def test_retries_sent_and_failures_held_for_a_retry_come_out_of_the_budget() -> None:
+    # 100 first attempts, 12 retries in two batches, 3 failures waiting in the pool: 115 of
+    # the 130 calls are spoken for, so the next iteration gets 15 new pairs, not 30.
+    retries = (
+        SubmissionBatch(id="r1", iteration=1, kind=BatchKind.RETRY, size=10),
+        SubmissionBatch(id="r2", iteration=1, kind=BatchKind.RETRY, size=2),
+    )
+    progress = replace(_scored(total=100, completed=95), batches=retries, pool=failed_pool(3))
+    decision = _decide(progress, _config(max_comparisons=130, matchings_per_iteration=5))
+    assert decision == Decision(Verdict.CONTINUE, "", 15)
+    spent = _decide(progress, _config(max_comparisons=115, matchings_per_iteration=5))
+    assert (spent.verdict, spent.reason) == (Verdict.COMPLETE, "budget")
 
 
 def test_first_iteration_size_is_matchings_capped_by_budget() -> None:

@@ -460,10 +460,20 @@ def test_a_winner_outside_essay_a_or_b_is_invalid(winner: str) -> None:
         LLMComparisonResultV1.model_validate({**RESULT_EXAMPLE, "winner": winner})
 
 
-@pytest.mark.parametrize("confidence", [0.5, 5.5])
-def test_a_confidence_outside_one_to_five_is_invalid(confidence: float) -> None:
-    with pytest.raises(ValidationError):
-        LLMComparisonResultV1.model_validate({**RESULT_EXAMPLE, "confidence": confidence})
+@pytest.mark.parametrize("confidence", [0.5, 5.5, float("nan"), "high", True, [4]])
+def test_a_confidence_outside_one_to_five_is_dropped_and_the_verdict_kept(
+    confidence: object,
+) -> None:
+    # The verdict is a paid answer: refusing the result would pay for the comparison again.
+    result = LLMComparisonResultV1.model_validate({**RESULT_EXAMPLE, "confidence": confidence})
+    assert result.winner == RESULT_EXAMPLE["winner"]
+    assert result.confidence is None
+
+
+@pytest.mark.parametrize("confidence", [1, 1.0, 4.5, "3", 5])
+def test_a_confidence_within_one_to_five_is_kept(confidence: object) -> None:
+    result = LLMComparisonResultV1.model_validate({**RESULT_EXAMPLE, "confidence": confidence})
+    assert result.confidence == float(confidence)  # type: ignore[arg-type]
 
 
 def test_unknown_result_fields_are_ignored() -> None:

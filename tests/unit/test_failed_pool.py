@@ -143,6 +143,7 @@ def test_statistics_round_trip_through_json() -> None:
         "retry_batches_sent",
         "successful_retries",
         "permanently_failed",
+        "unretried_over_budget",
     }
 
 
