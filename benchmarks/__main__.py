@@ -1,7 +1,8 @@
 """The one benchmark runner of issue 5.
 
     .venv/bin/python -m benchmarks [time-to-result|scoring|throughput|concurrency|pairing|
-                                    pairing-service|query-plans|all] [--quick]
+                                    pairing-service|reliability-stop|query-plans|all]
+                                    [--quick]
 
 Convention: every benchmark is a module of this package exposing
 
@@ -34,6 +35,7 @@ BENCHMARKS: dict[str, str] = {
     "concurrency": "benchmarks.concurrency",
     "pairing": "benchmarks.pairing",
     "pairing-service": "benchmarks.pairing_service",
+    "reliability-stop": "benchmarks.reliability_stop",
     "query-plans": "benchmarks.query_plans",
 }
 

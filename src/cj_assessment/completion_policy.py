@@ -1,7 +1,8 @@
 """When to retry, when an iteration is done, and what to do after scoring.
 
 One threshold, one denominator: an iteration is done when every one of its submission batches
-has been sent and (succeeded + permanently failed) / planned >= partial_completion_threshold.
+has been sent and (succeeded + permanently failed) / planned >= partial_completion_threshold,
+unless closing it then would fail the assessment while answers are still to come.
 """
 
 from __future__ import annotations
@@ -42,7 +43,29 @@ def iteration_done(progress: Progress, config: BatchConfig) -> bool:
         return False
     if current.resolved >= current.planned:
         return True
-    return current.resolved >= config.partial_completion_threshold * current.planned - 1e-9
+    if current.resolved < config.partial_completion_threshold * current.planned - 1e-9:
+        return False
+    # At the threshold. Closing now would fail the assessment: answers still to come (first
+    # attempts, or retries) may yet spare it that, so it waits for them (or their timeouts).
+    return not (_would_fail(progress, config) and _answers_to_come(progress))
+
+
+def _would_fail(progress: Progress, config: BatchConfig) -> bool:
+    """The failure checks of `decide_after_scoring` on the counters alone."""
+    settled = progress.completed + progress.failed
+    return progress.completed == 0 or progress.completed / settled < config.min_success_rate
+
+
+def _answers_to_come(progress: Progress) -> bool:
+    current = progress.current
+    assert current is not None
+    return (
+        current.first_attempts_outstanding > 0
+        or bool(progress.pool.entries)
+        or any(
+            b.kind is BatchKind.RETRY and b.status is not BatchStatus.DONE for b in progress.batches
+        )
+    )
 
 
 class Verdict(StrEnum):
@@ -67,12 +90,14 @@ def decide_after_scoring(
     max_score_change: float | None,
     all_pairs_seen: bool,
     reliability: float | None = None,
+    reliability_lower_bound: float | None = None,
     mean_standard_error: float | None = None,
 ) -> Decision:
     """After an iteration is scored: fail, complete (and why), or plan how many more.
 
-    Completes, in this order: ``reliability`` (the calibrated reliability reached
-    ``target_reliability``), ``precision`` (the mean standard error fell to
+    Completes, in this order: ``reliability`` (the lower bound of the calibrated reliability
+    reached ``target_reliability``: stopping at the first estimate to reach a target would
+    favour the runs whose estimate is too high), ``precision`` (the mean standard error fell to
     ``target_mean_standard_error``), ``stability``, ``budget``, ``all_pairs_compared``.
     The precision targets, like stability, count only from ``min_iterations_for_stability``
     on, so one lucky early iteration cannot end an assessment. Stability and the standard-error
@@ -91,8 +116,8 @@ def decide_after_scoring(
     if (
         late_enough
         and config.target_reliability is not None
-        and reliability is not None
-        and reliability >= config.target_reliability
+        and reliability_lower_bound is not None
+        and reliability_lower_bound >= config.target_reliability
     ):
         return Decision(Verdict.COMPLETE, "reliability")
     if (

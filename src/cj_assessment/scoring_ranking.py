@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -68,6 +68,7 @@ _MIN_PRIOR_VARIANCE = 1e-3
 _MAX_PRIOR_VARIANCE = 1e2
 _EP_MAX_SWEEPS = 30
 _PRIOR_MAX_LOG_STEP = 0.5  # in log τ² per sweep
+_RELIABILITY_BOUND_Z = 1.645  # one-sided 95%
 _EM_CRAWL = 0.7  # EM contraction factor above which a Newton step replaces it
 _EP_PRIOR_TOLERANCE = 0.02  # estimated remaining distance to the τ² fixed point, in log τ²
 _EP_TOLERANCE = 5e-3  # largest score move per sweep, relative to the scores' spread; β move
@@ -121,7 +122,9 @@ class ScoringResult:
     """Scores ordered by rank and the reliability of the scale.
 
     ``reliability`` is the calibrated (empirical-Bayes) estimate of the squared correlation
-    between scores and true abilities; ``scale_separation_reliability`` is the raw SSR.
+    between scores and true abilities; ``reliability_lower_bound`` is the same at the lower end
+    of a one-sided 95% interval for the spread of the abilities, what a target reliability is
+    checked against; ``scale_separation_reliability`` is the raw SSR.
     ``position_bias`` is None when the judgements carried no orientation.
     """
 
@@ -129,6 +132,7 @@ class ScoringResult:
     reliability: float | None
     scale_separation_reliability: float | None = None
     position_bias: PositionBias | None = None
+    reliability_lower_bound: float | None = None
 
     def scores(self) -> dict[str, float]:
         """Map essay id to its Bradley–Terry score."""
@@ -272,6 +276,7 @@ def score_judgements(
         reliability=None if ssr is None else bayes.reliability,
         scale_separation_reliability=ssr,
         position_bias=bias,
+        reliability_lower_bound=None if ssr is None else bayes.reliability_lower_bound,
     )
 
 
@@ -326,6 +331,7 @@ class _Bayes:
     beta_variance: float
     prior_variance: float
     reliability: float
+    reliability_lower_bound: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -395,7 +401,27 @@ def _expectation_propagation(
                 break
         previous = current
         site_precision, site_shift = _refined_sites(edges, gaussian, site_precision, site_shift)
-    return current
+    if not estimate_prior:
+        return replace(current, reliability_lower_bound=current.reliability)
+    # Stopping when an estimate first reaches a target picks the runs whose estimate is too
+    # high, and most of a reliability's error at low budgets is that of τ². So a target is
+    # checked against the reliability at the lower end of a one-sided 95% interval for τ²:
+    # the evidence's curvature in log τ² at its maximum is (n/2)(1 − F'), F' as in
+    # `_update_prior_variance`, with the sites held where EP left them.
+    _, contraction = _prior_fixed_point(gaussian, n, current.prior_variance)
+    spread = math.sqrt(2.0 / (n * (1.0 - contraction)))
+    low = max(
+        current.prior_variance * math.exp(-_RELIABILITY_BOUND_Z * spread), _MIN_PRIOR_VARIANCE
+    )
+    at_low = _bayes_summary(
+        _site_posterior(
+            edges, n, site_precision, site_shift, prior_variance=low, fit_bias=fit_bias
+        ),
+        n,
+        low,
+        fit_bias=fit_bias,
+    )
+    return replace(current, reliability_lower_bound=min(at_low.reliability, current.reliability))
 
 
 def _refined_sites(
@@ -488,20 +514,27 @@ def _update_prior_variance(
     held fixed (dCov/dτ² = Cov²/τ⁴, dE/dτ² = Cov E/τ⁴). Newton is not used throughout
     because F' ignores how the sites follow τ², which makes it overshoot while they settle.
     """
+    target, contraction = _prior_fixed_point(gaussian, n, prior_variance)
+    gap = math.log(max(target, _MIN_PRIOR_VARIANCE) / prior_variance)
+    step = gap if contraction < _EM_CRAWL else gap / (1.0 - contraction)
+    step = _clamp(step, -_PRIOR_MAX_LOG_STEP, _PRIOR_MAX_LOG_STEP)
+    updated = _clamp(prior_variance * math.exp(step), _MIN_PRIOR_VARIANCE, _MAX_PRIOR_VARIANCE)
+    return updated, abs(gap) / (1.0 - contraction)
+
+
+def _prior_fixed_point(gaussian: _Gaussian, n: int, prior_variance: float) -> tuple[float, float]:
+    """F(τ²) = (‖E θ‖² + tr Cov θ) / n and the contraction F'·τ²/F of the EM step, with F'
+    from the current sites held fixed (dCov/dτ² = Cov²/τ⁴, dE/dτ² = Cov E/τ⁴)."""
     mean = np.zeros(gaussian.mean.size)
     mean[:n] = gaussian.mean[:n]
     diagonal = np.diag(gaussian.covariance)[:n]
     target = (float(mean @ mean) + float(diagonal.sum())) / n
-    gap = math.log(max(target, _MIN_PRIOR_VARIANCE) / prior_variance)
     block = gaussian.covariance[:n, :n]  # lower triangle
     squares = 2.0 * float(np.einsum("ij,ij->", block, block)) - float(diagonal @ diagonal)
     quadratic = float(mean @ gaussian.symmetric_product(mean))
     derivative = (2.0 * quadratic + squares) / (n * prior_variance**2)
     contraction = _clamp(derivative * prior_variance / target, 0.0, 1.0 - 1e-3)
-    step = gap if contraction < _EM_CRAWL else gap / (1.0 - contraction)
-    step = _clamp(step, -_PRIOR_MAX_LOG_STEP, _PRIOR_MAX_LOG_STEP)
-    updated = _clamp(prior_variance * math.exp(step), _MIN_PRIOR_VARIANCE, _MAX_PRIOR_VARIANCE)
-    return updated, abs(gap) / (1.0 - contraction)
+    return target, contraction
 
 
 def _tilted_moments(

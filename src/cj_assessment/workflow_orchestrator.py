@@ -344,6 +344,7 @@ class WorkflowOrchestrator:
             max_score_change=change,
             all_pairs_seen=all_pairs_seen(essay_ids, history),
             reliability=scoring.reliability,
+            reliability_lower_bound=scoring.reliability_lower_bound,
             mean_standard_error=mean_standard_error,
         )
         log.info(
@@ -353,6 +354,7 @@ class WorkflowOrchestrator:
             comparisons_succeeded=progress.completed,
             max_score_change=change,
             reliability=scoring.reliability,
+            reliability_lower_bound=scoring.reliability_lower_bound,
             scale_separation_reliability=scoring.scale_separation_reliability,
             mean_standard_error=mean_standard_error,
             position_bias=None if scoring.position_bias is None else scoring.position_bias.logit,
@@ -410,6 +412,10 @@ class WorkflowOrchestrator:
             # the scores with the truth, also under adaptive pairing. The raw SSR, which
             # adaptive pairing inflates, is reported next to it for comparison.
             reliability=None if scoring.reliability is None else round(scoring.reliability, 4),
+            # What a target reliability is checked against (see `score_judgements`).
+            reliability_lower_bound=None
+            if scoring.reliability_lower_bound is None
+            else round(scoring.reliability_lower_bound, 4),
             comparison_attempts=attempts,
             # Neither succeeded nor failed for good: still unanswered when the threshold
             # closed the last iteration. requested = succeeded + failed + outstanding.

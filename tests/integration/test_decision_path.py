@@ -256,3 +256,28 @@ async def test_an_idle_assessment_is_not_stuck_while_attempts_past_their_batch_t
     state = await path.state()
     assert state.state == "WAITING_CALLBACKS"
     assert len(await path.in_flight()) == 2  # the first batch's tail and one retry
+
+
+async def test_errors_first_do_not_fail_an_assessment_whose_other_answers_are_still_coming(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(max_retry_attempts=0, min_success_rate=0.5)
+    await path.start(
+        "errors-first",
+        20,
+        at(0),
+        batch_size=10,
+        partial_completion_threshold=0.5,
+        max_comparisons=10,
+    )
+    sent = await path.in_flight()
+    # Half resolved reaches the threshold, but closing on errors alone would fail it.
+    await path.answer([(a, False) for a in sent[:5]], at(5))
+    assert (await path.state()).state == "WAITING_CALLBACKS"
+    assert await path.answer([(a, True) for a in sent[5:]], at(6)) == ["handled"] * 5
+    state = await path.state()
+    assert (state.state, state.completed_comparisons, state.failed_comparisons) == (
+        "COMPLETED",
+        5,
+        5,
+    )

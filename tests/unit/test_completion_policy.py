@@ -10,6 +10,7 @@ import pytest
 from cj_assessment.batch_config import BatchConfig
 from cj_assessment.batch_state import (
     BatchKind,
+    BatchStatus,
     IterationProgress,
     Progress,
     SubmissionBatch,
@@ -64,9 +65,16 @@ def _sent_iteration(planned: int, *, batch_size: int = 50) -> Progress:
 
 
 def _with_current(progress: Progress, **changes: object) -> Progress:
+    """The current iteration changed, and the assessment's counters with it (one iteration)."""
     current = progress.current
     assert current is not None
-    return replace(progress, iterations=progress.iterations[:-1] + (replace(current, **changes),))
+    changed = replace(current, **changes)
+    return replace(
+        progress,
+        iterations=progress.iterations[:-1] + (changed,),
+        completed=changed.succeeded,
+        failed=changed.permanently_failed,
+    )
 
 
 # --- retry_due -------------------------------------------------------------------------------
@@ -116,7 +124,8 @@ def test_iteration_done_exactly_at_the_threshold_share_of_planned(
 
 def test_iteration_done_counts_permanent_failures_as_resolved() -> None:
     progress = _sent_iteration(20, batch_size=10)
-    config = _config(partial_completion_threshold=0.85)
+    # A success rate that closing would not fail on (10 of 17 is below the default 0.8).
+    config = _config(partial_completion_threshold=0.85, min_success_rate=0.5)
     assert iteration_done(_with_current(progress, succeeded=10, permanently_failed=7), config)
     assert not iteration_done(_with_current(progress, succeeded=10, permanently_failed=6), config)
 
@@ -140,6 +149,43 @@ def test_iteration_not_done_while_a_first_batch_is_still_queued() -> None:
     assert not iteration_done(resolved_half, config)
     sent_all, _ = release_batches(resolved_half, max_concurrent=2, now=NOW)
     assert iteration_done(sent_all, config)
+
+
+def test_an_iteration_that_would_fail_at_its_threshold_waits_for_answers_still_to_come() -> None:
+    # Threshold 0.5, no retries: 5 errors of 10 reach it, and closing would fail the
+    # assessment (nothing succeeded) while 5 answers are still on their way.
+    progress = _sent_iteration(10, batch_size=10)
+    config = _config(partial_completion_threshold=0.5, max_retry_attempts=0)
+    errors_first = _with_current(progress, permanently_failed=5, first_attempts_outstanding=5)
+    assert not iteration_done(errors_first, config)
+    # Once nothing more can come, it closes (and the decision fails it).
+    all_in = _with_current(progress, permanently_failed=5, first_attempts_outstanding=0)
+    assert iteration_done(all_in, config)
+    # An iteration that would not fail closes at the threshold as usual.
+    fine = _with_current(progress, succeeded=5, first_attempts_outstanding=5)
+    assert iteration_done(fine, config)
+
+
+def test_an_iteration_below_the_success_rate_waits_for_its_retries() -> None:
+    progress = replace(
+        _sent_iteration(20, batch_size=10),
+        batches=_sent_iteration(20, batch_size=10).batches
+        + (SubmissionBatch(id="r1", iteration=1, kind=BatchKind.RETRY, size=6),),
+    )
+    config = _config(partial_completion_threshold=0.85, min_success_rate=0.8)
+    # 12 succeeded, 5 failed for good (70%), 6 retries in flight that may lift it.
+    waiting = _with_current(
+        progress, succeeded=12, permanently_failed=5, first_attempts_outstanding=0
+    )
+    assert not iteration_done(waiting, config)
+    retried = replace(
+        waiting,
+        batches=tuple(
+            replace(b, status=BatchStatus.DONE) if b.kind is BatchKind.RETRY else b
+            for b in waiting.batches
+        ),
+    )
+    assert iteration_done(retried, config)
 
 
 def test_iteration_done_when_every_comparison_is_resolved() -> None:
@@ -192,6 +238,7 @@ def _decide(
     change: float | None = None,
     all_pairs: bool = False,
     reliability: float | None = None,
+    bound: float | None = None,
     mean_se: float | None = None,
 ) -> Decision:
     return decide_after_scoring(
@@ -202,6 +249,7 @@ def _decide(
         max_score_change=change,
         all_pairs_seen=all_pairs,
         reliability=reliability,
+        reliability_lower_bound=reliability if bound is None else bound,
         mean_standard_error=mean_se,
     )
 
@@ -274,6 +322,14 @@ def test_target_reliability_completes_once_reached_from_min_iterations_on() -> N
     assert below.verdict is Verdict.CONTINUE
     reached = _decide(_scored(iteration=2), config, reliability=0.8)
     assert (reached.verdict, reached.reason) == (Verdict.COMPLETE, "reliability")
+
+
+def test_target_reliability_is_checked_against_the_lower_bound_not_the_estimate() -> None:
+    config = _config(target_reliability=0.8, min_iterations_for_stability=2)
+    uncertain = _decide(_scored(iteration=3), config, reliability=0.86, bound=0.78)
+    assert uncertain.verdict is Verdict.CONTINUE
+    sure = _decide(_scored(iteration=3), config, reliability=0.86, bound=0.8)
+    assert (sure.verdict, sure.reason) == (Verdict.COMPLETE, "reliability")
 
 
 def test_target_mean_standard_error_completes_once_reached_from_min_iterations_on() -> None:

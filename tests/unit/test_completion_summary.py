@@ -104,6 +104,9 @@ async def test_completed_summary_reports_both_reliabilities_position_bias_and_st
     assert scoring.position_bias is not None
     assert summary["stop_reason"] == "reliability"
     assert summary["reliability"] == round(scoring.reliability, 4)
+    assert scoring.reliability_lower_bound is not None
+    assert summary["reliability_lower_bound"] == round(scoring.reliability_lower_bound, 4)
+    assert summary["reliability_lower_bound"] <= summary["reliability"]
     assert summary["scale_separation_reliability"] == round(scoring.scale_separation_reliability, 4)
     assert summary["position_bias"] == {
         "a_win_share": round(scoring.position_bias.a_win_share, 4),

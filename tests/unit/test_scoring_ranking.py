@@ -453,6 +453,32 @@ def test_calibrated_reliability_has_no_systematic_error_at_five_comparisons_per_
     assert float(np.median(errors)) == pytest.approx(0.0, abs=0.05)
 
 
+def test_reliability_lower_bound_is_below_the_truth_in_most_runs_and_narrows_with_data() -> None:
+    bounds: dict[int, list[tuple[float, float, float]]] = {10: [], 20: []}
+    for iterations, runs in bounds.items():
+        for seed in range(20):
+            ids, abilities, judgements = _assessment(
+                seed=500 + seed, n=30, iterations=iterations, strategy=PairingStrategy.ADAPTIVE
+            )
+            result = score_judgements(ids, judgements)
+            assert result.reliability is not None and result.reliability_lower_bound is not None
+            truth = _true_squared_correlation(result, ids, abilities)
+            runs.append((result.reliability, result.reliability_lower_bound, truth))
+    for runs in bounds.values():
+        estimate, bound, truth = (np.array(column) for column in zip(*runs, strict=True))
+        assert np.all(bound <= estimate)
+        # One-sided 95% on the spread; the rest of a run's scatter is not in it.
+        assert np.mean(bound <= truth) >= 0.85
+    gap = {k: np.mean([r - b for r, b, _ in runs]) for k, runs in bounds.items()}
+    assert gap[20] < gap[10] / 2
+
+
+def test_with_the_spread_given_the_reliability_lower_bound_is_the_reliability() -> None:
+    ids, _, judgements = _assessment(seed=31, n=60, iterations=6)
+    result = score_judgements(ids, judgements, prior_variance=2.25)
+    assert result.reliability_lower_bound == result.reliability
+
+
 def test_a_given_prior_variance_sets_the_spread_of_the_scores_and_their_reliability() -> None:
     ids, _, judgements = _assessment(seed=31, n=60, iterations=6)
 
