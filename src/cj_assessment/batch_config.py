@@ -108,6 +108,15 @@ def resolve_batch_config(
         caps.append(checked["max_comparisons"])
     if metadata_max_comparisons is not None:
         caps.append(_check("max_comparisons", metadata_max_comparisons))
+    needed = math.ceil(essay_count / 2)
+    if min(caps) < needed:
+        # Essays left without a single comparison would still get ranks: refuse instead.
+        raise RequestRejected(
+            "INVALID_BATCH_CONFIG_OVERRIDE",
+            f"max_comparisons={min(caps)} cannot compare each of {essay_count} essays once;"
+            f" at least {needed} are needed",
+            {"field": "max_comparisons", "value": repr(min(caps)), "allowed": f">= {needed}"},
+        )
     return BatchConfig(
         batch_size=checked.get("batch_size", settings.batch_size),
         max_concurrent_batches=checked.get(

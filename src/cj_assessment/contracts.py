@@ -24,6 +24,10 @@ SOURCE_SERVICE = "cj_assessment_service"
 # Ids are stored in varchar(255) columns: longer ones are refused when a message is read, with
 # the field named, rather than by the database in the middle of a transaction.
 MAX_ID_CHARS = 255
+# A request whose identity is longer than the columns hold is still answered with a failed
+# event (nothing stored but that event), up to this length; longer, it is dead-lettered: four
+# copies in the event must stay far below the broker's message limit.
+MAX_ANSWERED_ID_CHARS = 4096
 EVENT_NAMESPACE = uuid.UUID("5b0f4a8e-2f65-4c8e-9d6a-0c3e7a1b9f21")
 
 
@@ -200,13 +204,14 @@ def bos_batch_id_of(data: dict[str, Any]) -> str | None:
     """The identity of a request payload that may not validate, read as `bos_batch_id` reads
     a valid one (`entity_ref.entity_id`, else the flat `entity_id`): with it, an invalid
     request is answered by a failed event. None when no usable identity is there (missing,
-    empty, not text, or too long to store)."""
+    empty, not text, or longer than `MAX_ANSWERED_ID_CHARS`). It may be longer than the
+    `MAX_ID_CHARS` that can be stored."""
     ref = data.get("entity_ref")
     for candidate in (
         ref.get("entity_id") if isinstance(ref, dict) else None,
         data.get("entity_id"),
     ):
-        if isinstance(candidate, str) and candidate and len(candidate) <= MAX_ID_CHARS:
+        if isinstance(candidate, str) and candidate and len(candidate) <= MAX_ANSWERED_ID_CHARS:
             return candidate
     return None
 

@@ -158,7 +158,8 @@ class OutboxMessage(Base):
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     event_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), unique=True, nullable=False)
     topic: Mapped[str] = mapped_column(String(255), nullable=False)
-    message_key: Mapped[str | None] = mapped_column(String(255))
+    # Text (migration 0005): a failed event answers even an identity too long to store.
+    message_key: Mapped[str | None] = mapped_column(Text)
     # Stored EXTERNAL (out of line, uncompressed; migration 0002): written once, read once.
     payload: Mapped[str] = mapped_column(Text, nullable=False)
     created_at: Mapped[datetime] = mapped_column(

@@ -180,6 +180,38 @@ class WorkflowOrchestrator:
         log.info("assessment_rejected", bos_batch_id=bos_batch_id, error_code=error.error_code)
         return True
 
+    async def reject_unstorable(
+        self,
+        repo: AssessmentRepository,
+        *,
+        bos_batch_id: str,
+        correlation_id: str,
+        error: RequestRejected,
+        now: datetime,
+    ) -> None:
+        """Answer a request whose identity is too long to store with its failed event alone.
+        No assessment row holds it, so a repeat is recognised by the event's deterministic id
+        (the outbox keeps one row per event id; consumers deduplicate on it)."""
+        await self._write_failed_event(
+            repo,
+            bos_batch_id=bos_batch_id,
+            correlation_id=correlation_id,
+            cj_batch_id=None,
+            error_code=error.error_code,
+            error_message=error.message,
+            error_type="RequestRejected",
+            context=error.context,
+            started_at=now,
+            now=now,
+        )
+        self._metrics.assessments.labels("rejected").inc()
+        log.info(
+            "assessment_rejected",
+            bos_batch_id_prefix=bos_batch_id[:64],
+            bos_batch_id_chars=len(bos_batch_id),
+            error_code=error.error_code,
+        )
+
     # --- the callback into the orchestrator -----------------------------------------------
 
     async def advance(
@@ -534,7 +566,7 @@ class WorkflowOrchestrator:
         *,
         bos_batch_id: str,
         correlation_id: str,
-        cj_batch_id: int,
+        cj_batch_id: int | None,
         error_code: str,
         error_message: str,
         error_type: str,
@@ -555,7 +587,8 @@ class WorkflowOrchestrator:
                     "context": context,
                 },
             ),
-            cj_assessment_job_id=str(cj_batch_id),
+            # No job was created for a request that could not be stored.
+            cj_assessment_job_id="" if cj_batch_id is None else str(cj_batch_id),
         )
         topic = self._settings.topic_assessment_failed
         envelope = envelope_json(

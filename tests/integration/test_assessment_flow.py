@@ -82,6 +82,9 @@ async def test_duplicate_request_for_a_known_batch_creates_nothing_new(
     assert dict(inbox) == {"handled": 1, "duplicate": 1}
 
 
+LONG_IDENTITY = "batch-" + "L" * 300
+
+
 async def test_invalid_requests_each_end_in_one_failed_event(
     kafka_bootstrap: str, database_url: str
 ) -> None:
@@ -112,9 +115,13 @@ async def test_invalid_requests_each_end_in_one_failed_event(
             essays=essays,
             metadata={"batch_config_overrides": {"max_concurrent_batches": 9}},
         ),
+        # Longer than the tables hold: answered all the same, by its failed event alone.
+        LONG_IDENTITY: request_envelope(bos_batch_id=LONG_IDENTITY, essays=essays),
     }
+    # The same identity sent again as a new event gets no second failed event.
+    again = request_envelope(bos_batch_id=LONG_IDENTITY, essays=essays, flat_entity=True)
     async with running_system(settings, provider=None) as system:
-        await system.submit(*cases.values())
+        await system.submit(*cases.values(), again)
         outcomes = await system.watcher.wait_for(list(cases), timeout=60, settle=1.0)
         for bos_batch_id in cases:
             assert len(system.watcher.outcomes_for(bos_batch_id)) == 1
@@ -130,7 +137,12 @@ async def test_invalid_requests_each_end_in_one_failed_event(
         "bad-override": "INVALID_BATCH_CONFIG_OVERRIDE",
         "bad-empty": "EMPTY_ESSAY_TEXT",
         "bad-metadata-override": "INVALID_BATCH_CONFIG_OVERRIDE",
+        LONG_IDENTITY: "INVALID_REQUEST",
     }
+    unstored = outcomes[LONG_IDENTITY]["data"]
+    assert unstored["entity_ref"]["entity_id"] == unstored["entity_id"] == LONG_IDENTITY
+    assert unstored["cj_assessment_job_id"] == ""  # no job was created
+    assert "entity_ref.entity_id" in unstored["system_metadata"]["error_info"]["error_message"]
     message = outcomes["bad-override"]["data"]["system_metadata"]["error_info"]["error_message"]
     assert "batch_size" in message and "10-200" in message
     info = outcomes["bad-types"]["data"]["system_metadata"]["error_info"]

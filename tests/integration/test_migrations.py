@@ -91,3 +91,25 @@ async def test_the_outbox_claim_index_covers_pending_rows_and_the_downgrade_rest
 
     await asyncio.to_thread(command.upgrade, config, "head")
     assert (await _outbox_shape(database_url))[0] == PENDING_INDEX
+
+
+async def test_outbox_keys_take_any_length_and_the_downgrade_cuts_them_to_255(
+    database_url: str,
+) -> None:
+    config = _alembic_config(database_url)
+    long_key = "k" * 300
+    await _rows(
+        database_url,
+        "INSERT INTO cj_event_outbox (event_id, topic, message_key, payload)"
+        f" VALUES (gen_random_uuid(), 't', '{long_key}', '{{}}')",
+    )
+    await asyncio.to_thread(command.downgrade, config, "0004")
+    (kept,) = await _rows(database_url, "SELECT message_key FROM cj_event_outbox")
+    assert kept[0] == long_key[:255]
+    await asyncio.to_thread(command.upgrade, config, "head")
+    types = await _rows(
+        database_url,
+        "SELECT data_type FROM information_schema.columns"
+        " WHERE table_name = 'cj_event_outbox' AND column_name = 'message_key'",
+    )
+    assert types == [("text",)]

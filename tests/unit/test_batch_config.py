@@ -126,7 +126,8 @@ def test_in_range_boundaries_are_accepted() -> None:
             "max_concurrent_batches": 1,
             "partial_completion_threshold": 0.5,
             "max_comparisons": 1,
-        }
+        },
+        essays=2,  # the least budget is one comparison per two essays
     )
     assert (low.batch_size, low.max_concurrent_batches, low.max_comparisons) == (10, 1, 1)
     assert low.partial_completion_threshold == 0.5
@@ -274,3 +275,17 @@ def test_child_environment_reproduces_the_settings_and_drops_this_process_cj_var
     assert env["CJ_LOG_LEVEL"] == "DEBUG"
     assert env["PATH_FOR_CHILD"] == "kept"
     assert "CJ_SOMETHING_STALE" not in env
+
+
+@pytest.mark.parametrize(("essays", "cap"), [(10, 4), (9, 4), (300, 100)])
+def test_a_budget_too_small_to_compare_every_essay_once_is_refused(essays: int, cap: int) -> None:
+    # Essays without a single comparison would still get ranks, among the compared ones.
+    with pytest.raises(RequestRejected) as caught:
+        _resolve({"max_comparisons": cap}, essays=essays)
+    assert caught.value.error_code == "INVALID_BATCH_CONFIG_OVERRIDE"
+    assert caught.value.context["allowed"] == f">= {-(-essays // 2)}"
+
+
+@pytest.mark.parametrize(("essays", "cap"), [(10, 5), (9, 5), (2, 1)])
+def test_a_budget_that_compares_every_essay_once_is_accepted(essays: int, cap: int) -> None:
+    assert _resolve(metadata_max=cap, essays=essays).max_comparisons == cap

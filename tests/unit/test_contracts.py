@@ -344,7 +344,8 @@ def test_a_request_without_essays_is_invalid() -> None:
         ({"entity_ref": {"entity_type": "batch"}}, None),
         ({"entity_ref": "b-5"}, None),
         ({"entity_id": ""}, None),
-        ({"entity_id": "x" * 256}, None),
+        ({"entity_id": "x" * 256}, "x" * 256),  # too long to store, still answered
+        ({"entity_id": "x" * 4097}, None),
         ({}, None),
     ],
 )
