@@ -2,7 +2,7 @@
 
 Pure core only (``pair_generation`` and ``scoring_ranking``), no broker or database:
 
-    .venv/bin/python -m benchmarks.reliability_stop            # about a minute on 2 cores
+    .venv/bin/python -m benchmarks.reliability_stop            # about 20 s on 2 cores
     .venv/bin/python -m benchmarks.reliability_stop --quick    # a quarter of the seeds
 
 With ``CJ_TARGET_RELIABILITY`` set, an assessment completes at the first iteration (from

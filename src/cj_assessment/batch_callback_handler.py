@@ -48,7 +48,7 @@ def _attempt_view(row: AttemptRecord, progress: Progress, max_retry_attempts: in
     resolved = batch_state.comparison_resolved(
         [(AttemptStatus(status), number) for number, status in row.siblings.items()],
         max_retry_attempts,
-    ) or progress.pool.gave_up(str(row.comparison_id))
+    ) or bool(progress.pool.unretried and progress.pool.gave_up(str(row.comparison_id)))
     return AttemptView(
         comparison_id=str(row.comparison_id),
         correlation_id=str(row.correlation_id),
@@ -265,6 +265,8 @@ class BatchCallbackHandler:
             disposition=disposition,
             integrity_failure=_contradicts_pair(attempt, result),
         )
+        # Its siblings share this map: a sibling answered later in the same poll sees it.
+        attempt.siblings[attempt.attempt] = attempt.status
         attempt.is_late = True
         self._metrics.late_results.inc()
         log.info(

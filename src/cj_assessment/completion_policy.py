@@ -45,27 +45,36 @@ def iteration_done(progress: Progress, config: BatchConfig) -> bool:
         return True
     if current.resolved < config.partial_completion_threshold * current.planned - 1e-9:
         return False
-    # At the threshold. Closing now would fail the assessment: answers still to come (first
-    # attempts, or retries) may yet spare it that, so it waits for them (or their timeouts).
-    return not (_would_fail(progress, config) and _answers_to_come(progress))
+    # At the threshold. If closing now would fail the assessment but the answers still to
+    # come (first attempts, retries) could spare it that, it waits for them or their timeouts:
+    # errors that happen to arrive first must not decide the outcome.
+    if failure(progress, config) is None:
+        return True
+    return failure(progress, config, to_come=_answers_to_come(progress)) is not None
 
 
-def _would_fail(progress: Progress, config: BatchConfig) -> bool:
-    """The failure checks of `decide_after_scoring` on the counters alone."""
-    settled = progress.completed + progress.failed
-    return progress.completed == 0 or progress.completed / settled < config.min_success_rate
+def failure(progress: Progress, config: BatchConfig, *, to_come: int = 0) -> str | None:
+    """The error code the counters fail the assessment with, if any, should `to_come` more
+    comparisons still succeed: nothing succeeded, or a success rate below the minimum."""
+    completed = progress.completed + to_come
+    if completed == 0:
+        return "NO_SCORABLE_ESSAYS"
+    if completed / (completed + progress.failed) < config.min_success_rate:
+        return "LOW_SUCCESS_RATE"
+    return None
 
 
-def _answers_to_come(progress: Progress) -> bool:
+def _answers_to_come(progress: Progress) -> int:
+    """Comparisons of the current iteration that may still succeed: first attempts out,
+    failures waiting for a retry, and retries not yet at their batch's threshold."""
     current = progress.current
     assert current is not None
-    return (
-        current.first_attempts_outstanding > 0
-        or bool(progress.pool.entries)
-        or any(
-            b.kind is BatchKind.RETRY and b.status is not BatchStatus.DONE for b in progress.batches
-        )
+    retries = sum(
+        b.size - b.results_in
+        for b in progress.batches
+        if b.kind is BatchKind.RETRY and b.status is not BatchStatus.DONE
     )
+    return current.first_attempts_outstanding + len(progress.pool.entries) + retries
 
 
 class Verdict(StrEnum):
@@ -106,11 +115,11 @@ def decide_after_scoring(
     collapses, every score and standard error shrinks towards zero, and a scale that says
     nothing would look both stable and precise.
     """
-    if scored_essays == 0 or progress.completed == 0:
+    if scored_essays == 0:
         return Decision(Verdict.FAIL, "NO_SCORABLE_ESSAYS")
-    settled = progress.completed + progress.failed
-    if settled and progress.completed / settled < config.min_success_rate:
-        return Decision(Verdict.FAIL, "LOW_SUCCESS_RATE")
+    failed = failure(progress, config)
+    if failed is not None:
+        return Decision(Verdict.FAIL, failed)
     late_enough = progress.current_iteration >= config.min_iterations_for_stability
     separates = reliability is not None and reliability >= config.min_reliability_to_stop_early
     if (

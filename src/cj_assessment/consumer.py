@@ -316,7 +316,7 @@ class EventConsumer:
         for record in results:
             try:
                 decoded.append((record, _decode_result(record.value)))
-            except PoisonMessage as exc:
+            except Exception as exc:  # noqa: BLE001 - unreadable: dead-lettered, never a crash loop
                 if not await self._dead_letter(record, exc, stop):
                     return False
                 poison.append(record)
@@ -617,14 +617,14 @@ class EventConsumer:
         """An identity too long to store: answered with its failed event alone."""
 
         async def reject(repo: AssessmentRepository, now: datetime) -> str:
-            await self._orchestrator.reject_unstorable(
+            answered = await self._orchestrator.reject_unstorable(
                 repo,
                 bos_batch_id=bos_batch_id,
                 correlation_id=correlation_id,
                 error=error,
                 now=now,
             )
-            return "rejected"
+            return "rejected" if answered else "duplicate"
 
         return await self._in_transaction(record, envelope, reject)
 

@@ -211,8 +211,10 @@ def bos_batch_id_of(data: dict[str, Any]) -> str | None:
         ref.get("entity_id") if isinstance(ref, dict) else None,
         data.get("entity_id"),
     ):
-        if isinstance(candidate, str) and candidate and len(candidate) <= MAX_ANSWERED_ID_CHARS:
-            return candidate
+        if isinstance(candidate, str) and candidate:
+            # Too long is no identity at all: falling through to the flat id could answer
+            # a different batch.
+            return candidate if len(candidate) <= MAX_ANSWERED_ID_CHARS else None
     return None
 
 
@@ -265,7 +267,7 @@ def _confidence_or_none(value: Any) -> float | None:
         return None
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond any float
         return None
     return number if 1.0 <= number <= 5.0 else None  # NaN fails both comparisons
 

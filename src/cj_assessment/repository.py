@@ -580,10 +580,11 @@ class AssessmentRepository:
             {"event_id": list(outcomes), "outcome": list(outcomes.values())},
         )
 
-    async def add_outbox(self, rows: Sequence[OutboxRow]) -> None:
+    async def add_outbox(self, rows: Sequence[OutboxRow]) -> int:
+        """Store events to publish; returns how many were new (one row per event id)."""
         if not rows:
-            return
-        await self.session.execute(
+            return 0
+        result = await self.session.execute(
             _ADD_OUTBOX,
             {
                 "event_id": [r.event_id for r in rows],
@@ -592,6 +593,7 @@ class AssessmentRepository:
                 "payload": [r.payload for r in rows],
             },
         )
+        return int(result.rowcount)  # type: ignore[attr-defined]
 
     async def prune_outbox(self, before: datetime, limit: int) -> int:
         """Delete up to `limit` outbox rows published and created before `before`."""

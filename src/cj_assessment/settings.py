@@ -166,7 +166,10 @@ class Settings(BaseSettings):
         description="Pairs after the first iteration: random, or adaptive (most informative)",
     )
     target_reliability: float | None = Field(
-        None, gt=0, lt=1, description="Stop once the calibrated reliability reaches this"
+        None,
+        gt=0,
+        lt=1,
+        description="Stop once the calibrated reliability's lower bound reaches this",
     )
     target_mean_standard_error: float | None = Field(
         None, gt=0, description="Stop once the mean standard error of the scores is this or less"

@@ -188,11 +188,12 @@ class WorkflowOrchestrator:
         correlation_id: str,
         error: RequestRejected,
         now: datetime,
-    ) -> None:
-        """Answer a request whose identity is too long to store with its failed event alone.
-        No assessment row holds it, so a repeat is recognised by the event's deterministic id
-        (the outbox keeps one row per event id; consumers deduplicate on it)."""
-        await self._write_failed_event(
+    ) -> bool:
+        """Answer a request whose identity is too long to store with its failed event alone;
+        False for a repeat. No assessment row holds it: a repeat is recognised by the event's
+        deterministic id (one outbox row per event id while it is kept; consumers deduplicate
+        on it too)."""
+        written = await self._write_failed_event(
             repo,
             bos_batch_id=bos_batch_id,
             correlation_id=correlation_id,
@@ -204,6 +205,8 @@ class WorkflowOrchestrator:
             started_at=now,
             now=now,
         )
+        if not written:
+            return False
         self._metrics.assessments.labels("rejected").inc()
         log.info(
             "assessment_rejected",
@@ -211,6 +214,7 @@ class WorkflowOrchestrator:
             bos_batch_id_chars=len(bos_batch_id),
             error_code=error.error_code,
         )
+        return True
 
     # --- the callback into the orchestrator -----------------------------------------------
 
@@ -573,7 +577,7 @@ class WorkflowOrchestrator:
         context: dict[str, Any],
         started_at: datetime,
         now: datetime,
-    ) -> None:
+    ) -> int:
         event = CJAssessmentFailedV1(
             **outcome_header(
                 bos_batch_id=bos_batch_id,
@@ -598,4 +602,4 @@ class WorkflowOrchestrator:
             data=event,
             now=now,
         )
-        await repo.add_outbox([OutboxRow.of(envelope, topic, bos_batch_id)])
+        return await repo.add_outbox([OutboxRow.of(envelope, topic, bos_batch_id)])

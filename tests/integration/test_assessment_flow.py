@@ -125,6 +125,11 @@ async def test_invalid_requests_each_end_in_one_failed_event(
         outcomes = await system.watcher.wait_for(list(cases), timeout=60, settle=1.0)
         for bos_batch_id in cases:
             assert len(system.watcher.outcomes_for(bos_batch_id)) == 1
+        inbox = await system.rows(
+            "SELECT outcome, count(*) FROM cj_event_inbox WHERE topic = :t GROUP BY outcome",
+            t=settings.topic_assessment_requested,
+        )
+    assert dict(inbox) == {"rejected": len(cases), "duplicate": 1}
     codes = {
         b: o["data"]["system_metadata"]["error_info"]["error_code"] for b, o in outcomes.items()
     }

@@ -281,3 +281,23 @@ async def test_errors_first_do_not_fail_an_assessment_whose_other_answers_are_st
         5,
         5,
     )
+
+
+async def test_two_attempts_of_one_comparison_answered_late_in_one_poll_store_one_success(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(callback_wait_timeout_seconds=300)
+    # 10 comparisons and a budget of 12 calls: room for two retries.
+    await path.start("late-pair", 20, at(0), batch_size=10, max_comparisons=12)
+    first = await path.in_flight()
+    await path.answer([(a, True) for a in first[:7]], at(5))
+    await path.monitor(at(400)).run_once()  # 3 time out: 2 retried, 1 over the budget
+    retries = [a for a in await path.in_flight() if a.attempt == 2]
+    assert len(retries) == 2
+    await path.answer([(retries[0], True)], at(410))  # 9 of 10 resolved: done, budget spent
+    assert (await path.state()).state == "COMPLETED"
+    other = retries[1]
+    (timed_out,) = [a for a in first if a.comparison_id == other.comparison_id]
+    assert await path.answer([(timed_out, True), (other, True)], at(420)) == ["late", "late"]
+    statuses = [a.status for a in await path.attempts() if a.comparison_id == other.comparison_id]
+    assert sorted(statuses) == ["succeeded", "superseded"]

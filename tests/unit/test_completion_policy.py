@@ -155,7 +155,7 @@ def test_an_iteration_that_would_fail_at_its_threshold_waits_for_answers_still_t
     # Threshold 0.5, no retries: 5 errors of 10 reach it, and closing would fail the
     # assessment (nothing succeeded) while 5 answers are still on their way.
     progress = _sent_iteration(10, batch_size=10)
-    config = _config(partial_completion_threshold=0.5, max_retry_attempts=0)
+    config = _config(partial_completion_threshold=0.5, max_retry_attempts=0, min_success_rate=0.5)
     errors_first = _with_current(progress, permanently_failed=5, first_attempts_outstanding=5)
     assert not iteration_done(errors_first, config)
     # Once nothing more can come, it closes (and the decision fails it).
@@ -164,6 +164,14 @@ def test_an_iteration_that_would_fail_at_its_threshold_waits_for_answers_still_t
     # An iteration that would not fail closes at the threshold as usual.
     fine = _with_current(progress, succeeded=5, first_attempts_outstanding=5)
     assert iteration_done(fine, config)
+    # Nor does it wait when even every answer to come could not spare it: 1 of 6 at most.
+    hopeless = _with_current(
+        replace(progress, batches=(replace(progress.batches[0], size=6),)),
+        planned=6,
+        permanently_failed=5,
+        first_attempts_outstanding=1,
+    )
+    assert iteration_done(hopeless, config)
 
 
 def test_an_iteration_below_the_success_rate_waits_for_its_retries() -> None:
@@ -173,9 +181,9 @@ def test_an_iteration_below_the_success_rate_waits_for_its_retries() -> None:
         + (SubmissionBatch(id="r1", iteration=1, kind=BatchKind.RETRY, size=6),),
     )
     config = _config(partial_completion_threshold=0.85, min_success_rate=0.8)
-    # 12 succeeded, 5 failed for good (70%), 6 retries in flight that may lift it.
+    # 14 succeeded, 4 failed for good (78%), 6 retries in flight that may lift it to 83%.
     waiting = _with_current(
-        progress, succeeded=12, permanently_failed=5, first_attempts_outstanding=0
+        progress, succeeded=14, permanently_failed=4, first_attempts_outstanding=0
     )
     assert not iteration_done(waiting, config)
     retried = replace(

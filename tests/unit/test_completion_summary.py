@@ -42,8 +42,9 @@ class _Repository:
     async def count_attempts(self, cj_batch_id: int) -> int:
         return 61
 
-    async def add_outbox(self, rows: list[OutboxRow]) -> None:
+    async def add_outbox(self, rows: list[OutboxRow]) -> int:
         self.outbox += rows
+        return len(rows)
 
 
 def _config(pairing_strategy: str) -> BatchConfig:

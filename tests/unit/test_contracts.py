@@ -346,6 +346,7 @@ def test_a_request_without_essays_is_invalid() -> None:
         ({"entity_id": ""}, None),
         ({"entity_id": "x" * 256}, "x" * 256),  # too long to store, still answered
         ({"entity_id": "x" * 4097}, None),
+        ({"entity_ref": {"entity_id": "x" * 4097}, "entity_id": "another-batch"}, None),
         ({}, None),
     ],
 )
@@ -461,7 +462,9 @@ def test_a_winner_outside_essay_a_or_b_is_invalid(winner: str) -> None:
         LLMComparisonResultV1.model_validate({**RESULT_EXAMPLE, "winner": winner})
 
 
-@pytest.mark.parametrize("confidence", [0.5, 5.5, float("nan"), "high", True, [4]])
+@pytest.mark.parametrize(
+    "confidence", [0.5, 5.5, float("nan"), "high", True, [4], 10**400, "1e999", -(10**400)]
+)
 def test_a_confidence_outside_one_to_five_is_dropped_and_the_verdict_kept(
     confidence: object,
 ) -> None:
