@@ -24,9 +24,6 @@ answers); "noisy" is a much weaker one (θ ~ N(0, 0.8²), bias 0.6, 10% random a
 
 from __future__ import annotations
 
-import argparse
-import multiprocessing
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -35,21 +32,16 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from benchmarks.pairing import answers
+from benchmarks.simulation import MATCHINGS, command_line, on_every_core, service_iterations
 from cj_assessment.pair_generation import (
-    AbilityEstimates,
-    PairingHistory,
     PairingStrategy,
-    generate_pairs,
 )
-from cj_assessment.scoring_ranking import score_judgements
-from cj_assessment.settings import Settings
 
 JUDGES = {"protocol": (1.5, 0.3, 0.02), "noisy": (0.8, 0.6, 0.10)}  # ability SD, bias, random
 SEEDS = {24: 300, 50: 300, 100: 150}
 QUICK_FRACTION = 5
 ITERATIONS = 4
 BUDGETS = (10, 15, 20)
-MATCHINGS = int(Settings.model_fields["matchings_per_iteration"].default)
 
 
 def simulate(n: int, seed: int, judge: str, strategy: PairingStrategy) -> dict[int, float]:
@@ -59,24 +51,12 @@ def simulate(n: int, seed: int, judge: str, strategy: PairingStrategy) -> dict[i
     judge_rng = np.random.default_rng([seed, n, 1])
     ids = [f"essay-{k:03d}" for k in range(n)]
     index = {essay_id: k for k, essay_id in enumerate(ids)}
-    planned: list[tuple[str, str]] = []
-    judgements: list[tuple[str, str, bool]] = []
-    estimates: AbilityEstimates | None = None
     spearman: dict[int, float] = {}
-    for iteration in range(1, ITERATIONS + 1):
-        pairs = generate_pairs(
-            ids,
-            PairingHistory.from_pairs(planned),
-            np.random.default_rng([seed, iteration]),
-            matchings=MATCHINGS,
-            max_pairs=MATCHINGS * (n // 2),
-            strategy=strategy,
-            estimates=estimates,
-        )
-        planned += pairs
-        judgements += answers(pairs, index, theta, judge_rng, bias=bias, random_share=random_share)
-        result = score_judgements(ids, judgements)
-        estimates = AbilityEstimates(result.scores(), result.standard_errors())
+
+    def judge_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str, bool]]:
+        return answers(pairs, index, theta, judge_rng, bias=bias, random_share=random_share)
+
+    for judgements, result in service_iterations(ids, seed, strategy, ITERATIONS, judge_pairs):
         scores = result.scores()
         estimated = [scores[essay_id] for essay_id in ids]
         spearman[round(2 * len(judgements) / n)] = float(spearmanr(estimated, theta).statistic)
@@ -89,7 +69,6 @@ def _run(job: tuple[int, int, str, str]) -> tuple[int, int, str, str, dict[int, 
 
 
 def run(quick: bool = False, workers: int | None = None) -> str:
-    os.environ.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     seeds = {n: max(10, s // QUICK_FRACTION) if quick else s for n, s in SEEDS.items()}
     jobs = [
         (n, seed, judge, strategy.value)
@@ -101,10 +80,8 @@ def run(quick: bool = False, workers: int | None = None) -> str:
     jobs.sort(key=lambda job: -job[0])
     started = time.monotonic()
     runs: dict[tuple[int, str, str], dict[int, dict[int, float]]] = {}
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(max(1, workers or os.cpu_count() or 1)) as pool:
-        for n, seed, judge, strategy, spearman in pool.imap_unordered(_run, jobs):
-            runs.setdefault((n, judge, strategy), {})[seed] = spearman
+    for n, seed, judge, strategy, spearman in on_every_core(_run, jobs, workers):
+        runs.setdefault((n, judge, strategy), {})[seed] = spearman
 
     lines = [
         f"Random against adaptive pairing as the service runs them ({MATCHINGS} rounds per"
@@ -133,12 +110,7 @@ def run(quick: bool = False, workers: int | None = None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a fifth of the seeds")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: cores)")
-    args = parser.parse_args(argv)
-    print(run(quick=args.quick, workers=args.workers))
-    return 0
+    return command_line(run, __doc__.splitlines()[0], "a fifth of the seeds", argv)
 
 
 if __name__ == "__main__":

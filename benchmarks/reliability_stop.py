@@ -28,9 +28,6 @@ bias towards Essay B, 5% random answers and 5% of essays judged with three times
 
 from __future__ import annotations
 
-import argparse
-import multiprocessing
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -38,13 +35,10 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import norm
 
+from benchmarks.simulation import MATCHINGS, command_line, on_every_core, service_iterations
 from cj_assessment.pair_generation import (
-    AbilityEstimates,
-    PairingHistory,
     PairingStrategy,
-    generate_pairs,
 )
-from cj_assessment.scoring_ranking import score_judgements
 from cj_assessment.settings import Settings
 
 SIZES = (30, 100)
@@ -53,7 +47,6 @@ SEEDS = 60
 QUICK_FRACTION = 4
 ITERATIONS = 8
 TARGETS = (0.7, 0.8, 0.9)
-MATCHINGS = int(Settings.model_fields["matchings_per_iteration"].default)
 FIRST_STOP = int(Settings.model_fields["min_iterations_for_stability"].default)
 
 # (iteration, reliability, lower bound, true squared correlation)
@@ -88,26 +81,15 @@ def simulate(job: tuple[str, int, int]) -> tuple[str, int, int, Trace]:
     judge_rng = np.random.default_rng([seed, n, 1])
     ids = [f"essay-{k:03d}" for k in range(n)]
     index = {essay_id: k for k, essay_id in enumerate(ids)}
-    planned: list[tuple[str, str]] = []
-    judgements: list[tuple[str, str, bool]] = []
-    estimates: AbilityEstimates | None = None
     trace: Trace = []
-    for iteration in range(1, ITERATIONS + 1):
-        pairs = generate_pairs(
-            ids,
-            PairingHistory.from_pairs(planned),
-            np.random.default_rng([seed, iteration]),
-            matchings=MATCHINGS,
-            max_pairs=MATCHINGS * (n // 2),
-            strategy=PairingStrategy.ADAPTIVE,
-            estimates=estimates,
-        )
-        planned += pairs
-        for a, b in pairs:
-            won = _a_wins(judge, index[a], index[b], theta, noise, judge_rng)
-            judgements.append((a, b, won))
-        result = score_judgements(ids, judgements)
-        estimates = AbilityEstimates(result.scores(), result.standard_errors())
+
+    def judge_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str, bool]]:
+        return [
+            (a, b, _a_wins(judge, index[a], index[b], theta, noise, judge_rng)) for a, b in pairs
+        ]
+
+    runs = service_iterations(ids, seed, PairingStrategy.ADAPTIVE, ITERATIONS, judge_pairs)
+    for iteration, (_, result) in enumerate(runs, start=1):
         scores = result.scores()
         estimated = np.array([scores[essay_id] for essay_id in ids])
         true = float(np.corrcoef(estimated, theta)[0, 1] ** 2)
@@ -128,15 +110,12 @@ def _stop(trace: Trace, target: float, use_bound: bool) -> tuple[int, float, flo
 
 
 def run(quick: bool = False, workers: int | None = None) -> str:
-    os.environ.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     seeds = SEEDS // QUICK_FRACTION if quick else SEEDS
     jobs = [(judge, n, seed) for n in SIZES for judge in JUDGES for seed in range(seeds)]
     started = time.monotonic()
     traces: dict[tuple[str, int], list[Trace]] = {}
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(max(1, workers or os.cpu_count() or 1)) as pool:
-        for judge, n, _, trace in pool.imap_unordered(simulate, jobs, chunksize=4):
-            traces.setdefault((judge, n), []).append(trace)
+    for judge, n, _, trace in on_every_core(simulate, jobs, workers, chunksize=4):
+        traces.setdefault((judge, n), []).append(trace)
 
     per_iteration = MATCHINGS  # each round gives every essay one comparison (n even)
     lines = [
@@ -182,12 +161,7 @@ def run(quick: bool = False, workers: int | None = None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a quarter of the seeds")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: cores)")
-    args = parser.parse_args(argv)
-    print(run(quick=args.quick, workers=args.workers))
-    return 0
+    return command_line(run, __doc__.splitlines()[0], "a quarter of the seeds", argv)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ from cj_assessment.batch_callback_handler import BatchCallbackHandler
 from cj_assessment.batch_config import merge_override_sources, resolve_batch_config
 from cj_assessment.content import ContentClient
 from cj_assessment.contracts import (
-    MAX_ID_CHARS,
     ComparisonResultEnvelope,
     ELSCJAssessmentRequestV1,
     EventEnvelope,
@@ -555,10 +554,6 @@ class EventConsumer:
                 raise _invalid(ELSCJAssessmentRequestV1, exc) from exc
             # The pipeline waits for an outcome of this batch: it gets a failed event naming
             # the invalid fields, not only a dead letter it never reads.
-            if len(identity) > MAX_ID_CHARS:
-                return await self._refuse_unstorable(
-                    record, envelope, identity, correlation_id, schema_rejection(exc)
-                )
             essays = envelope.data.get("essays_for_cj")
             count = len(essays) if isinstance(essays, list) else 0
             return await self._refuse(
@@ -603,28 +598,6 @@ class EventConsumer:
                 now=now,
             )
             return "rejected" if done else "duplicate"
-
-        return await self._in_transaction(record, envelope, reject)
-
-    async def _refuse_unstorable(
-        self,
-        record: Any,
-        envelope: EventEnvelope,
-        bos_batch_id: str,
-        correlation_id: str,
-        error: RequestRejected,
-    ) -> str:
-        """An identity too long to store: answered with its failed event alone."""
-
-        async def reject(repo: AssessmentRepository, now: datetime) -> str:
-            answered = await self._orchestrator.reject_unstorable(
-                repo,
-                bos_batch_id=bos_batch_id,
-                correlation_id=correlation_id,
-                error=error,
-                now=now,
-            )
-            return "rejected" if answered else "duplicate"
 
         return await self._in_transaction(record, envelope, reject)
 

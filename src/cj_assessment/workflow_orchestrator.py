@@ -29,6 +29,7 @@ from cj_assessment.completion_policy import (
     retry_due,
 )
 from cj_assessment.contracts import (
+    MAX_ID_CHARS,
     CJAssessmentCompletedV1,
     CJAssessmentFailedV1,
     ProcessingSummary,
@@ -151,53 +152,29 @@ class WorkflowOrchestrator:
         essay_count: int,
         now: datetime,
     ) -> bool:
-        """Record a refused request and write its failed event; False for a duplicate."""
-        cj_batch_id = await repo.create_upload(
-            bos_batch_id=bos_batch_id,
-            event_correlation_id=correlation_id,
-            llm_config_overrides={},
-            expected_essay_count=essay_count,
-            status="FAILED",
-            error_code=error.error_code,
-            error_message=error.message,
-            completed_at=now,
-        )
-        if cj_batch_id is None:
-            return False
-        await self._write_failed_event(
-            repo,
-            bos_batch_id=bos_batch_id,
-            correlation_id=correlation_id,
-            cj_batch_id=cj_batch_id,
-            error_code=error.error_code,
-            error_message=error.message,
-            error_type="RequestRejected",
-            context=error.context,
-            started_at=now,
-            now=now,
-        )
-        self._metrics.assessments.labels("rejected").inc()
-        log.info("assessment_rejected", bos_batch_id=bos_batch_id, error_code=error.error_code)
-        return True
-
-    async def reject_unstorable(
-        self,
-        repo: AssessmentRepository,
-        *,
-        bos_batch_id: str,
-        correlation_id: str,
-        error: RequestRejected,
-        now: datetime,
-    ) -> bool:
-        """Answer a request whose identity is too long to store with its failed event alone;
-        False for a repeat. No assessment row holds it: a repeat is recognised by the event's
-        deterministic id (one outbox row per event id while it is kept; consumers deduplicate
-        on it too)."""
+        """Record a refused request and write its failed event; False for a duplicate. An
+        identity too long to store gets its failed event alone, and a repeat is recognised by
+        the event's deterministic id (one outbox row per event id while it is kept; consumers
+        deduplicate on it too)."""
+        cj_batch_id = None
+        if len(bos_batch_id) <= MAX_ID_CHARS:
+            cj_batch_id = await repo.create_upload(
+                bos_batch_id=bos_batch_id,
+                event_correlation_id=correlation_id,
+                llm_config_overrides={},
+                expected_essay_count=essay_count,
+                status="FAILED",
+                error_code=error.error_code,
+                error_message=error.message,
+                completed_at=now,
+            )
+            if cj_batch_id is None:
+                return False
         written = await self._write_failed_event(
             repo,
             bos_batch_id=bos_batch_id,
             correlation_id=correlation_id,
-            cj_batch_id=None,
+            cj_batch_id=cj_batch_id,
             error_code=error.error_code,
             error_message=error.message,
             error_type="RequestRejected",
@@ -210,7 +187,7 @@ class WorkflowOrchestrator:
         self._metrics.assessments.labels("rejected").inc()
         log.info(
             "assessment_rejected",
-            bos_batch_id_prefix=bos_batch_id[:64],
+            bos_batch_id=bos_batch_id[:MAX_ID_CHARS],
             bos_batch_id_chars=len(bos_batch_id),
             error_code=error.error_code,
         )
