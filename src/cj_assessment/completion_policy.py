@@ -65,16 +65,9 @@ def failure(progress: Progress, config: BatchConfig, *, to_come: int = 0) -> str
 
 
 def _answers_to_come(progress: Progress) -> int:
-    """Comparisons of the current iteration that may still succeed: first attempts out,
-    failures waiting for a retry, and retries not yet at their batch's threshold."""
-    current = progress.current
-    assert current is not None
-    retries = sum(
-        b.size - b.results_in
-        for b in progress.batches
-        if b.kind is BatchKind.RETRY and b.status is not BatchStatus.DONE
-    )
-    return current.first_attempts_outstanding + len(progress.pool.entries) + retries
+    """Comparisons that may still succeed: every one planned and not yet resolved. Each ends
+    in an answer, a timeout or a retry, so waiting for them ends too."""
+    return progress.total - progress.completed - progress.failed
 
 
 class Verdict(StrEnum):

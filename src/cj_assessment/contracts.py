@@ -262,7 +262,8 @@ class ErrorDetail(_Accept):
 
 def _confidence_or_none(value: Any) -> float | None:
     """The provider's confidence, if it is a number within 1-5. Anything else is dropped rather
-    than refused: the verdict it came with is a paid answer and still counts."""
+    than refused: the verdict it came with is a paid answer and still counts. (A number too
+    long for the JSON parser itself, thousands of digits, still makes the result unreadable.)"""
     if value is None or isinstance(value, bool):
         return None
     try:

@@ -159,41 +159,34 @@ def test_an_iteration_that_would_fail_at_its_threshold_waits_for_answers_still_t
     errors_first = _with_current(progress, permanently_failed=5, first_attempts_outstanding=5)
     assert not iteration_done(errors_first, config)
     # Once nothing more can come, it closes (and the decision fails it).
-    all_in = _with_current(progress, permanently_failed=5, first_attempts_outstanding=0)
+    all_in = _with_current(progress, permanently_failed=10, first_attempts_outstanding=0)
     assert iteration_done(all_in, config)
     # An iteration that would not fail closes at the threshold as usual.
     fine = _with_current(progress, succeeded=5, first_attempts_outstanding=5)
     assert iteration_done(fine, config)
     # Nor does it wait when even every answer to come could not spare it: 1 of 6 at most.
-    hopeless = _with_current(
-        replace(progress, batches=(replace(progress.batches[0], size=6),)),
-        planned=6,
-        permanently_failed=5,
-        first_attempts_outstanding=1,
-    )
+    six = replace(progress, total=6, batches=(replace(progress.batches[0], size=6),))
+    hopeless = _with_current(six, planned=6, permanently_failed=5, first_attempts_outstanding=1)
     assert iteration_done(hopeless, config)
 
 
-def test_an_iteration_below_the_success_rate_waits_for_its_retries() -> None:
-    progress = replace(
-        _sent_iteration(20, batch_size=10),
-        batches=_sent_iteration(20, batch_size=10).batches
-        + (SubmissionBatch(id="r1", iteration=1, kind=BatchKind.RETRY, size=6),),
+def test_an_iteration_below_the_success_rate_waits_for_every_unresolved_comparison() -> None:
+    # 14 succeeded and 4 failed for good (78%). The 2 unresolved comparisons are retries in a
+    # batch already past its own threshold: if both succeed, 80%.
+    sent = _sent_iteration(20, batch_size=10)
+    retries = SubmissionBatch(
+        id="r1", iteration=1, kind=BatchKind.RETRY, size=6, status=BatchStatus.DONE, results_in=5
     )
+    progress = replace(sent, batches=sent.batches + (retries,))
     config = _config(partial_completion_threshold=0.85, min_success_rate=0.8)
-    # 14 succeeded, 4 failed for good (78%), 6 retries in flight that may lift it to 83%.
     waiting = _with_current(
         progress, succeeded=14, permanently_failed=4, first_attempts_outstanding=0
     )
     assert not iteration_done(waiting, config)
-    retried = replace(
-        waiting,
-        batches=tuple(
-            replace(b, status=BatchStatus.DONE) if b.kind is BatchKind.RETRY else b
-            for b in waiting.batches
-        ),
+    settled = _with_current(
+        progress, succeeded=14, permanently_failed=6, first_attempts_outstanding=0
     )
-    assert iteration_done(retried, config)
+    assert iteration_done(settled, config)
 
 
 def test_iteration_done_when_every_comparison_is_resolved() -> None:
