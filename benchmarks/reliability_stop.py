@@ -99,14 +99,14 @@ def simulate(job: tuple[str, int, int]) -> tuple[str, int, int, Trace]:
     return judge, n, seed, trace
 
 
-def _stop(trace: Trace, target: float, use_bound: bool) -> tuple[int, float, float]:
-    """(iteration, reported reliability, true ρ²) where the rule stops; the last iteration
-    if it never does."""
+def _stop(trace: Trace, target: float, use_bound: bool) -> tuple[int, float, float, bool]:
+    """(iteration, reported reliability, true ρ², whether the target stopped it) where the
+    rule stops; the last iteration if it never does."""
     for iteration, reliability, bound, true in trace:
         if iteration >= FIRST_STOP and (bound if use_bound else reliability) >= target:
-            return iteration, reliability, true
+            return iteration, reliability, true, True
     iteration, reliability, _, true = trace[-1]
-    return iteration, reliability, true
+    return iteration, reliability, true, False
 
 
 def run(quick: bool = False, workers: int | None = None) -> str:
@@ -133,17 +133,8 @@ def run(quick: bool = False, workers: int | None = None) -> str:
             for target in TARGETS:
                 for use_bound in (False, True):
                     stops = [_stop(trace, target, use_bound) for trace in runs]
-                    iterations = np.array([s[0] for s in stops])
-                    reported = np.array([s[1] for s in stops])
-                    true = np.array([s[2] for s in stops])
-                    reached = np.array(
-                        [
-                            any(
-                                it >= FIRST_STOP and (b if use_bound else r) >= target
-                                for it, r, b, _ in trace
-                            )
-                            for trace in runs
-                        ]
+                    iterations, reported, true, reached = (
+                        np.array(c) for c in zip(*stops, strict=True)
                     )
                     below = true[reached] < target
                     far_below = true[reached] < target - 0.05

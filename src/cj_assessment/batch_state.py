@@ -394,16 +394,17 @@ def record_outcome(
         changes["completed"] = progress.completed + 1
         if attempt.attempt > 1:
             changes["pool"] = progress.pool.count_successful_retry()
-    elif retries_sent >= max_retry_attempts:
+    elif retries_sent >= max_retry_attempts or (
+        budget is not None and calls_committed(progress) >= budget
+    ):
         disposition = Disposition.PERMANENTLY_FAILED
         it_changes["permanently_failed"] = it.permanently_failed + 1
         changes["failed"] = progress.failed + 1
-        changes["pool"] = progress.pool.count_failure().count_permanent_failure()
-    elif budget is not None and calls_committed(progress) >= budget:
-        disposition = Disposition.PERMANENTLY_FAILED
-        it_changes["permanently_failed"] = it.permanently_failed + 1
-        changes["failed"] = progress.failed + 1
-        changes["pool"] = progress.pool.give_up_over_budget(attempt.comparison_id)
+        changes["pool"] = (
+            progress.pool.count_failure().count_permanent_failure()
+            if retries_sent >= max_retry_attempts
+            else progress.pool.give_up_over_budget(attempt.comparison_id)
+        )
     else:
         disposition = Disposition.RETRY_POOLED
         entry = PoolEntry(

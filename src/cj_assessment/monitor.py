@@ -122,12 +122,11 @@ class StuckAssessmentMonitor:
         """Drive a locked, running assessment on; fail it if it then waits for nothing."""
         ctx = context_of(await repo.upload(state.cj_batch_id), state)
         await self._orchestrator.advance(repo, ctx, state, state.progress(), now=now)
-        # Read again: advancing stored new progress in the row.
-        if state.state in TERMINAL_STATES or state.progress().in_flight():
-            return
-        # A batch past its threshold is no longer in flight, but its last attempts may still
-        # be answered: with CALLBACK_WAIT_TIMEOUT above BATCH_TIMEOUT they are not overdue yet.
-        if await repo.awaits_answers(state.cj_batch_id):
+        # Stuck: no attempt sent and unanswered once advancing has released what it could
+        # (in this transaction). The attempts are asked, not the batches: a batch past its
+        # threshold no longer counts as in flight while its last attempts may still be
+        # answered (with CALLBACK_WAIT_TIMEOUT above BATCH_TIMEOUT they are not overdue yet).
+        if state.state in TERMINAL_STATES or await repo.awaits_answers(state.cj_batch_id):
             return
         await self._orchestrator.fail_assessment(
             repo,

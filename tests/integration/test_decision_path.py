@@ -3,10 +3,10 @@ is sent, timed out and decided when answers, timeouts and monitors interleave.""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import pytest
+from sqlalchemy import text
 
 from tests.support.decision_path import DecisionPath, at
 
@@ -118,10 +118,7 @@ async def test_the_summary_counts_only_requests_that_were_sent(
     attempts = await path.attempts()
     assert (await path.state()).state == "COMPLETED"
     assert [a.status for a in attempts if a.attempt == 2] == ["queued"]
-    payload = await path.rows(
-        "SELECT payload FROM cj_event_outbox WHERE payload LIKE '%\"cj_assessment.completed\"%'"
-    )
-    summary = json.loads(payload[0][0])["data"]["processing_summary"]
+    summary = await path.completed_summary()
     assert summary["comparison_attempts"] == 30
     assert summary["pool_statistics"]["retry_batches_sent"] == 0
     # 19 of 30 resolved passed the threshold of 0.5 as the third batch went out: its ten
@@ -207,10 +204,7 @@ async def test_retries_are_paid_calls_within_the_budget_and_a_failure_without_on
         topic=path.settings.topic_llm_comparison_request,
     )
     assert requests[0][0] == 3
-    payload = await path.rows(
-        "SELECT payload FROM cj_event_outbox WHERE payload LIKE '%\"cj_assessment.completed\"%'"
-    )
-    summary = json.loads(payload[0][0])["data"]["processing_summary"]
+    summary = await path.completed_summary()
     assert (summary["comparisons_succeeded"], summary["comparisons_failed"]) == (1, 1)
     assert summary["stop_reason"] == "budget"
     assert summary["pool_statistics"]["unretried_over_budget"] == 1
@@ -301,3 +295,22 @@ async def test_two_attempts_of_one_comparison_answered_late_in_one_poll_store_on
     assert await path.answer([(timed_out, True), (other, True)], at(420)) == ["late", "late"]
     statuses = [a.status for a in await path.attempts() if a.comparison_id == other.comparison_id]
     assert sorted(statuses) == ["succeeded", "superseded"]
+
+
+async def test_an_idle_assessment_with_nothing_left_to_wait_for_fails_as_stuck(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(callback_wait_timeout_seconds=3600, batch_timeout_seconds=600)
+    await path.start("lost-track", 20, at(0), batch_size=10)
+    # Bookkeeping lost behind the state row's back: the attempts are closed, the progress
+    # still counts them as out. Nothing can move it any more.
+    async with path.sessions() as session, session.begin():
+        await session.execute(
+            text("UPDATE cj_comparison_pairs SET status = 'failed' WHERE status = 'in_flight'")
+        )
+    await path.monitor(at(700)).run_once()
+    assert (await path.state()).state == "FAILED"
+    (payload,) = await path.rows(
+        "SELECT payload FROM cj_event_outbox WHERE payload LIKE '%\"cj_assessment.failed\"%'"
+    )
+    assert '"ASSESSMENT_STUCK"' in payload[0]

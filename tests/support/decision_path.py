@@ -4,6 +4,7 @@ chosen moments. Outbox rows are what would be published."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -128,6 +129,13 @@ class DecisionPath:
                 " failed_comparisons, current_iteration, last_activity_at FROM cj_batch_states"
             )
         )[0]
+
+    async def completed_summary(self) -> dict[str, Any]:
+        """`processing_summary` of the completed event written to the outbox."""
+        (payload,) = await self.rows(
+            "SELECT payload FROM cj_event_outbox WHERE payload LIKE '%\"cj_assessment.completed\"%'"
+        )
+        return json.loads(payload[0])["data"]["processing_summary"]
 
     async def rows(self, sql: str, **params: Any) -> list[Any]:
         async with self.sessions() as session:
