@@ -276,8 +276,8 @@ _SEND_BATCHES = text(
 )
 # In id order: judgements in the order they were planned, whatever order they arrived in.
 _COMPARISONS = text(
-    "SELECT essay_a_els_id, essay_b_els_id, attempt, status, winner FROM cj_comparison_pairs"
-    " WHERE cj_batch_id = :cj_batch_id ORDER BY id"
+    "SELECT comparison_id::text, essay_a_els_id, essay_b_els_id, attempt, status, winner"
+    " FROM cj_comparison_pairs WHERE cj_batch_id = :cj_batch_id ORDER BY id"
 )
 
 
@@ -295,14 +295,23 @@ _PRUNE_INBOX = text(
 )
 
 
+# An attempt with one of these statuses has its winner, or may still get one.
+_ALIVE = frozenset(
+    (AttemptStatus.SUCCEEDED.value, AttemptStatus.QUEUED.value, AttemptStatus.IN_FLIGHT.value)
+)
+
+
 class Comparisons(NamedTuple):
     """An assessment's comparisons as an iteration close needs them."""
 
-    planned: list[tuple[str, str]]
-    """(essay_a, essay_b) of every pair planned, retries not repeated."""
+    planned: list[tuple[str, str, str]]
+    """(comparison_id, essay_a, essay_b) of every comparison planned, retries not repeated."""
     judgements: list[tuple[str, str, bool]]
     """(essay_a, essay_b, a_won) of every comparison answered with a winner, in the
     orientation the judge saw it (scoring fits the judge's position bias from it)."""
+    unanswered: frozenset[str]
+    """Comparisons with no winner and no attempt awaiting an answer: failed for good unless
+    the failed pool holds their retry."""
 
 
 @dataclass(slots=True)
@@ -886,15 +895,19 @@ class AssessmentRepository:
     async def comparisons(self, cj_batch_id: int) -> Comparisons:
         """Every pair planned so far and every judgement received, in one read."""
         rows = await self.session.execute(_COMPARISONS, {"cj_batch_id": cj_batch_id})
-        planned: list[tuple[str, str]] = []
+        planned: list[tuple[str, str, str]] = []
         judgements: list[tuple[str, str, bool]] = []
+        alive: set[str] = set()
         succeeded = AttemptStatus.SUCCEEDED.value
-        for essay_a, essay_b, attempt, status, winner in rows.all():
+        for comparison_id, essay_a, essay_b, attempt, status, winner in rows.all():
             if attempt == 1:
-                planned.append((essay_a, essay_b))
+                planned.append((comparison_id, essay_a, essay_b))
             if status == succeeded:
                 judgements.append((essay_a, essay_b, winner == "essay_a"))
-        return Comparisons(planned, judgements)
+            if status in _ALIVE:
+                alive.add(comparison_id)
+        unanswered = frozenset(c for c, _, _ in planned if c not in alive)
+        return Comparisons(planned, judgements, unanswered)
 
     async def count_attempts(self, cj_batch_id: int) -> int:
         """Attempts whose requests went to the provider: paid calls. Not those still queued

@@ -48,7 +48,7 @@ from cj_assessment.pair_generation import (
     all_pairs_seen,
     generate_pairs,
 )
-from cj_assessment.repository import AssessmentRepository, OutboxRow, StateRow
+from cj_assessment.repository import AssessmentRepository, Comparisons, OutboxRow, StateRow
 from cj_assessment.scoring_ranking import ScoringResult, score_judgements
 from cj_assessment.settings import Settings
 from cj_assessment.tables import CJBatchUpload
@@ -221,9 +221,9 @@ class WorkflowOrchestrator:
             # all work from the same essays and the same planned pairs.
             essay_ids = await repo.essay_ids(ctx.cj_batch_id)
             comparisons = await repo.comparisons(ctx.cj_batch_id)
-            history = PairingHistory.from_pairs(comparisons.planned)
+            history = _pairing_history(comparisons, progress)
             progress, decision, scoring = await self._score_iteration(
-                repo, ctx, progress, essay_ids, history, comparisons.judgements, now=now
+                repo, ctx, progress, essay_ids, comparisons.judgements, now=now
             )
             match decision.verdict:
                 case Verdict.COMPLETE:
@@ -285,7 +285,6 @@ class WorkflowOrchestrator:
         ctx: AssessmentContext,
         progress: Progress,
         essay_ids: list[str],
-        history: PairingHistory,
         judgements: list[tuple[str, str, bool]],
         *,
         now: datetime,
@@ -355,7 +354,10 @@ class WorkflowOrchestrator:
             essay_count=len(essay_ids),
             scored_essays=len(scored),
             max_score_change=change,
-            all_pairs_seen=all_pairs_seen(essay_ids, history),
+            # Judged, not planned: a pair still unanswered may yet fail for good.
+            all_pairs_seen=all_pairs_seen(
+                essay_ids, PairingHistory.from_pairs((a, b) for a, b, _ in judgements)
+            ),
             reliability=scoring.reliability,
             reliability_lower_bound=scoring.reliability_lower_bound,
             mean_standard_error=mean_standard_error,
@@ -580,3 +582,12 @@ class WorkflowOrchestrator:
             now=now,
         )
         return await repo.add_outbox([OutboxRow.of(envelope, topic, bos_batch_id)])
+
+
+def _pairing_history(comparisons: Comparisons, progress: Progress) -> PairingHistory:
+    """The comparisons that count for pairing: judged, awaiting an answer, or with a retry in
+    the failed pool. One that failed for good leaves it, so that its pair can be planned
+    again and its essays are not left with fewer judgements than the others."""
+    retried = {entry.comparison_id for entry in progress.pool.entries}
+    lost = comparisons.unanswered - retried
+    return PairingHistory.from_pairs((a, b) for c, a, b in comparisons.planned if c not in lost)

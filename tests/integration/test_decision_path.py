@@ -314,3 +314,49 @@ async def test_an_idle_assessment_with_nothing_left_to_wait_for_fails_as_stuck(
         "SELECT payload FROM cj_event_outbox WHERE payload LIKE '%\"cj_assessment.failed\"%'"
     )
     assert '"ASSESSMENT_STUCK"' in payload[0]
+
+
+async def test_every_pair_planned_is_not_every_pair_compared_while_two_wait_for_retries(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(matchings_per_iteration=5)
+    await path.start("six", 6, at(0), max_comparisons=60)
+    first = await path.in_flight()
+    assert len({frozenset((a.essay_a_els_id, a.essay_b_els_id)) for a in first}) == 15
+    # 13 of 15 pass the threshold; the two errors still owe their pairs a judgement.
+    await path.answer([(a, i >= 2) for i, a in enumerate(first)], at(1))
+    assert (await path.state()).state == "WAITING_CALLBACKS"
+    retried = {a.comparison_id for a in await path.in_flight() if a.attempt == 2}
+    assert retried == {a.comparison_id for a in first[:2]}
+    moment = 2
+    while sent := await path.in_flight():
+        await path.answer([(a, True) for a in sent], at(moment))
+        moment += 1
+    judged = {
+        frozenset((a.essay_a_els_id, a.essay_b_els_id))
+        for a in await path.attempts()
+        if a.status == "succeeded"
+    }
+    assert len(judged) == 15
+    assert (await path.completed_summary())["pool_statistics"]["successful_retries"] == 2
+
+
+async def test_comparisons_failed_for_good_are_made_up_so_judgement_counts_stay_within_one(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(matchings_per_iteration=1, enable_stability_checking=False)
+    await path.start("outage", 12, at(0), max_comparisons=60)
+    moment = 1
+    while sent := await path.in_flight():
+        # Every attempt at e00's first-iteration comparison fails, its retries included.
+        unlucky = [a.iteration == 1 and "e00" in (a.essay_a_els_id, a.essay_b_els_id) for a in sent]
+        await path.answer([(a, not bad) for a, bad in zip(sent, unlucky, strict=True)], at(moment))
+        moment += 1
+    judgements: dict[str, int] = {}
+    for a in await path.attempts():
+        if a.status == "succeeded":
+            for essay in (a.essay_a_els_id, a.essay_b_els_id):
+                judgements[essay] = judgements.get(essay, 0) + 1
+    summary = await path.completed_summary()
+    assert summary["pool_statistics"]["permanently_failed"] == 1
+    assert max(judgements.values()) - min(judgements.values()) <= 1

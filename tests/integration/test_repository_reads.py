@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -47,11 +48,14 @@ async def test_comparisons_hold_first_attempts_as_planned_pairs_and_only_winners
         repo = AssessmentRepository(session)
         cj_batch_id = await _assessment(repo, "reads")
         planned = [_attempt("e1", "e2", batch), _attempt("e3", "e1", batch)]
-        retry = _attempt("e2", "e3", batch, attempt=2)
-        await repo.insert_attempts(cj_batch_id, [*planned, _attempt("e2", "e3", batch), retry])
+        failed = _attempt("e2", "e3", batch)
+        retry = dataclasses.replace(failed, correlation_id=uuid.uuid4(), attempt=2)
+        waiting = _attempt("e1", "e3", batch)
+        await repo.insert_attempts(cj_batch_id, [*planned, failed, retry, waiting])
         outcomes = {
             planned[1].correlation_id: ("essay_a", AttemptStatus.SUCCEEDED),
             planned[0].correlation_id: ("essay_b", AttemptStatus.SUCCEEDED),
+            failed.correlation_id: ("error", AttemptStatus.TIMED_OUT),
             retry.correlation_id: (None, AttemptStatus.FAILED),
         }
         for correlation_id, (winner, status) in outcomes.items():
@@ -64,9 +68,16 @@ async def test_comparisons_hold_first_attempts_as_planned_pairs_and_only_winners
             )
         comparisons = await repo.comparisons(cj_batch_id)
 
-    assert sorted(comparisons.planned) == [("e1", "e2"), ("e2", "e3"), ("e3", "e1")]
+    assert sorted((a, b) for _, a, b in comparisons.planned) == [
+        ("e1", "e2"),
+        ("e1", "e3"),
+        ("e2", "e3"),
+        ("e3", "e1"),
+    ]
     # In planning order, whatever order the answers came in; the failed retry is no judgement.
     assert comparisons.judgements == [("e1", "e2", False), ("e3", "e1", True)]
+    # Every attempt of e2-e3 ended without a winner; e1-e3 still awaits its answer.
+    assert comparisons.unanswered == {str(failed.comparison_id)}
 
 
 async def test_sending_batches_marks_only_that_assessments_queued_attempts_in_flight(

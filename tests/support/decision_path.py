@@ -119,7 +119,8 @@ class DecisionPath:
     async def attempts(self) -> list[Any]:
         return await self.rows(
             "SELECT id, comparison_id, attempt, status, submitted_at, submission_batch_id,"
-            " request_correlation_id, error_code, is_late FROM cj_comparison_pairs ORDER BY id"
+            " request_correlation_id, error_code, is_late, essay_a_els_id, essay_b_els_id,"
+            " iteration FROM cj_comparison_pairs ORDER BY id"
         )
 
     async def state(self) -> Any:
