@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from cj_assessment.contracts import ELSCJAssessmentRequestV1
+from cj_assessment.contracts import ELSCJAssessmentRequestV1, unstorable
 from cj_assessment.errors import RequestRejected
 
 INVALID_FIELDS_NAMED = 10
@@ -34,6 +34,43 @@ def schema_rejection(exc: ValidationError) -> RequestRejected:
         + (f"; and {more} more" if more > 0 else ""),
         {"invalid_fields": fields[:50]},
     )
+
+
+def check_storable(request: ELSCJAssessmentRequestV1) -> None:
+    """Refuse text the database cannot store (NUL characters, unpaired surrogates) in every
+    stored field but the essays' text, which `check_essay_text` checks wherever it comes
+    from. Refused here, the request gets its failed event; stored, it would fail its
+    transaction again on every redelivery."""
+    fields: list[tuple[str, str | None]] = [
+        ("essay_instructions", request.essay_instructions),
+        ("language", request.language),
+        ("course_code", request.course_code),
+        ("assignment_id", request.assignment_id),
+        ("user_id", request.user_id),
+        ("org_id", request.org_id),
+    ]
+    llm = request.llm_config_overrides
+    if llm is not None:
+        fields += [
+            ("llm_config_overrides.model_override", llm.model_override),
+            ("llm_config_overrides.provider_override", llm.provider_override),
+        ]
+    for i, essay in enumerate(request.essays_for_cj):
+        fields += [
+            (f"essays_for_cj.{i}.essay_id", essay.essay_id),
+            (f"essays_for_cj.{i}.text_storage_id", essay.text_storage_id),
+        ]
+    invalid = [(name, why) for name, value in fields if value and (why := unstorable(value))]
+    if invalid:
+        named = [f"{name}: {why}" for name, why in invalid]
+        more = len(named) - INVALID_FIELDS_NAMED
+        raise RequestRejected(
+            "INVALID_REQUEST",
+            "the request holds text that cannot be stored: "
+            + "; ".join(named[:INVALID_FIELDS_NAMED])
+            + (f"; and {more} more" if more > 0 else ""),
+            {"invalid_fields": [name for name, _ in invalid][:50]},
+        )
 
 
 def check_instructions(request: ELSCJAssessmentRequestV1, *, max_chars: int) -> None:
@@ -85,11 +122,9 @@ def check_essay_list(request: ELSCJAssessmentRequestV1, *, max_essays: int) -> l
 
 
 def check_essay_text(essay_id: str, text: str, *, max_chars: int) -> str:
-    if "\x00" in text:
+    if why := unstorable(text):
         raise RequestRejected(
-            "INVALID_ESSAY_TEXT",
-            f"essay {essay_id!r} contains NUL characters",
-            {"essay_id": essay_id},
+            "INVALID_ESSAY_TEXT", f"essay {essay_id!r} {why}", {"essay_id": essay_id}
         )
     if not text.strip():
         raise RequestRejected(

@@ -19,7 +19,7 @@ from cj_assessment.batch_state import (
     Progress,
     Unanswered,
 )
-from cj_assessment.contracts import LLMComparisonResultV1, utc_iso
+from cj_assessment.contracts import LLMComparisonResultV1, storable, utc_iso
 from cj_assessment.metrics import Metrics
 from cj_assessment.repository import AssessmentRepository, AttemptRecord, StateRow
 from cj_assessment.tables import TERMINAL_STATES
@@ -312,9 +312,31 @@ def _contradicts_pair(attempt: AttemptRecord, result: LLMComparisonResultV1) -> 
     )
 
 
+# Provider error codes that become a metric label as they are; any other code is counted as
+# `provider_other`, so that what a provider writes cannot grow the label set without bound.
+PROVIDER_ERROR_LABELS = frozenset(
+    (
+        "provider_error",
+        "validation_error",
+        "rate_limit",
+        "rate_limited",
+        "timeout",
+        "invalid_request",
+        "content_filter",
+        "authentication_error",
+        "quota_exceeded",
+        "service_unavailable",
+        "parsing_error",
+        "connection_error",
+    )
+)
+
+
 def _error_reason(result: LLMComparisonResultV1) -> str:
-    code = result.error_detail.error_code if result.error_detail else "error"
-    return code.lower()[:48]
+    if result.error_detail is None:
+        return "error"
+    code = result.error_detail.error_code.lower()
+    return code if code in PROVIDER_ERROR_LABELS else "provider_other"
 
 
 def _store_result(
@@ -337,7 +359,7 @@ def _store_result(
     if succeeded:
         attempt.winner = "essay_a" if result.winner == "Essay A" else "essay_b"
         attempt.confidence = result.confidence
-        attempt.justification = (result.justification or "")[:2000]
+        attempt.justification = storable(result.justification or "")[:2000]
         attempt.error_code = None
     else:
         attempt.winner = "error"
@@ -345,17 +367,28 @@ def _store_result(
             attempt.error_code = "INTEGRITY"
             attempt.error_details = {"reason": "essay ids in the result contradict the stored pair"}
         elif result.error_detail is not None:
-            attempt.error_code = result.error_detail.error_code[:64]
+            attempt.error_code = storable(result.error_detail.error_code)[:64]
             attempt.error_details = {
-                "message": (result.error_detail.message or "")[:500],
-                "operation": result.error_detail.operation,
-                "service": result.error_detail.service,
+                "message": storable(result.error_detail.message or "")[:500],
+                "operation": _stored(result.error_detail.operation, 200),
+                "service": _stored(result.error_detail.service, 200),
             }
-    attempt.provider = result.provider
-    attempt.model = result.model
-    attempt.response_time_ms = result.response_time_ms
+    attempt.provider = _stored(result.provider, 64)
+    attempt.model = _stored(result.model, 128)
+    attempt.response_time_ms = _int4(result.response_time_ms)
     attempt.cost_estimate = result.cost_estimate
     if result.token_usage is not None:
-        attempt.prompt_tokens = result.token_usage.prompt_tokens
-        attempt.completion_tokens = result.token_usage.completion_tokens
-        attempt.total_tokens = result.token_usage.total_tokens
+        attempt.prompt_tokens = _int4(result.token_usage.prompt_tokens)
+        attempt.completion_tokens = _int4(result.token_usage.completion_tokens)
+        attempt.total_tokens = _int4(result.token_usage.total_tokens)
+
+
+def _stored(text: str | None, limit: int | None = None) -> str | None:
+    """What a provider wrote, as its column can keep it: a paid answer is not refused for a
+    stray NUL character or a long model name."""
+    return None if text is None else storable(text)[:limit]
+
+
+def _int4(number: int | None) -> int | None:
+    """A provider's count if an integer column holds it; None (unknown) otherwise."""
+    return number if number is not None and -(2**31) <= number < 2**31 else None

@@ -48,6 +48,9 @@ class BatchConfig:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
+SHOWN_VALUE_CHARS = 40
+
+
 def _check(field: str, value: Any) -> Any:
     kind, low, high = OVERRIDE_RANGES[field]
     allowed = _describe_range(field)
@@ -55,7 +58,10 @@ def _check(field: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise _invalid(field, value, allowed)
         return value
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _invalid(field, value, allowed)
+    # Not for ints: every int is finite, and one too large for a float would overflow here.
+    if isinstance(value, float) and not math.isfinite(value):
         raise _invalid(field, value, allowed)
     if kind is int and (isinstance(value, float) and not value.is_integer()):
         raise _invalid(field, value, allowed)
@@ -74,11 +80,39 @@ def _describe_range(field: str) -> str:
 
 
 def _invalid(field: str, value: Any, allowed: str) -> RequestRejected:
+    shown = _shown(value)
     return RequestRejected(
         "INVALID_BATCH_CONFIG_OVERRIDE",
-        f"batch_config_overrides.{field}={value!r} is out of range; allowed: {allowed}",
-        {"field": field, "value": repr(value), "allowed": allowed},
+        f"batch_config_overrides.{field}={shown} is out of range; allowed: {allowed}",
+        {"field": field, "value": shown, "allowed": allowed},
     )
+
+
+def _shown(value: Any) -> str:
+    """A short value as written; a longer one only by its type and size, so that the failed
+    event neither copies request text nor grows with what the request sent."""
+    if isinstance(value, int | float | bool | str) or value is None:
+        text = repr(value)
+        if len(text) <= SHOWN_VALUE_CHARS:
+            return text
+        if not isinstance(value, str):
+            return f"a number of {len(text)} digits"
+    size = len(value) if isinstance(value, str | list | dict) else None
+    kind = {str: "text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    return f"{kind} of length {size}" if size is not None else kind
+
+
+def unknown_override_fields(data_overrides: Any, metadata_overrides: Any) -> list[str]:
+    """Override fields this service does not know (ignored, like any unknown field of the
+    contract; named here so that a misspelling can be logged), each cut to 40 characters."""
+    names = {
+        str(name)[:40]
+        for source in (data_overrides, metadata_overrides)
+        if isinstance(source, dict)
+        for name in source
+        if name not in OVERRIDE_RANGES
+    }
+    return sorted(names)[:10]
 
 
 def merge_override_sources(

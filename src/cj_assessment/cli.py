@@ -152,8 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValidationError as exc:
+        if exc.title != Settings.__name__:
+            raise
+        # A setting out of its range: one line per setting, not a traceback.
+        for error in exc.errors(include_url=False, include_input=False):
+            name = "CJ_" + "_".join(str(part) for part in error["loc"]).upper()
+            print(f"cj-assessment: invalid setting {name}: {error['msg']}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

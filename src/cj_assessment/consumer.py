@@ -35,16 +35,24 @@ from cj_assessment.assessment_request import (
     check_essay_list,
     check_essay_text,
     check_instructions,
+    check_storable,
     schema_rejection,
 )
 from cj_assessment.batch_callback_handler import BatchCallbackHandler
-from cj_assessment.batch_config import merge_override_sources, resolve_batch_config
+from cj_assessment.batch_config import (
+    merge_override_sources,
+    resolve_batch_config,
+    unknown_override_fields,
+)
 from cj_assessment.content import ContentClient
 from cj_assessment.contracts import (
+    MAX_ID_CHARS,
     ComparisonResultEnvelope,
     ELSCJAssessmentRequestV1,
     EventEnvelope,
     bos_batch_id_of,
+    deterministic_event_id,
+    unstorable,
 )
 from cj_assessment.database import transaction
 from cj_assessment.errors import (
@@ -472,9 +480,9 @@ class EventConsumer:
         if record.topic == self._settings.topic_llm_comparison_result:
             await self._handle_results([(record, _decode_result(record.value))])
             return
-        envelope = _decode_envelope(record.value)
         if record.topic == self._settings.topic_assessment_requested:
-            outcome = await self._handle_request(record, envelope)
+            envelope, refusal = _request_envelope(record)
+            outcome = await self._handle_request(record, envelope, refusal)
             self._metrics.records.labels(record.topic, outcome).inc()
             return
         raise PoisonMessage(f"no handler for topic {record.topic}")
@@ -544,8 +552,17 @@ class EventConsumer:
         self._after_commit(record)
         return outcome
 
-    async def _handle_request(self, record: Any, envelope: EventEnvelope) -> str:
+    async def _handle_request(
+        self, record: Any, envelope: EventEnvelope, refusal: RequestRejected | None
+    ) -> str:
         correlation_id = envelope.correlation_id or envelope.event_id
+        if refusal is not None:
+            identity = bos_batch_id_of(envelope.data)
+            if identity is None:
+                raise PoisonMessage(refusal.message)
+            return await self._refuse(
+                record, envelope, identity, correlation_id, refusal, _essay_count(envelope.data)
+            )
         try:
             request = ELSCJAssessmentRequestV1.model_validate(envelope.data)
         except ValidationError as exc:
@@ -554,10 +571,13 @@ class EventConsumer:
                 raise _invalid(ELSCJAssessmentRequestV1, exc) from exc
             # The pipeline waits for an outcome of this batch: it gets a failed event naming
             # the invalid fields, not only a dead letter it never reads.
-            essays = envelope.data.get("essays_for_cj")
-            count = len(essays) if isinstance(essays, list) else 0
             return await self._refuse(
-                record, envelope, identity, correlation_id, schema_rejection(exc), count
+                record,
+                envelope,
+                identity,
+                correlation_id,
+                schema_rejection(exc),
+                _essay_count(envelope.data),
             )
         bos_batch_id = request.bos_batch_id
         if not bos_batch_id:
@@ -609,9 +629,14 @@ class EventConsumer:
         correlation_id: str,
     ) -> NewAssessment:
         s = self._settings
+        check_storable(request)
         essays = check_essay_list(request, max_essays=s.max_essays)
         check_instructions(request, max_chars=s.max_instructions_chars)
         metadata = envelope.metadata or {}
+        if unknown := unknown_override_fields(
+            request.batch_config_overrides, metadata.get("batch_config_overrides")
+        ):
+            log.warning("batch_config_overrides_ignored", bos_batch_id=bos_batch_id, fields=unknown)
         config = resolve_batch_config(
             s,
             essay_count=len(essays),
@@ -713,16 +738,69 @@ def _broker_away(exc: BaseException) -> bool:
     )
 
 
-def _decode_envelope(value: bytes | None) -> EventEnvelope:
-    if value is None:
+def _request_envelope(record: Any) -> tuple[EventEnvelope, RequestRejected | None]:
+    """A request's envelope, and its refusal when the envelope breaks CONTRACT §3 (a field
+    missing or mistyped, an id the database cannot store). Such a request is still answered
+    when its data names its batch: the envelope is rebuilt from what is usable, with a
+    stand-in for an unusable event id (derived from the record's place in the topic, so a
+    redelivery is recognised) and the event id for an unusable correlation id."""
+    if record.value is None:
         raise PoisonMessage("record has no value")
     try:
-        raw = json.loads(value.decode("utf-8"))
+        raw = json.loads(record.value.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PoisonMessage(f"undecodable record: {type(exc).__name__}") from exc
     if not isinstance(raw, dict):
         raise PoisonMessage("envelope is not a JSON object")
-    return _parse(EventEnvelope, raw)
+    problems: list[tuple[str, str]] = []
+    try:
+        envelope = EventEnvelope.model_validate(raw)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False, include_input=False):
+            problems.append((".".join(str(p) for p in error["loc"]) or "envelope", error["msg"]))
+    else:
+        for name in ("event_id", "correlation_id"):
+            value = getattr(envelope, name)
+            if value is not None and (why := unstorable(value)):
+                problems.append((name, why))
+        if not problems:
+            return envelope, None
+    named = "; ".join(f"{field}: {why}" for field, why in problems[:10])
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        raise PoisonMessage(f"EventEnvelope invalid: {named}"[:300])
+    broken = {field.split(".")[0] for field, _ in problems}
+
+    def usable(name: str) -> str | None:
+        value = raw.get(name)
+        if name in broken or not isinstance(value, str | int) or isinstance(value, bool):
+            return None
+        text = str(value)
+        return text if 0 < len(text) <= MAX_ID_CHARS and unstorable(text) is None else None
+
+    event_id = usable("event_id") or str(
+        deterministic_event_id(
+            "unusable-envelope", record.topic, str(record.partition), str(record.offset)
+        )
+    )
+    rebuilt = EventEnvelope.model_construct(
+        event_id=event_id,
+        event_type=str(raw.get("event_type")),
+        correlation_id=usable("correlation_id") or event_id,
+        data=data,
+        metadata=None,
+    )
+    refusal = RequestRejected(
+        "INVALID_REQUEST",
+        f"the request's envelope does not match EventEnvelope: {named}",
+        {"invalid_fields": [f"envelope.{field}" for field, _ in problems][:50]},
+    )
+    return rebuilt, refusal
+
+
+def _essay_count(data: dict[str, Any]) -> int:
+    essays = data.get("essays_for_cj")
+    return len(essays) if isinstance(essays, list) else 0
 
 
 def _decode_result(value: bytes | None) -> ComparisonResultEnvelope:
@@ -737,13 +815,6 @@ def _decode_result(value: bytes | None) -> ComparisonResultEnvelope:
 def _invalid(model: Any, exc: ValidationError) -> PoisonMessage:
     fields = ",".join(".".join(str(p) for p in err["loc"]) for err in exc.errors()[:5])
     return PoisonMessage(f"{model.__name__} invalid at: {fields or 'json'}")
-
-
-def _parse(model: Any, data: Any) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise _invalid(model, exc) from exc
 
 
 def _short_message(exc: BaseException) -> str:

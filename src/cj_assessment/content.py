@@ -38,7 +38,11 @@ class HttpContentClient:
             try:
                 async with self._session.get(f"{self._base_url}/{text_storage_id}") as response:
                     if response.status == 200:
-                        return await response.text()
+                        try:
+                            return await response.text()
+                        except (UnicodeDecodeError, LookupError) as exc:
+                            # The same bytes come back on every attempt.
+                            raise ContentUnavailable(essay_id, "text is not decodable") from exc
                     reason = f"HTTP {response.status}"
                     if 400 <= response.status < 500 and response.status != 429:
                         break

@@ -31,6 +31,29 @@ MAX_ANSWERED_ID_CHARS = 4096
 EVENT_NAMESPACE = uuid.UUID("5b0f4a8e-2f65-4c8e-9d6a-0c3e7a1b9f21")
 
 
+def unstorable(text: str) -> str | None:
+    """Why PostgreSQL cannot store `text`, or None if it can: it refuses NUL characters, and
+    an unpaired surrogate (JSON allows one as an escape) has no UTF-8 encoding."""
+    if "\x00" in text:
+        return "contains NUL characters"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "contains an unpaired surrogate"
+    return None
+
+
+def storable(text: str) -> str:
+    """`text` as PostgreSQL can store it: NUL characters removed, unpaired surrogates replaced
+    (for what a provider writes, which is kept rather than refused)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    if unstorable(text) is not None:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
 def deterministic_event_id(*parts: str) -> uuid.UUID:
     """uuid5 of what the event is, so that a re-publish carries the same id."""
     return uuid.uuid5(EVENT_NAMESPACE, "|".join(parts))
@@ -204,17 +227,18 @@ def bos_batch_id_of(data: dict[str, Any]) -> str | None:
     """The identity of a request payload that may not validate, read as `bos_batch_id` reads
     a valid one (`entity_ref.entity_id`, else the flat `entity_id`): with it, an invalid
     request is answered by a failed event. None when no usable identity is there (missing,
-    empty, not text, or longer than `MAX_ANSWERED_ID_CHARS`). It may be longer than the
-    `MAX_ID_CHARS` that can be stored."""
+    empty, not text, longer than `MAX_ANSWERED_ID_CHARS`, or `unstorable`). It may be longer
+    than the `MAX_ID_CHARS` that can be stored."""
     ref = data.get("entity_ref")
     for candidate in (
         ref.get("entity_id") if isinstance(ref, dict) else None,
         data.get("entity_id"),
     ):
         if isinstance(candidate, str) and candidate:
-            # Too long is no identity at all: falling through to the flat id could answer
-            # a different batch.
-            return candidate if len(candidate) <= MAX_ANSWERED_ID_CHARS else None
+            # Too long or unstorable is no identity at all: falling through to the flat id
+            # could answer a different batch.
+            usable = len(candidate) <= MAX_ANSWERED_ID_CHARS and unstorable(candidate) is None
+            return candidate if usable else None
     return None
 
 

@@ -25,6 +25,8 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_size,
         pool_pre_ping=True,
+        # Statement parameters hold essay text and ids: kept out of error messages and logs.
+        hide_parameters=True,
         # asyncpg waits 60 s for a connection by default: a database that drops packets would
         # hold a handler (and a shutdown) that long before its retry or its stop is noticed.
         connect_args={"timeout": settings.database_connect_timeout_seconds},

@@ -7,9 +7,9 @@ nothing in the package reads the environment at import time.
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -49,8 +49,8 @@ class Settings(BaseSettings):
     kafka_operation_timeout_seconds: float = Field(
         30.0,
         gt=0,
-        description="Longest one offset commit or dead-letter send may take; a commit past it"
-        " is carried by the next one, a dead-letter send is tried again",
+        description="Longest one offset commit may take (past it, the next one carries it),"
+        " or a dead-letter copy may wait to be queued (then it is queued again)",
     )
     consumer_commit_stall_seconds: float = Field(
         300.0,
@@ -190,15 +190,26 @@ class Settings(BaseSettings):
     )
 
     # LLM defaults forwarded to the provider
-    llm_default_provider: str | None = Field(None, description="Provider when not overridden")
-    llm_default_model: str | None = Field(None, description="Model when not overridden")
-    llm_default_temperature: float | None = Field(
-        0.1, description="Temperature when not overridden"
+    # Bounded as a request's own overrides are (CONTRACT §4): every request inherits these,
+    # so a value the contract refuses would fail each comparison request the service builds.
+    llm_default_provider: str | None = Field(
+        None, max_length=255, description="Provider when not overridden (at most 255 characters)"
     )
-    llm_default_max_tokens: int | None = Field(512, description="Max tokens when not overridden")
+    llm_default_model: str | None = Field(
+        None, max_length=255, description="Model when not overridden (at most 255 characters)"
+    )
+    llm_default_temperature: float | None = Field(
+        0.1, ge=0.0, le=2.0, description="Temperature when not overridden (0-2)"
+    )
+    llm_default_max_tokens: int | None = Field(
+        512, ge=1, description="Max tokens when not overridden (>= 1)"
+    )
 
     # Operations
-    log_level: str = Field("INFO", description="Log level")
+    log_level: Annotated[
+        Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        BeforeValidator(lambda value: value.upper() if isinstance(value, str) else value),
+    ] = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL")
     log_json: bool = Field(True, description="JSON logs (false: human-readable console logs)")
     fault_kill_after_db_commit: bool = Field(
         False, description="Test hook: exit abruptly after a handler's commit, before the offset"

@@ -3,6 +3,7 @@ separate processes, `submit --wait` as the pipeline."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -116,3 +117,20 @@ def test_serve_without_its_database_or_broker_exits_1_with_one_clear_line(
     assert served.returncode == 1, stderr[-2000:]
     assert f"{unreachable} " in stderr and "unreachable" in stderr
     assert "Traceback" not in stderr
+
+
+def test_a_setting_out_of_its_range_stops_the_command_with_one_line_per_setting() -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CJ_")},
+        "CJ_LLM_DEFAULT_TEMPERATURE": "2.5",
+        "CJ_LOG_LEVEL": "verbose",
+    }
+    served = subprocess.run([*CLI, "serve"], env=env, capture_output=True, timeout=60)
+    stderr = served.stderr.decode()
+    assert served.returncode == 2, stderr[-2000:]
+    assert stderr.splitlines() == [
+        "cj-assessment: invalid setting CJ_LLM_DEFAULT_TEMPERATURE:"
+        " Input should be less than or equal to 2",
+        "cj-assessment: invalid setting CJ_LOG_LEVEL:"
+        " Input should be 'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL'",
+    ]

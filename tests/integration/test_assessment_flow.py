@@ -117,6 +117,38 @@ async def test_invalid_requests_each_end_in_one_failed_event(
         ),
         # Longer than the tables hold: answered all the same, by its failed event alone.
         LONG_IDENTITY: request_envelope(bos_batch_id=LONG_IDENTITY, essays=essays),
+        # Text the database cannot store, in stored fields and in an essay.
+        "bad-nul-instructions": request_envelope(
+            bos_batch_id="bad-nul-instructions", essays=essays, instructions="Discuss\x00."
+        ),
+        "bad-surrogate-id": request_envelope(
+            bos_batch_id="bad-surrogate-id", essays={"a\ud800": "text one", "b": "text two"}
+        ),
+        "bad-surrogate-text": request_envelope(
+            bos_batch_id="bad-surrogate-text", essays={"a": "text \udfff one", "b": "two"}
+        ),
+        "bad-huge-override": request_envelope(
+            bos_batch_id="bad-huge-override",
+            essays=essays,
+            batch_config_overrides={"batch_size": 10**400},
+        ),
+        "bad-text-override": request_envelope(
+            bos_batch_id="bad-text-override",
+            essays=essays,
+            batch_config_overrides={"batch_size": SENTINEL * 1000},
+        ),
+    }
+    # Envelopes that break CONTRACT §3 around data that names its batch.
+    no_event_type = request_envelope(bos_batch_id="bad-envelope-type", essays=essays)
+    del no_event_type["event_type"]
+    odd_metadata = request_envelope(bos_batch_id="bad-envelope-metadata", essays=essays)
+    odd_metadata["metadata"] = "not an object"
+    nul_correlation = request_envelope(bos_batch_id="bad-envelope-correlation", essays=essays)
+    nul_correlation["correlation_id"] = "corr\x00elation"
+    cases |= {
+        "bad-envelope-type": no_event_type,
+        "bad-envelope-metadata": odd_metadata,
+        "bad-envelope-correlation": nul_correlation,
     }
     # The same identity sent again as a new event gets no second failed event.
     again = request_envelope(bos_batch_id=LONG_IDENTITY, essays=essays, flat_entity=True)
@@ -143,7 +175,34 @@ async def test_invalid_requests_each_end_in_one_failed_event(
         "bad-empty": "EMPTY_ESSAY_TEXT",
         "bad-metadata-override": "INVALID_BATCH_CONFIG_OVERRIDE",
         LONG_IDENTITY: "INVALID_REQUEST",
+        "bad-nul-instructions": "INVALID_REQUEST",
+        "bad-surrogate-id": "INVALID_REQUEST",
+        "bad-surrogate-text": "INVALID_ESSAY_TEXT",
+        "bad-huge-override": "INVALID_BATCH_CONFIG_OVERRIDE",
+        "bad-text-override": "INVALID_BATCH_CONFIG_OVERRIDE",
+        "bad-envelope-type": "INVALID_REQUEST",
+        "bad-envelope-metadata": "INVALID_REQUEST",
+        "bad-envelope-correlation": "INVALID_REQUEST",
     }
+
+    def info(bos_batch_id: str) -> dict:
+        return outcomes[bos_batch_id]["data"]["system_metadata"]["error_info"]
+
+    assert info("bad-nul-instructions")["context"]["invalid_fields"] == ["essay_instructions"]
+    assert info("bad-surrogate-id")["context"]["invalid_fields"] == [
+        "essays_for_cj.0.essay_id",
+        "essays_for_cj.0.text_storage_id",  # built from the id by `request_envelope`
+    ]
+    assert "a number of 401 digits" in info("bad-huge-override")["error_message"]
+    assert SENTINEL not in json.dumps(outcomes["bad-text-override"])
+    assert info("bad-envelope-type")["context"]["invalid_fields"] == ["envelope.event_type"]
+    assert info("bad-envelope-metadata")["context"]["invalid_fields"] == ["envelope.metadata"]
+    assert info("bad-envelope-correlation")["context"]["invalid_fields"] == [
+        "envelope.correlation_id"
+    ]
+    # An unusable correlation id is answered under the request's event id.
+    answered = outcomes["bad-envelope-correlation"]
+    assert answered["correlation_id"] == nul_correlation["event_id"]
     unstored = outcomes[LONG_IDENTITY]["data"]
     assert unstored["entity_ref"]["entity_id"] == unstored["entity_id"] == LONG_IDENTITY
     assert unstored["cj_assessment_job_id"] == ""  # no job was created

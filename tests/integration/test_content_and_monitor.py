@@ -15,14 +15,17 @@ from tests.support.harness import provider_config, running_system, system_settin
 
 
 @pytest.fixture
-async def content_service() -> AsyncIterator[tuple[str, dict[str, str]]]:
-    store: dict[str, str] = {}
+async def content_service() -> AsyncIterator[tuple[str, dict[str, str | bytes]]]:
+    store: dict[str, str | bytes] = {}
 
     async def get(request: web.Request) -> web.Response:
         key = request.match_info["key"]
         if key not in store:
             return web.Response(status=404)
-        return web.Response(text=store[key])
+        value = store[key]
+        if isinstance(value, bytes):
+            return web.Response(body=value, content_type="text/plain", charset="utf-8")
+        return web.Response(text=value)
 
     app = web.Application()
     app.router.add_get("/v1/content/{key}", get)
@@ -44,7 +47,7 @@ def _by_reference(envelope: dict, drop_text: set[str]) -> dict:
 
 
 async def test_essays_without_inline_text_are_fetched_and_a_missing_one_fails_naming_it(
-    kafka_bootstrap: str, database_url: str, content_service: tuple[str, dict[str, str]]
+    kafka_bootstrap: str, database_url: str, content_service: tuple[str, dict[str, str | bytes]]
 ) -> None:
     url, store = content_service
     settings = system_settings(
@@ -57,9 +60,13 @@ async def test_essays_without_inline_text_are_fetched_and_a_missing_one_fails_na
     missing = _by_reference(
         request_envelope(bos_batch_id="missing", essays={**essays, "ghost": "x"}), {"ghost"}
     )
+    store["inline-latin"] = "Caf\u00e9 culture".encode("latin-1")  # declared UTF-8, it is not
+    undecodable = _by_reference(
+        request_envelope(bos_batch_id="undecodable", essays={**essays, "latin": "x"}), {"latin"}
+    )
     async with running_system(settings, provider_config(settings)) as system:
-        await system.submit(fetched, missing)
-        outcomes = await system.watcher.wait_for(["fetched", "missing"], timeout=60)
+        await system.submit(fetched, missing, undecodable)
+        outcomes = await system.watcher.wait_for(["fetched", "missing", "undecodable"], timeout=60)
         stored = await system.rows(
             "SELECT e.els_essay_id, e.assessment_input_text FROM cj_processed_essays e"
             " JOIN cj_batch_uploads u ON u.id = e.cj_batch_id WHERE u.bos_batch_id = 'fetched'"
@@ -69,6 +76,9 @@ async def test_essays_without_inline_text_are_fetched_and_a_missing_one_fails_na
     info = outcomes["missing"]["data"]["system_metadata"]["error_info"]
     assert info["error_code"] == "CONTENT_UNAVAILABLE"
     assert "ghost" in info["error_message"] and info["context"]["essay_id"] == "ghost"
+    info = outcomes["undecodable"]["data"]["system_metadata"]["error_info"]
+    assert (info["error_code"], info["context"]["essay_id"]) == ("CONTENT_UNAVAILABLE", "latin")
+    assert "not decodable" in info["error_message"]
 
 
 async def test_monitor_times_out_unanswered_comparisons_and_fails_the_assessment_clearly(

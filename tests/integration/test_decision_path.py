@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import text
 
+from cj_assessment.contracts import ErrorDetail, LLMComparisonResultV1, TokenUsage
 from tests.support.decision_path import DecisionPath, at
 
 
@@ -360,3 +361,53 @@ async def test_comparisons_failed_for_good_are_made_up_so_judgement_counts_stay_
     summary = await path.completed_summary()
     assert summary["pool_statistics"]["permanently_failed"] == 1
     assert max(judgements.values()) - min(judgements.values()) <= 1
+
+
+async def test_what_a_provider_writes_is_stored_as_its_columns_can_hold_it(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path()
+    await path.start("odd-answers", 4, at(0))
+    won, errored = (await path.in_flight())[:2]
+    answers = [
+        LLMComparisonResultV1(
+            correlation_id=str(won.request_correlation_id),
+            winner="Essay B",
+            justification="clearer\x00 argument \ud800",
+            provider="p" * 100,
+            model="m" * 300,
+            response_time_ms=10**12,
+            token_usage=TokenUsage(prompt_tokens=2**31, completion_tokens=5, total_tokens=-1),
+        ),
+        LLMComparisonResultV1(
+            correlation_id=str(errored.request_correlation_id),
+            error_detail=ErrorDetail(
+                error_code="rate limited req-0e1add4c", message="slow\x00 down", service="s\x00"
+            ),
+        ),
+    ]
+    assert await path.deliver(answers, at(1)) == ["handled", "handled"]
+    (stored,) = await path.rows(
+        "SELECT winner, justification, provider, model, response_time_ms, prompt_tokens,"
+        " completion_tokens, total_tokens FROM cj_comparison_pairs WHERE id = :id",
+        id=won.id,
+    )
+    assert tuple(stored) == (
+        "essay_b",
+        "clearer argument ?",
+        "p" * 64,
+        "m" * 128,
+        None,
+        None,
+        5,
+        -1,
+    )
+    (failed,) = await path.rows(
+        "SELECT error_code, error_details FROM cj_comparison_pairs WHERE id = :id", id=errored.id
+    )
+    assert failed[0] == "rate limited req-0e1add4c"
+    assert (failed[1]["message"], failed[1]["service"]) == ("slow down", "s")
+    # A provider's own code is no metric label: the label set stays bounded.
+    registry = path.metrics.registry
+    failed_other = {"reason": "provider_other"}
+    assert registry.get_sample_value("cj_comparisons_failed_total", failed_other) == 1

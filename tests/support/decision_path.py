@@ -93,21 +93,29 @@ class DecisionPath:
         error result). `lost_before_commit`: the connection drops once the poll is handled,
         before its transaction commits (ConnectionResetError)."""
         results = [
-            (
-                LLMComparisonResultV1(
-                    correlation_id=str(row.request_correlation_id),
-                    winner="Essay A" if ok else None,
-                    error_detail=None
-                    if ok
-                    else ErrorDetail(error_code="PROVIDER_ERROR", message="unavailable"),
-                ),
-                b"{}",
+            LLMComparisonResultV1(
+                correlation_id=str(row.request_correlation_id),
+                winner="Essay A" if ok else None,
+                error_detail=None
+                if ok
+                else ErrorDetail(error_code="PROVIDER_ERROR", message="unavailable"),
             )
             for row, ok in answers
         ]
+        return await self.deliver(results, now, lost_before_commit=lost_before_commit)
+
+    async def deliver(
+        self,
+        results: list[LLMComparisonResultV1],
+        now: datetime,
+        *,
+        lost_before_commit: bool = False,
+    ) -> list[str]:
+        """One poll of results as written."""
+        polled = [(result, b"{}") for result in results]
         async with transaction(self.sessions) as session:
             repo = AssessmentRepository(session, self.decoded)
-            outcomes = await self.callbacks.handle_results(repo, results, now=now)
+            outcomes = await self.callbacks.handle_results(repo, polled, now=now)
             if lost_before_commit:
                 raise ConnectionResetError("connection lost before the commit")
         return [o.value for o in outcomes]

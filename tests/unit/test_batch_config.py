@@ -13,6 +13,7 @@ from cj_assessment.batch_config import (
     BatchConfig,
     merge_override_sources,
     resolve_batch_config,
+    unknown_override_fields,
 )
 from cj_assessment.errors import RequestRejected
 from cj_assessment.settings import Settings
@@ -119,6 +120,13 @@ def test_merge_drops_unknown_keys_and_ignores_non_dict_metadata() -> None:
     assert merge_override_sources(None, {"max_comparisons": 7}) == {"max_comparisons": 7}
 
 
+def test_unknown_override_fields_are_named_for_the_log_short_and_few() -> None:
+    assert unknown_override_fields({"batchsize": 5, "batch_size": 50}, "nonsense") == ["batchsize"]
+    many = {f"{i:02d}{'x' * 100}": 1 for i in range(30)}
+    named = unknown_override_fields(None, many)
+    assert len(named) == 10 and all(len(name) == 40 for name in named)
+
+
 def test_in_range_boundaries_are_accepted() -> None:
     low = _resolve(
         {
@@ -178,6 +186,27 @@ def test_out_of_range_override_is_rejected_naming_field_and_range(
     assert f"allowed: {allowed}" in str(error)
     assert error.context["field"] == field
     assert error.context["allowed"] == allowed
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (10**400, "a number of 401 digits"),
+        ("x" * 600_000, "text of length 600000"),
+        (["x"] * 50, "a list of length 50"),
+        ({"k": 1}, "an object of length 1"),
+        ("50", "'50'"),
+        (9, "9"),
+    ],
+)
+def test_a_refused_override_is_shown_short_whatever_the_request_sent(
+    value: Any, shown: str
+) -> None:
+    with pytest.raises(RequestRejected) as caught:
+        _resolve({"batch_size": value})
+    assert caught.value.context["value"] == shown
+    assert f"batch_size={shown} is out of range" in caught.value.message
+    assert len(caught.value.message) < 120
 
 
 def test_every_override_field_has_a_described_range() -> None:

@@ -29,6 +29,8 @@ from cj_assessment.contracts import (
     envelope_json,
     envelope_text,
     outcome_header,
+    storable,
+    unstorable,
     utc_iso,
 )
 
@@ -587,3 +589,21 @@ def test_emitted_outcome_models_refuse_unknown_fields() -> None:
             cj_assessment_job_id="1",
             surprise=True,
         )
+
+
+@pytest.mark.parametrize(
+    ("text", "why", "kept"),
+    [
+        ("plain", None, "plain"),
+        ("caf\u00e9 \U0001f600", None, "caf\u00e9 \U0001f600"),
+        ("a\x00b", "contains NUL characters", "ab"),
+        ("a\ud800b", "contains an unpaired surrogate", "a?b"),
+        ("\x00\udfff", "contains NUL characters", "?"),
+    ],
+)
+def test_text_the_database_cannot_store_is_named_or_made_storable(
+    text: str, why: str | None, kept: str
+) -> None:
+    assert unstorable(text) == why
+    assert storable(text) == kept
+    assert unstorable(storable(text)) is None
