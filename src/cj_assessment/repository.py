@@ -371,7 +371,8 @@ _STATE_COLUMNS = ", ".join(
     for c in _STATE_COLUMN_NAMES
 )
 # Bounds of what `DecodedStates` keeps: as many assessments as the callback handler keeps
-# contexts for, and at most this much JSON text (decoded, about three times as many bytes).
+# contexts for, and at most this much JSON text (decoded with its progress, about five bytes
+# per character: some 80 MB at the bound, measured on real state rows).
 _DECODED_MAX_ENTRIES = 4096
 _DECODED_MAX_CHARS = 16_000_000
 
@@ -428,11 +429,18 @@ class DecodedStates:
         row.batch_config, row.processing_metadata = config, metadata
         if known is not None and known[0] == row.counters():
             row._known = (metadata, known[0], known[1])
-        self._keep(cj_batch_id, _Decoded(config_text, config, metadata_text, metadata, known))
+        if row.state in TERMINAL_STATES:
+            self._forget(cj_batch_id)  # read again only for its late answers, if ever
+        else:
+            self._keep(cj_batch_id, _Decoded(config_text, config, metadata_text, metadata, known))
         return row
 
     def written(self, row: StateRow, metadata_text: str) -> None:
-        """Keep what `row` holds, as stored under `metadata_text` by the write just made."""
+        """Keep what `row` holds, as stored under `metadata_text` by the write just made; a
+        finished assessment's row leaves the cache."""
+        if row.state in TERMINAL_STATES:
+            self._forget(row.cj_batch_id)
+            return
         entry = self._entries.get(row.cj_batch_id)
         if entry is None or entry.config is not row.batch_config:
             return
@@ -446,10 +454,13 @@ class DecodedStates:
             _Decoded(entry.config_text, entry.config, metadata_text, metadata, progress),
         )
 
-    def _keep(self, cj_batch_id: int, entry: _Decoded) -> None:
+    def _forget(self, cj_batch_id: int) -> None:
         old = self._entries.pop(cj_batch_id, None)
         if old is not None:
             self._chars -= len(old.config_text) + len(old.metadata_text)
+
+    def _keep(self, cj_batch_id: int, entry: _Decoded) -> None:
+        self._forget(cj_batch_id)
         self._entries[cj_batch_id] = entry  # now the most recently used
         self._chars += len(entry.config_text) + len(entry.metadata_text)
         while self._entries and (

@@ -176,9 +176,14 @@ class OutboxMessage(Base):
             "id",
             postgresql_where=text("published_at IS NULL AND undeliverable IS NULL"),
         ),
-        # BRIN: rows arrive in time order, so a few bytes per block range find the old ones
-        # for pruning, at almost no cost to every insert.
-        Index("ix_cj_event_outbox_created_brin", "created_at", postgresql_using="brin"),
+        # Pruning: published rows past their retention (migration 0006). A B-tree, not BRIN:
+        # once pruning frees space, new rows land among old ones and BRIN ranges stop
+        # narrowing anything.
+        Index(
+            "ix_cj_event_outbox_published_created",
+            "created_at",
+            postgresql_where=text("published_at IS NOT NULL"),
+        ),
     )
 
 
@@ -197,7 +202,7 @@ class InboxRecord(Base):
     )
 
     __table_args__ = (
-        Index("ix_cj_event_inbox_handled_brin", "handled_at", postgresql_using="brin"),
+        Index("ix_cj_event_inbox_handled_at", "handled_at"),  # pruning (migration 0006)
     )
 
 

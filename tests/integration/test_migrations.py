@@ -1,5 +1,6 @@
-"""Migrations against a real PostgreSQL: the retention indexes build outside a transaction
-and keep an index an operator built by hand; the outbox's claim index covers pending rows."""
+"""Migrations against a real PostgreSQL: the retention indexes build outside a transaction,
+keep an index an operator built by hand, and are B-trees from 0006 on; the outbox's claim
+index covers pending rows."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ from alembic import command
 from cj_assessment.database import _alembic_config, head_revision
 
 BRIN_INDEXES = {"ix_cj_event_outbox_created_brin", "ix_cj_event_inbox_handled_brin"}
+PRUNE_INDEXES = {
+    "ix_cj_event_outbox_published_created": "(published_at IS NOT NULL)",
+    "ix_cj_event_inbox_handled_at": None,
+}
+PRUNED_OUTBOX_INDEX = {"ix_cj_event_outbox_published_created": "(published_at IS NOT NULL)"}
 PENDING_INDEX = {
     "ix_cj_event_outbox_pending": "((published_at IS NULL) AND (undeliverable IS NULL))"
 }
@@ -39,6 +45,19 @@ async def _brin_indexes(url: str) -> dict[str, bool]:
     return dict(rows)
 
 
+async def _prune_indexes(url: str) -> dict[str, str | None]:
+    """Name -> partial predicate, for the valid B-tree indexes pruning uses."""
+    rows = await _rows(
+        url,
+        "SELECT c.relname, pg_get_expr(i.indpred, i.indrelid) FROM pg_index i"
+        " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam"
+        " WHERE a.amname = 'btree' AND i.indisvalid"
+        " AND c.relname IN ('ix_cj_event_outbox_published_created',"
+        " 'ix_cj_event_inbox_handled_at')",
+    )
+    return dict(rows)
+
+
 async def _outbox_shape(url: str) -> tuple[dict[str, str], set[str]]:
     """Partial-index predicates and column names of the outbox."""
     indexes = await _rows(
@@ -58,8 +77,12 @@ async def test_retention_indexes_are_rebuilt_concurrently_and_keep_one_built_by_
     database_url: str,
 ) -> None:
     config = _alembic_config(database_url)
-    assert await _brin_indexes(database_url) == dict.fromkeys(BRIN_INDEXES, True)
+    assert await _brin_indexes(database_url) == {}
+    assert await _prune_indexes(database_url) == PRUNE_INDEXES
 
+    await asyncio.to_thread(command.downgrade, config, "0005")
+    assert await _brin_indexes(database_url) == dict.fromkeys(BRIN_INDEXES, True)
+    assert await _prune_indexes(database_url) == {}
     await asyncio.to_thread(command.downgrade, config, "0002")
     assert await _brin_indexes(database_url) == {}
 
@@ -68,9 +91,12 @@ async def test_retention_indexes_are_rebuilt_concurrently_and_keep_one_built_by_
         "CREATE INDEX CONCURRENTLY ix_cj_event_outbox_created_brin"
         " ON cj_event_outbox USING brin (created_at)",
     )
-    await asyncio.to_thread(command.upgrade, config, "head")
-
+    await asyncio.to_thread(command.upgrade, config, "0005")
     assert await _brin_indexes(database_url) == dict.fromkeys(BRIN_INDEXES, True)
+
+    await asyncio.to_thread(command.upgrade, config, "head")
+    assert await _brin_indexes(database_url) == {}
+    assert await _prune_indexes(database_url) == PRUNE_INDEXES
     assert await _rows(database_url, "SELECT version_num FROM alembic_version") == [
         (head_revision(),)
     ]
@@ -81,7 +107,7 @@ async def test_the_outbox_claim_index_covers_pending_rows_and_the_downgrade_rest
 ) -> None:
     config = _alembic_config(database_url)
     indexes, columns = await _outbox_shape(database_url)
-    assert indexes == PENDING_INDEX
+    assert indexes == PENDING_INDEX | PRUNED_OUTBOX_INDEX
     assert "undeliverable" in columns
 
     await asyncio.to_thread(command.downgrade, config, "0003")
@@ -90,7 +116,7 @@ async def test_the_outbox_claim_index_covers_pending_rows_and_the_downgrade_rest
     assert "undeliverable" not in columns
 
     await asyncio.to_thread(command.upgrade, config, "head")
-    assert (await _outbox_shape(database_url))[0] == PENDING_INDEX
+    assert (await _outbox_shape(database_url))[0] == PENDING_INDEX | PRUNED_OUTBOX_INDEX
 
 
 async def test_outbox_keys_take_any_length_and_the_downgrade_cuts_them_to_255(

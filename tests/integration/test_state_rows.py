@@ -244,3 +244,16 @@ async def test_running_assessments_are_counted_per_state_from_the_active_index_o
     assert counts == {"WAITING_CALLBACKS": 2, "SCORING": 3}
     assert "ix_cj_batch_states_active" in plan_text
     assert "Seq Scan" not in plan_text
+
+
+def test_decoded_states_let_go_of_finished_assessments() -> None:
+    decoded = DecodedStates()
+    running = decoded.row(_values(1, json.dumps({"k": 1})))
+    decoded.row(_values(2, json.dumps({"k": 2})))
+    assert decoded.entries == 2
+    running.state = "COMPLETED"
+    decoded.written(running, json.dumps({"k": 1}))
+    assert decoded.entries == 1
+    late = (2, "FAILED", *_values(2, "{}")[2:])
+    decoded.row(late)  # a late answer reads a finished assessment's row
+    assert decoded.entries == 0
