@@ -36,6 +36,8 @@ target of the issue.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import multiprocessing
 import os
 import platform
@@ -390,6 +392,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     print(f"\n{seeds} seeds, {time.monotonic() - started:.0f} s")
     return 0 if passed else 1
+
+
+def run(quick: bool = False) -> str:
+    """The runner's entry (`python -m benchmarks pairing`): the same report as `main`,
+    returned as text. The report is printed as it is built, so it is captured here."""
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        main(["--quick"] if quick else [])
+    return captured.getvalue()
 
 
 if __name__ == "__main__":
