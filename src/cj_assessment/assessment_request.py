@@ -19,20 +19,28 @@ class EssayInput:
     text: str | None
 
 
+def invalid_request(headline: str, problems: list[tuple[str, str]]) -> RequestRejected:
+    """`INVALID_REQUEST` naming each (field, what is wrong with it), the first ten in the
+    message and up to fifty in `context.invalid_fields`; never a value."""
+    named = [f"{field}: {why}" for field, why in problems]
+    more = len(named) - INVALID_FIELDS_NAMED
+    return RequestRejected(
+        "INVALID_REQUEST",
+        f"{headline}: "
+        + "; ".join(named[:INVALID_FIELDS_NAMED])
+        + (f"; and {more} more" if more > 0 else ""),
+        {"invalid_fields": [field for field, _ in problems][:50]},
+    )
+
+
 def schema_rejection(exc: ValidationError) -> RequestRejected:
     """A request payload that does not match the contract's types, as a refusal naming each
     invalid field and what is wrong with it. Pydantic's messages name the expectation, not
     the value, so no essay text or id reaches the failed event or the logs."""
     errors = exc.errors(include_url=False, include_input=False)
-    fields = [".".join(str(part) for part in error["loc"]) or "data" for error in errors]
-    named = [f"{field}: {error['msg']}" for field, error in zip(fields, errors, strict=True)]
-    more = len(named) - INVALID_FIELDS_NAMED
-    return RequestRejected(
-        "INVALID_REQUEST",
-        "the request does not match ELS_CJAssessmentRequestV1: "
-        + "; ".join(named[:INVALID_FIELDS_NAMED])
-        + (f"; and {more} more" if more > 0 else ""),
-        {"invalid_fields": fields[:50]},
+    return invalid_request(
+        "the request does not match ELS_CJAssessmentRequestV1",
+        [(".".join(str(part) for part in e["loc"]) or "data", e["msg"]) for e in errors],
     )
 
 
@@ -62,15 +70,7 @@ def check_storable(request: ELSCJAssessmentRequestV1) -> None:
         ]
     invalid = [(name, why) for name, value in fields if value and (why := unstorable(value))]
     if invalid:
-        named = [f"{name}: {why}" for name, why in invalid]
-        more = len(named) - INVALID_FIELDS_NAMED
-        raise RequestRejected(
-            "INVALID_REQUEST",
-            "the request holds text that cannot be stored: "
-            + "; ".join(named[:INVALID_FIELDS_NAMED])
-            + (f"; and {more} more" if more > 0 else ""),
-            {"invalid_fields": [name for name, _ in invalid][:50]},
-        )
+        raise invalid_request("the request holds text that cannot be stored", invalid)
 
 
 def check_instructions(request: ELSCJAssessmentRequestV1, *, max_chars: int) -> None:

@@ -36,6 +36,7 @@ from cj_assessment.assessment_request import (
     check_essay_text,
     check_instructions,
     check_storable,
+    invalid_request,
     schema_rejection,
 )
 from cj_assessment.batch_callback_handler import BatchCallbackHandler
@@ -790,10 +791,9 @@ def _request_envelope(record: Any) -> tuple[EventEnvelope, RequestRejected | Non
         data=data,
         metadata=None,
     )
-    refusal = RequestRejected(
-        "INVALID_REQUEST",
-        f"the request's envelope does not match EventEnvelope: {named}",
-        {"invalid_fields": [f"envelope.{field}" for field, _ in problems][:50]},
+    refusal = invalid_request(
+        "the request's envelope does not match EventEnvelope",
+        [(f"envelope.{field}", why) for field, why in problems],
     )
     return rebuilt, refusal
 

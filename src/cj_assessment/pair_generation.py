@@ -12,7 +12,16 @@ local search then swaps partners between two pairs whenever that lowers the numb
 prior plannings, which guarantees a repeat-free round whenever every participant still
 has unseen partners among at least half of the other participants (not counting partners
 that already lean the same way by two or more Essay A showings, since pairing those would
-push one of them to three).
+push one of them to three). Where a repeat or such a push survives the swaps, an exact
+search (Edmonds' augmenting paths) rematches the round so that its most repeated pair was
+planned as few times as the round's essays allow: no repeat while a repeat-free matching of
+them exists, and then the least-repeated pairs first. Only rounds short of unseen partners
+need it, so large rounds keep their linear cost.
+
+Orientation: a repeated pair is shown the way round it has been shown less, so a judge's
+preference for one position cancels out within the pair, unless that would leave an essay
+three showings further on one side than the other; otherwise, and for new pairs, the essay
+further behind on Essay A showings is shown as Essay A.
 
 Adaptive (once there are estimates, i.e. from the second iteration on): partners are chosen
 for the expected information gain of their comparison, ½·log(1 + (SE_i² + SE_j²)·p(1 − p))
@@ -28,9 +37,9 @@ rounds then repair what remains, preferring nearby pairs. On the simulated bench
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
@@ -38,6 +47,7 @@ import numpy as np
 _RANDOM_CANDIDATES = 8
 _REPAIR_WORK_LIMIT = 400_000
 _SEVERE_IMBALANCE = 2
+_IMBALANCE_BOUND = 2  # most |A−B| a pair's own orientation may push an essay to
 _NEIGHBOURS = 6  # adaptive candidates per essay: the open essays just behind it in score order
 _ORDER_NOISE = 0.25  # perturbation of the adaptive order, in standard errors
 # Rounds stay random until every essay has this many comparisons: after a single one an
@@ -65,33 +75,39 @@ class AbilityEstimates:
 
 @dataclass(frozen=True)
 class PairingHistory:
-    """What has been planned so far; ``pair_counts`` keys are unordered essay pairs."""
+    """What has been planned so far. ``pair_counts`` keys are unordered essay pairs;
+    ``ordered_pair_counts`` keys are ``(essay_a, essay_b)`` as shown, so that a repeated
+    pair can be shown the other way round next (without them, every pair counts as shown
+    equally often each way)."""
 
     pair_counts: Mapping[frozenset[str], int]
     a_positions: Mapping[str, int]
     b_positions: Mapping[str, int]
     comparison_counts: Mapping[str, int]
+    ordered_pair_counts: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
     @classmethod
     def from_pairs(cls, pairs: Iterable[tuple[str, str]]) -> PairingHistory:
         """Build a history from ordered ``(essay_a, essay_b)`` pairs."""
+        ordered_pair_counts = Counter(pairs)
         pair_counts: Counter[frozenset[str]] = Counter()
         a_positions: Counter[str] = Counter()
         b_positions: Counter[str] = Counter()
         comparison_counts: Counter[str] = Counter()
-        for essay_a, essay_b in pairs:
+        for (essay_a, essay_b), count in ordered_pair_counts.items():
             if essay_a == essay_b:
                 raise ValueError(f"essay {essay_a!r} cannot be paired with itself")
-            pair_counts[frozenset((essay_a, essay_b))] += 1
-            a_positions[essay_a] += 1
-            b_positions[essay_b] += 1
-            comparison_counts[essay_a] += 1
-            comparison_counts[essay_b] += 1
+            pair_counts[frozenset((essay_a, essay_b))] += count
+            a_positions[essay_a] += count
+            b_positions[essay_b] += count
+            comparison_counts[essay_a] += count
+            comparison_counts[essay_b] += count
         return cls(
             pair_counts=dict(pair_counts),
             a_positions=dict(a_positions),
             b_positions=dict(b_positions),
             comparison_counts=dict(comparison_counts),
+            ordered_pair_counts=dict(ordered_pair_counts),
         )
 
     @classmethod
@@ -106,6 +122,7 @@ class _Plan:
 
     size: int
     pair_counts: dict[int, int]
+    shown_counts: dict[int, int]  # by ordered key essay_a * size + essay_b
     comparison_counts: list[int]
     a_positions: list[int]
     b_positions: list[int]
@@ -139,9 +156,11 @@ def generate_pairs(
     pairs. Participants are the essays with the fewest comparisons (ties at random), so
     with an odd count the most-compared essay sits out and, when ``max_pairs`` cuts a
     round short, the least-compared essays are served first; comparison counts therefore
-    never drift more than one apart. Repeats are allowed once unseen partners run out,
-    least-repeated first; callers decide whether to stop (see ``all_pairs_seen``).
-    The essay further behind on Essay A showings is shown as Essay A.
+    never drift more than one apart. A round repeats a pair only when no matching of its
+    essays avoids it, and then the least-repeated pairs first; callers decide whether to
+    stop (see ``all_pairs_seen``). A repeated pair is shown the way round it has been shown
+    less, within each essay's A/B bound; otherwise the essay further behind on Essay A
+    showings is shown as Essay A.
 
     ``strategy`` ADAPTIVE chooses informative partners from ``estimates``; without
     estimates (the first iteration), or while some essay has fewer than two comparisons,
@@ -164,10 +183,12 @@ def generate_pairs(
         participants = _least_compared(plan, 2 * min(len(ids) // 2, budget), rng)
         if beliefs is None or min(plan.comparison_counts) < _MIN_COMPARISONS_FOR_ADAPTIVE:
             pairs = _greedy_matching(plan, participants, rng)
-            _improve_by_swaps(plan, pairs, rng)
+            nearby_first = False
         else:
             pairs = _informative_matching(plan, participants, beliefs, rng)
-            _improve_by_swaps(plan, pairs, rng, nearby_first=True)
+            nearby_first = True
+        if _improve_by_swaps(plan, pairs, rng, nearby_first=nearby_first):
+            _avoid_needless_repeats(plan, pairs, rng, nearby_first=nearby_first)
         for first, second in pairs:
             essay_a, essay_b = _orient(plan, first, second, rng)
             _record(plan, essay_a, essay_b)
@@ -264,9 +285,15 @@ def _plan_from_history(ids: list[str], history: PairingHistory) -> _Plan:
         if first is None or second is None:
             continue
         pair_counts[_pair_key(size, first, second)] = count
+    shown_counts: dict[int, int] = {}
+    for (essay_a, essay_b), count in history.ordered_pair_counts.items():
+        shown_a, shown_b = index.get(essay_a), index.get(essay_b)
+        if count > 0 and shown_a is not None and shown_b is not None and shown_a != shown_b:
+            shown_counts[shown_a * size + shown_b] = count
     return _Plan(
         size=size,
         pair_counts=pair_counts,
+        shown_counts=shown_counts,
         comparison_counts=[history.comparison_counts.get(essay_id, 0) for essay_id in ids],
         a_positions=[history.a_positions.get(essay_id, 0) for essay_id in ids],
         b_positions=[history.b_positions.get(essay_id, 0) for essay_id in ids],
@@ -277,29 +304,61 @@ def _pair_key(size: int, first: int, second: int) -> int:
     return first * size + second if first < second else second * size + first
 
 
-def _pair_count(plan: _Plan, first: int, second: int) -> int:
-    return plan.pair_counts.get(_pair_key(plan.size, first, second), 0)
-
-
 def _imbalance(plan: _Plan, essay: int) -> int:
     return plan.a_positions[essay] - plan.b_positions[essay]
 
 
-def _orientation_conflict(plan: _Plan, first: int, second: int) -> int:
-    """|A−B| when both essays lean the same way equally (one must lean further), else 0."""
-    imbalance = _imbalance(plan, first)
-    return abs(imbalance) if imbalance == _imbalance(plan, second) else 0
+def _within_bound(plan: _Plan, essay_a: int, essay_b: int) -> bool:
+    """Whether showing ``essay_a`` as A and ``essay_b`` as B keeps both within the bound."""
+    return (
+        _imbalance(plan, essay_a) < _IMBALANCE_BOUND
+        and _imbalance(plan, essay_b) > -_IMBALANCE_BOUND
+    )
+
+
+def _less_shown_way(plan: _Plan, first: int, second: int) -> tuple[int, int] | None:
+    """(essay_a, essay_b) the way round the pair has been shown less, so that a judge's
+    preference for one position cancels out within the pair; None if shown equally often
+    each way."""
+    size, shown = plan.size, plan.shown_counts
+    lead = shown.get(first * size + second, 0) - shown.get(second * size + first, 0)
+    if lead == 0:
+        return None
+    return (second, first) if lead > 0 else (first, second)
 
 
 def _cost(plan: _Plan, first: int, second: int) -> _Cost:
-    """(pushes an essay to |A−B| ≥ 3, prior plannings, pushes an essay to |A−B| = 2).
+    """(pushes an essay to |A−B| ≥ 3, prior plannings, mild orientation drift) for the
+    orientation ``_orient`` will choose; mild drift is an essay pushed to |A−B| = 2 or a
+    repeated pair shown the way round it has been shown more.
 
     Compared lexicographically: repeats are avoided before mild orientation drift, but
-    not at the price of an essay leaning three or more showings one way.
+    not at the price of an essay leaning three or more showings one way. (Written out
+    rather than through the helpers above: the exchanges call it most.)
     """
-    conflict = _orientation_conflict(plan, first, second)
-    severe = int(conflict >= _SEVERE_IMBALANCE)
-    return severe, _pair_count(plan, first, second), int(conflict > 0) - severe
+    size = plan.size
+    count = plan.pair_counts.get(
+        first * size + second if first < second else second * size + first, 0
+    )
+    lean = plan.a_positions[first] - plan.b_positions[first]
+    other_lean = plan.a_positions[second] - plan.b_positions[second]
+    lead = 0
+    if count:
+        shown = plan.shown_counts
+        lead = shown.get(first * size + second, 0) - shown.get(second * size + first, 0)
+        lean_a, lean_b = (other_lean, lean) if lead > 0 else (lean, other_lean)
+        if lead and lean_a < _IMBALANCE_BOUND and lean_b > -_IMBALANCE_BOUND:
+            # Shown the way round it has been shown less: does an essay lean further?
+            further = max(abs(lean_a + 1), abs(lean_b - 1)) > max(abs(lean_a), abs(lean_b), 1)
+            return 0, count, int(further)
+    # Shown by the essays' own balance: the one leaning less towards A is shown as A, so an
+    # essay leans further only when both lean the same way equally. A pair that had to be
+    # shown the way round it has been shown more drifts as well.
+    if lean != other_lean or lean == 0:
+        return 0, count, int(lead != 0)
+    if abs(lean) >= _SEVERE_IMBALANCE:
+        return 1, count, 0
+    return 0, count, 1
 
 
 def _least_compared(plan: _Plan, count: int, rng: np.random.Generator) -> list[int]:
@@ -376,34 +435,39 @@ def _improve_by_swaps(
     rng: np.random.Generator,
     *,
     nearby_first: bool = False,
-) -> None:
+    cost: Callable[[_Plan, int, int], _Cost] = _cost,
+) -> bool:
     """Exchange partners between two pairs while that lowers the summed pair costs.
 
     With ``nearby_first`` the other pair is looked for outwards from the target's position
     (adaptive rounds list pairs in score order, so the exchange keeps partners close).
     Stops at a local optimum or after a fixed amount of work, whichever comes first.
+    Returns whether a pair that repeats or pushes an essay to |A−B| ≥ 3 may remain.
     """
     if len(pairs) < 2:
-        return
+        return False
 
     work = 0
     improved = True
+    troubled = True
     while improved and work < _REPAIR_WORK_LIMIT:
         improved = False
+        troubled = False
         for target in rng.permutation(len(pairs)).tolist():
             first, second = pairs[target]
-            target_cost = _cost(plan, first, second)
+            target_cost = cost(plan, first, second)
             if target_cost == _FREE:
                 continue
+            troubled = troubled or target_cost[:2] != _FREE[:2]
             others = _outwards(target, len(pairs)) if nearby_first else range(len(pairs))
             for other in others:
                 work += 1
                 if other == target:
                     continue
                 third, fourth = pairs[other]
-                current = _add(target_cost, _cost(plan, third, fourth))
-                straight = _add(_cost(plan, first, third), _cost(plan, second, fourth))
-                crossed = _add(_cost(plan, first, fourth), _cost(plan, second, third))
+                current = _add(target_cost, cost(plan, third, fourth))
+                straight = _add(cost(plan, first, third), cost(plan, second, fourth))
+                crossed = _add(cost(plan, first, fourth), cost(plan, second, third))
                 if min(straight, crossed) < current:
                     if straight <= crossed:
                         pairs[target], pairs[other] = (first, third), (second, fourth)
@@ -412,7 +476,181 @@ def _improve_by_swaps(
                     improved = True
                     break
             if work >= _REPAIR_WORK_LIMIT:
+                return True
+    return troubled
+
+
+def _avoid_needless_repeats(
+    plan: _Plan, pairs: list[tuple[int, int]], rng: np.random.Generator, *, nearby_first: bool
+) -> None:
+    """If exchanges between two pairs left a repeat or a severe imbalance in the round,
+    replace it with a round whose most repeated pair was planned as few times as possible.
+
+    Exchanges stop at local optima (avoiding a repeat may take three or more pairs changing
+    partners at once), so an exact search settles what they could not. Rounds that need it
+    have few unseen partners left, which keeps the search small; the work limit bounds it
+    otherwise, and the round from the exchanges stands.
+    """
+    matching = _LeastRepeatedMatching(plan, [essay for pair in pairs for essay in pair])
+    found = matching.solve()
+    if found is None:
+        return
+    rematched, most_plannings = found
+
+    def capped(_: _Plan, first: int, second: int) -> _Cost:
+        """No exchange may bring back a pair planned more often than the search needed."""
+        severe, count, mild = matching.cost(first, second)
+        return severe + int(count > most_plannings), count, mild
+
+    _improve_by_swaps(plan, rematched, rng, nearby_first=nearby_first, cost=capped)
+    if _round_key(rematched, matching.cost) < _round_key(pairs, matching.cost):
+        pairs[:] = rematched
+
+
+def _round_key(
+    pairs: list[tuple[int, int]], cost: Callable[[int, int], _Cost]
+) -> tuple[int, int, _Cost]:
+    """(severe imbalances, plannings of the most planned pair, summed costs): lower is
+    better, so repeats go to the least repeated pairs first."""
+    costs = [cost(first, second) for first, second in pairs]
+    total = _FREE
+    for pair_cost in costs:
+        total = _add(total, pair_cost)
+    return total[0], max(pair_cost[1] for pair_cost in costs), total
+
+
+class _LeastRepeatedMatching:
+    """A matching of ``essays`` (listed pair by pair), none of its pairs pushing an essay to
+    |A−B| ≥ 3, whose most planned pair was planned as few times as possible.
+
+    Pairs planned at most ``level`` times are allowed, for ``level`` 0, 1, … in turn (each
+    level the least count above the last among the pairs a search turned down); at each
+    level Edmonds' augmenting paths, contracting odd cycles (blossoms) as they are met,
+    extend the matching found so far until it is perfect or provably cannot be. Partners
+    from the given pairs are kept where allowed, and new ones are looked for outwards from
+    an essay's position, so adaptive partners stay close in score.
+    """
+
+    def __init__(self, plan: _Plan, essays: list[int]) -> None:
+        self._plan = plan
+        self._essays = essays
+        self._size = len(essays)
+        self._costs: dict[int, _Cost] = {}
+        self._plannings: dict[int, int] = {}  # by position pair; −1 where never allowed
+        self._work = 0
+        self._level = 0
+        self._next_level: int | None = None
+        self._mate = [-1] * self._size
+
+    def cost(self, first: int, second: int) -> _Cost:
+        """``_cost`` of two essays, remembered: the plan does not change within a round."""
+        key = _pair_key(self._plan.size, first, second)
+        cost = self._costs.get(key)
+        if cost is None:
+            self._work += 1
+            cost = self._costs[key] = _cost(self._plan, first, second)
+        return cost
+
+    def solve(self) -> tuple[list[tuple[int, int]], int] | None:
+        """The pairs and the most plannings of any of them; None if every matching pushes
+        an essay to |A−B| ≥ 3 or the work limit comes first."""
+        size, mate = self._size, self._mate
+        while True:
+            self._next_level = None
+            for first in range(0, size, 2):
+                unmatched = mate[first] == -1 and mate[first + 1] == -1
+                if unmatched and self._allowed(first, first + 1):
+                    mate[first], mate[first + 1] = first + 1, first
+            for root in range(size):
+                if mate[root] == -1:
+                    self._augment(root)
+                if self._work > _REPAIR_WORK_LIMIT:
+                    return None
+            if -1 not in mate:
                 break
+            if self._next_level is None:
+                return None
+            self._level = self._next_level
+        essays = self._essays
+        pairs = [(essays[u], essays[mate[u]]) for u in range(size) if u < mate[u]]
+        return pairs, self._level
+
+    def _allowed(self, first: int, second: int) -> bool:
+        """Whether the essays at positions ``first`` and ``second`` may be paired at the
+        current level; notes the level a turned-down pair would need."""
+        size = self._size
+        count = self._plannings.get(first * size + second)
+        if count is None:
+            severe, count, _ = self.cost(self._essays[first], self._essays[second])
+            count = -1 if severe else count
+            self._plannings[first * size + second] = self._plannings[second * size + first] = count
+        if count <= self._level:
+            return count >= 0
+        if self._next_level is None or count < self._next_level:
+            self._next_level = count
+        return False
+
+    def _augment(self, root: int) -> None:
+        """Enlarge the matching along an augmenting path from the unmatched ``root``, if
+        there is one."""
+        size, mate = self._size, self._mate
+        parent = [-1] * size
+        base = list(range(size))
+        reached = [False] * size
+        reached[root] = True
+        queue = deque([root])
+
+        def common_base(first: int, second: int) -> int:
+            on_path = [False] * size
+            while True:
+                first = base[first]
+                on_path[first] = True
+                if mate[first] == -1:
+                    break
+                first = parent[mate[first]]
+            while True:
+                second = base[second]
+                if on_path[second]:
+                    return second
+                second = parent[mate[second]]
+
+        def mark_blossom(vertex: int, blossom_base: int, child: int, blossom: list[bool]) -> None:
+            while base[vertex] != blossom_base:
+                blossom[base[vertex]] = blossom[base[mate[vertex]]] = True
+                parent[vertex] = child
+                child = mate[vertex]
+                vertex = parent[mate[vertex]]
+
+        while queue and self._work <= _REPAIR_WORK_LIMIT:
+            vertex = queue.popleft()
+            for other in _outwards(vertex, size):
+                if base[vertex] == base[other] or mate[vertex] == other:
+                    continue
+                if not self._allowed(vertex, other):
+                    continue
+                if other == root or (mate[other] != -1 and parent[mate[other]] != -1):
+                    # An odd cycle: contract it into its base, whose partners all its members share.
+                    self._work += size
+                    blossom_base = common_base(vertex, other)
+                    blossom = [False] * size
+                    mark_blossom(vertex, blossom_base, other, blossom)
+                    mark_blossom(other, blossom_base, vertex, blossom)
+                    for member in range(size):
+                        if blossom[base[member]]:
+                            base[member] = blossom_base
+                            if not reached[member]:
+                                reached[member] = True
+                                queue.append(member)
+                elif parent[other] == -1:
+                    parent[other] = vertex
+                    if mate[other] == -1:
+                        while other != -1:
+                            previous = mate[parent[other]]
+                            mate[other], mate[parent[other]] = parent[other], other
+                            other = previous
+                        return
+                    reached[mate[other]] = True
+                    queue.append(mate[other])
 
 
 def _outwards(centre: int, size: int) -> Iterator[int]:
@@ -429,7 +667,11 @@ def _add(left: _Cost, right: _Cost) -> _Cost:
 
 
 def _orient(plan: _Plan, first: int, second: int, rng: np.random.Generator) -> tuple[int, int]:
-    """Show as Essay A the essay with the lower A−B imbalance, then fewer A showings."""
+    """Show the pair the way round it has been shown less (within the A/B bound), else as
+    Essay A the essay with the lower A−B imbalance, then fewer A showings, else at random."""
+    wanted = _less_shown_way(plan, first, second)
+    if wanted is not None and _within_bound(plan, *wanted):
+        return wanted
     first_key = (_imbalance(plan, first), plan.a_positions[first])
     second_key = (_imbalance(plan, second), plan.a_positions[second])
     if first_key < second_key or (first_key == second_key and rng.random() < 0.5):
@@ -440,6 +682,8 @@ def _orient(plan: _Plan, first: int, second: int, rng: np.random.Generator) -> t
 def _record(plan: _Plan, essay_a: int, essay_b: int) -> None:
     key = _pair_key(plan.size, essay_a, essay_b)
     plan.pair_counts[key] = plan.pair_counts.get(key, 0) + 1
+    shown_key = essay_a * plan.size + essay_b
+    plan.shown_counts[shown_key] = plan.shown_counts.get(shown_key, 0) + 1
     plan.comparison_counts[essay_a] += 1
     plan.comparison_counts[essay_b] += 1
     plan.a_positions[essay_a] += 1

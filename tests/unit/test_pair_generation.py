@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,6 +202,112 @@ def test_repeated_pair_cannot_be_swapped_for_less_repeated_pairs(
             planned += round_pairs
 
 
+def _perfect_matchings(essays: list[str]) -> list[list[Pair]]:
+    if not essays:
+        return [[]]
+    first, rest = essays[0], essays[1:]
+    return [
+        [(first, partner), *matching]
+        for position, partner in enumerate(rest)
+        for matching in _perfect_matchings(rest[:position] + rest[position + 1 :])
+    ]
+
+
+def _balanced(history: PairingHistory, first: str, second: str) -> bool:
+    """Whether the pair can be shown without an essay leaning three showings one way."""
+    lean = _imbalance(history, first)
+    return not (abs(lean) >= 2 and lean == _imbalance(history, second))
+
+
+def _rounds_with_their_histories(
+    n: int, calls: list[tuple[int, int]], seed: int, strategy: PairingStrategy
+) -> Iterator[tuple[PairingHistory, list[Pair]]]:
+    for call in _run_calls(n, calls, seed, strategy):
+        planned = list(call.history)
+        for round_pairs in _rounds(n, call.pairs):
+            yield PairingHistory.from_pairs(planned), round_pairs
+            planned += round_pairs
+
+
+small_essay_counts = st.integers(min_value=4, max_value=9)
+long_call_plans = st.lists(
+    st.tuples(
+        st.integers(min_value=1, max_value=8),
+        st.one_of(st.just(UNLIMITED), st.integers(min_value=1, max_value=30)),
+    ),
+    min_size=2,
+    max_size=5,
+)
+
+
+@strategies
+@property_settings
+@given(n=small_essay_counts, calls=long_call_plans, seed=seeds)
+def test_no_round_repeats_a_pair_when_a_repeat_free_matching_of_its_essays_exists(
+    n: int, calls: list[tuple[int, int]], seed: int, strategy: PairingStrategy
+) -> None:
+    """Checked against every perfect matching of the round's essays (brute force), leaving
+    out pairs that would push an essay to three more showings on one side."""
+    for before, round_pairs in _rounds_with_their_histories(n, calls, seed, strategy):
+        if all(_count(before, *pair) == 0 for pair in round_pairs):
+            continue
+        participants = [essay for pair in round_pairs for essay in pair]
+        assert not any(
+            all(_count(before, *pair) == 0 and _balanced(before, *pair) for pair in matching)
+            for matching in _perfect_matchings(participants)
+        ), f"{round_pairs} repeats a pair though a repeat-free matching exists"
+
+
+@strategies
+@property_settings
+@given(n=small_essay_counts, calls=long_call_plans, seed=seeds)
+def test_a_round_repeats_only_pairs_planned_as_rarely_as_its_essays_allow(
+    n: int, calls: list[tuple[int, int]], seed: int, strategy: PairingStrategy
+) -> None:
+    """The round's most planned pair was planned no more often than the most planned pair
+    of any other perfect matching of its essays (that keeps every essay within balance)."""
+    for before, round_pairs in _rounds_with_their_histories(n, calls, seed, strategy):
+        participants = [essay for pair in round_pairs for essay in pair]
+        least = min(
+            (
+                max(_count(before, *pair) for pair in matching)
+                for matching in _perfect_matchings(participants)
+                if all(_balanced(before, *pair) for pair in matching)
+            ),
+            default=None,
+        )
+        if least is not None:
+            assert max(_count(before, *pair) for pair in round_pairs) <= least
+
+
+@strategies
+@property_settings
+@given(
+    n=st.integers(min_value=3, max_value=4),
+    calls=st.lists(
+        st.tuples(
+            st.integers(min_value=1, max_value=8),
+            st.one_of(st.just(UNLIMITED), st.integers(min_value=1, max_value=10)),
+        ),
+        min_size=3,
+        max_size=12,
+    ),
+    seed=seeds,
+)
+def test_repeated_pairs_are_shown_each_way_round_in_turn(
+    n: int, calls: list[tuple[int, int]], seed: int, strategy: PairingStrategy
+) -> None:
+    """A judge's preference for one position cancels out within each pair, while every
+    essay stays within two showings of balance between Essay A and Essay B."""
+    ids = _ids(n)
+    for call in _run_calls(n, calls, seed, strategy):
+        shown = Counter(call.history + call.pairs)
+        history = PairingHistory.from_pairs(call.history + call.pairs)
+        for first, second in itertools.combinations(ids, 2):
+            assert abs(shown[(first, second)] - shown[(second, first)]) <= 1
+        assert all(abs(_imbalance(history, essay_id)) <= 2 for essay_id in ids)
+
+
 @property_settings
 @given(n=st.integers(min_value=1, max_value=30).map(lambda k: 2 * k + 1), seed=seeds)
 def test_odd_essay_count_sits_out_an_essay_with_the_most_comparisons(n: int, seed: int) -> None:
@@ -280,6 +387,59 @@ def test_essay_behind_on_a_showings_is_shown_as_essay_a() -> None:
     assert pairs == [("y", "x")]
 
 
+def test_round_avoids_a_repeat_that_needs_three_pairs_to_change_partners() -> None:
+    """Seven essays, first iteration: in the fifth round, exchanging partners between two
+    pairs cannot avoid repeating a pair, but a matching of the same six essays exists that
+    repeats nothing."""
+    ids = _ids(7)
+
+    pairs = generate_pairs(
+        ids, PairingHistory.empty(), np.random.default_rng([4, 1]), matchings=5, max_pairs=15
+    )
+
+    earlier, last = PairingHistory.from_pairs(pairs[:12]), pairs[12:]
+    assert len(last) == 3
+    assert all(_count(earlier, *pair) == 0 for pair in last)
+
+
+def test_repeated_pair_is_shown_the_way_round_it_was_shown_less() -> None:
+    # x leans towards Essay B and y towards Essay A, so by their own balance x would be
+    # shown as A again; turning the pair round still keeps both within two showings.
+    history = PairingHistory.from_pairs(
+        [("x", "y"), ("z", "x"), ("w", "x"), ("y", "z"), ("y", "w")]
+    )
+
+    pairs = generate_pairs(["x", "y"], history, np.random.default_rng(0), matchings=1, max_pairs=1)
+
+    assert pairs == [("y", "x")]
+
+
+def test_repeated_pair_keeps_its_orientation_when_turning_it_would_unbalance_an_essay() -> None:
+    # y already leads by two A showings; showing it as A once more would make that three.
+    history = PairingHistory.from_pairs([("x", "y"), ("y", "z"), ("y", "v"), ("y", "w")])
+
+    pairs = generate_pairs(["x", "y"], history, np.random.default_rng(0), matchings=1, max_pairs=1)
+
+    assert pairs == [("x", "y")]
+
+
+def test_history_without_ordered_counts_still_plans_full_rounds() -> None:
+    ids = _ids(6)
+    full = PairingHistory.from_pairs(list(itertools.combinations(ids, 2)))
+    unordered = PairingHistory(
+        pair_counts=full.pair_counts,
+        a_positions=full.a_positions,
+        b_positions=full.b_positions,
+        comparison_counts=full.comparison_counts,
+    )
+
+    pairs = generate_pairs(ids, unordered, np.random.default_rng(0), matchings=2, max_pairs=6)
+
+    assert len(pairs) == 6
+    for round_pairs in _rounds(6, pairs):
+        assert len({essay for pair in round_pairs for essay in pair}) == 6
+
+
 @pytest.mark.parametrize(
     ("ids", "max_pairs", "matchings"),
     [(["a", "b"], 0, 1), (["a", "b"], -3, 1), (["a"], 5, 1), ([], 5, 1), (["a", "b"], 5, 0)],
@@ -316,6 +476,7 @@ def test_history_counts_pairs_positions_and_comparisons() -> None:
     assert history.a_positions == {"a": 2, "b": 1}
     assert history.b_positions == {"b": 1, "a": 1, "c": 1}
     assert history.comparison_counts == {"a": 3, "b": 2, "c": 1}
+    assert history.ordered_pair_counts == {("a", "b"): 1, ("b", "a"): 1, ("a", "c"): 1}
 
 
 def test_empty_history_has_no_counts() -> None:
