@@ -223,7 +223,13 @@ class WorkflowOrchestrator:
             comparisons = await repo.comparisons(ctx.cj_batch_id)
             history = _pairing_history(comparisons, progress)
             progress, decision, scoring = await self._score_iteration(
-                repo, ctx, progress, essay_ids, comparisons.judgements, now=now
+                repo,
+                ctx,
+                progress,
+                essay_ids,
+                comparisons.judgements,
+                settled=_settled_pairs(comparisons, progress),
+                now=now,
             )
             match decision.verdict:
                 case Verdict.COMPLETE:
@@ -287,6 +293,7 @@ class WorkflowOrchestrator:
         essay_ids: list[str],
         judgements: list[tuple[str, str, bool]],
         *,
+        settled: PairingHistory,
         now: datetime,
     ) -> tuple[Progress, Decision, ScoringResult | None]:
         iteration = progress.current_iteration
@@ -354,10 +361,7 @@ class WorkflowOrchestrator:
             essay_count=len(essay_ids),
             scored_essays=len(scored),
             max_score_change=change,
-            # Judged, not planned: a pair still unanswered may yet fail for good.
-            all_pairs_seen=all_pairs_seen(
-                essay_ids, PairingHistory.from_pairs((a, b) for a, b, _ in judgements)
-            ),
+            all_pairs_seen=all_pairs_seen(essay_ids, settled),
             reliability=scoring.reliability,
             reliability_lower_bound=scoring.reliability_lower_bound,
             mean_standard_error=mean_standard_error,
@@ -584,10 +588,27 @@ class WorkflowOrchestrator:
         return await repo.add_outbox([OutboxRow.of(envelope, topic, bos_batch_id)])
 
 
+def _failed_for_good(comparisons: Comparisons, progress: Progress) -> frozenset[str]:
+    """Comparisons with no winner, no attempt awaiting an answer and no retry in the pool."""
+    return comparisons.unanswered - {entry.comparison_id for entry in progress.pool.entries}
+
+
 def _pairing_history(comparisons: Comparisons, progress: Progress) -> PairingHistory:
     """The comparisons that count for pairing: judged, awaiting an answer, or with a retry in
     the failed pool. One that failed for good leaves it, so that its pair can be planned
     again and its essays are not left with fewer judgements than the others."""
-    retried = {entry.comparison_id for entry in progress.pool.entries}
-    lost = comparisons.unanswered - retried
+    lost = _failed_for_good(comparisons, progress)
     return PairingHistory.from_pairs((a, b) for c, a, b in comparisons.planned if c not in lost)
+
+
+def _settled_pairs(comparisons: Comparisons, progress: Progress) -> PairingHistory:
+    """The pairs with nothing left to wait for, judged or failed for good: once every pair of
+    essays is settled the assessment completes (`all_pairs_compared`). A pair whose answer or
+    retry is still to come is not, or its retry would be dropped; nor is a pair only planned.
+    One failed for good is, or a pair the provider always refuses would keep a small
+    assessment running to its budget on repeats."""
+    lost = _failed_for_good(comparisons, progress)
+    judged = [(a, b) for a, b, _ in comparisons.judgements]
+    return PairingHistory.from_pairs(
+        judged + [(a, b) for c, a, b in comparisons.planned if c in lost]
+    )

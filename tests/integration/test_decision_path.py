@@ -411,3 +411,20 @@ async def test_what_a_provider_writes_is_stored_as_its_columns_can_hold_it(
     registry = path.metrics.registry
     failed_other = {"reason": "provider_other"}
     assert registry.get_sample_value("cj_comparisons_failed_total", failed_other) == 1
+
+
+async def test_a_pair_the_provider_always_refuses_does_not_keep_a_small_assessment_running(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(matchings_per_iteration=3)
+    await path.start("refused-pair", 4, at(0), max_comparisons=40)
+    moment = 1
+    while sent := await path.in_flight():
+        refused = [{a.essay_a_els_id, a.essay_b_els_id} == {"e00", "e01"} for a in sent]
+        await path.answer([(a, not r) for a, r in zip(sent, refused, strict=True)], at(moment))
+        moment += 1
+    summary = await path.completed_summary()
+    # Six pairs, one failed for good after its retries: every pair is settled.
+    assert summary["stop_reason"] == "all_pairs_compared"
+    assert summary["pool_statistics"]["permanently_failed"] == 1
+    assert summary["comparison_attempts"] == 6 + 3
