@@ -66,6 +66,7 @@ class BatchProcessor:
         *,
         iteration: int,
         pairs: Sequence[tuple[str, str]],
+        completes_pairs: bool = False,
     ) -> Progress:
         size = self._batch_size(ctx)
         batch_count = -(-len(pairs) // size)
@@ -76,6 +77,7 @@ class BatchProcessor:
             batch_ids=[str(b) for b in batch_ids],
             comparisons=len(pairs),
             batch_size=size,
+            completes_pairs=completes_pairs,
         )
         attempts: list[NewAttempt] = []
         start = 0

@@ -100,6 +100,9 @@ class IterationProgress:
     # The next iteration's adaptive pairing reads scores and standard errors from here.
     standard_errors: dict[str, float] | None = None
     scale_separation_reliability: float | None = None
+    # With this iteration every pair of essays has been planned: it waits for all its
+    # comparisons rather than close at the threshold (see `completion_policy.iteration_done`).
+    completes_pairs: bool = False
 
     @property
     def resolved(self) -> int:
@@ -246,10 +249,17 @@ def _with_iteration(progress: Progress, it: IterationProgress) -> Progress:
 
 
 def plan_iteration(
-    progress: Progress, *, iteration: int, batch_ids: list[str], comparisons: int, batch_size: int
+    progress: Progress,
+    *,
+    iteration: int,
+    batch_ids: list[str],
+    comparisons: int,
+    batch_size: int,
+    completes_pairs: bool = False,
 ) -> tuple[Progress, list[tuple[str, int]]]:
     """Record a new iteration of `comparisons` first attempts, split into queued submission
-    batches of at most `batch_size`. Returns the batches as (id, size) in submission order."""
+    batches of at most `batch_size`. Returns the batches as (id, size) in submission order.
+    `completes_pairs`: with it every pair of essays has been planned."""
     if comparisons <= 0:
         raise ValueError("an iteration needs at least one comparison")
     sizes = [min(batch_size, comparisons - start) for start in range(0, comparisons, batch_size)]
@@ -260,7 +270,10 @@ def plan_iteration(
         for bid, size in zip(batch_ids, sizes, strict=False)
     )
     it = IterationProgress(
-        iteration=iteration, planned=comparisons, first_attempts_outstanding=comparisons
+        iteration=iteration,
+        planned=comparisons,
+        first_attempts_outstanding=comparisons,
+        completes_pairs=completes_pairs,
     )
     new = _evolve(
         progress,

@@ -281,8 +281,14 @@ class WorkflowOrchestrator:
             strategy=PairingStrategy(ctx.config.pairing_strategy),
             estimates=estimates,
         )
+        planned = PairingHistory.from_pairs([*map(tuple, history.pair_counts), *pairs])
         return await self._batches.plan_iteration(
-            repo, ctx, progress, iteration=iteration, pairs=pairs
+            repo,
+            ctx,
+            progress,
+            iteration=iteration,
+            pairs=pairs,
+            completes_pairs=all_pairs_seen(essay_ids, planned),
         )
 
     async def _score_iteration(
@@ -595,10 +601,21 @@ def _failed_for_good(comparisons: Comparisons, progress: Progress) -> frozenset[
 
 def _pairing_history(comparisons: Comparisons, progress: Progress) -> PairingHistory:
     """The comparisons that count for pairing: judged, awaiting an answer, or with a retry in
-    the failed pool. One that failed for good leaves it, so that its pair can be planned
-    again and its essays are not left with fewer judgements than the others."""
+    the failed pool. The first comparison of a pair to fail for good leaves it, so that the
+    pair can be planned once more and its essays are not left with fewer judgements than
+    the others; a pair that fails for good again stays, or a pair the provider always
+    refuses would be planned, and paid for, in every iteration."""
     lost = _failed_for_good(comparisons, progress)
-    return PairingHistory.from_pairs((a, b) for c, a, b in comparisons.planned if c not in lost)
+    made_up: set[frozenset[str]] = set()
+    pairs = []
+    for comparison_id, essay_a, essay_b in comparisons.planned:
+        if comparison_id in lost:
+            pair = frozenset((essay_a, essay_b))
+            if pair not in made_up:
+                made_up.add(pair)
+                continue
+        pairs.append((essay_a, essay_b))
+    return PairingHistory.from_pairs(pairs)
 
 
 def _settled_pairs(comparisons: Comparisons, progress: Progress) -> PairingHistory:

@@ -122,6 +122,13 @@ def test_iteration_done_exactly_at_the_threshold_share_of_planned(
     assert iteration_done(at, config)
 
 
+def test_an_iteration_that_planned_the_last_unseen_pairs_waits_for_all_of_them() -> None:
+    config = _config(partial_completion_threshold=0.85)
+    progress = _with_current(_sent_iteration(15), completes_pairs=True)
+    assert not iteration_done(_with_current(progress, succeeded=14), config)
+    assert iteration_done(_with_current(progress, succeeded=14, permanently_failed=1), config)
+
+
 def test_iteration_done_counts_permanent_failures_as_resolved() -> None:
     progress = _sent_iteration(20, batch_size=10)
     # A success rate that closing would not fail on (10 of 17 is below the default 0.8).
