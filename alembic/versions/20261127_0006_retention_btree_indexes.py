@@ -12,7 +12,8 @@ table (a soak test saw every page of the inbox marked lossy). A B-tree on the in
 pruning may delete), keep a prune statement's cost to the rows it deletes.
 
 Built CONCURRENTLY before the BRIN indexes are dropped, so that writes go on and pruning
-always has an index.
+always has an index; an invalid index left by an interrupted earlier run is dropped and built
+again.
 """
 
 import sqlalchemy as sa
@@ -25,8 +26,24 @@ branch_labels = None
 depends_on = None
 
 
+def _drop_if_invalid(name: str, table: str) -> None:
+    """An interrupted CREATE INDEX CONCURRENTLY leaves an invalid index of its name, which
+    IF NOT EXISTS would keep: dropped, it is built again."""
+    invalid = op.get_bind().execute(
+        sa.text(
+            "SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " WHERE c.relname = :name"
+        ),
+        {"name": name},
+    )
+    if invalid.scalar():
+        op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)
+
+
 def upgrade() -> None:
     with op.get_context().autocommit_block():
+        _drop_if_invalid("ix_cj_event_outbox_published_created", "cj_event_outbox")
+        _drop_if_invalid("ix_cj_event_inbox_handled_at", "cj_event_inbox")
         op.create_index(
             "ix_cj_event_outbox_published_created",
             "cj_event_outbox",

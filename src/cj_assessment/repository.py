@@ -283,15 +283,18 @@ _COMPARISONS = text(
 
 # A bounded number per statement: a backlog of millions is pruned over several short
 # transactions instead of one long one. SKIP LOCKED: the monitors of several instances prune
-# side by side without waiting for each other. Unpublished rows are never pruned.
+# side by side without waiting for each other. Unpublished rows are never pruned. The rows are
+# chosen in index order (ORDER BY: the generic plan of the prepared statement keeps the index
+# scan) and deleted by their ctid: `id IN (subquery)` planned as a hash join over a scan of
+# the whole table.
 _PRUNE_OUTBOX = text(
-    "DELETE FROM cj_event_outbox WHERE id IN (SELECT id FROM cj_event_outbox"
-    " WHERE created_at < :before AND published_at IS NOT NULL LIMIT :limit"
-    " FOR UPDATE SKIP LOCKED)"
+    "DELETE FROM cj_event_outbox WHERE ctid = ANY(ARRAY(SELECT ctid FROM cj_event_outbox"
+    " WHERE created_at < :before AND published_at IS NOT NULL ORDER BY created_at"
+    " LIMIT :limit FOR UPDATE SKIP LOCKED))"
 )
 _PRUNE_INBOX = text(
-    "DELETE FROM cj_event_inbox WHERE event_id IN (SELECT event_id FROM cj_event_inbox"
-    " WHERE handled_at < :before LIMIT :limit FOR UPDATE SKIP LOCKED)"
+    "DELETE FROM cj_event_inbox WHERE ctid = ANY(ARRAY(SELECT ctid FROM cj_event_inbox"
+    " WHERE handled_at < :before ORDER BY handled_at LIMIT :limit FOR UPDATE SKIP LOCKED))"
 )
 
 

@@ -139,3 +139,25 @@ async def test_outbox_keys_take_any_length_and_the_downgrade_cuts_them_to_255(
         " WHERE table_name = 'cj_event_outbox' AND column_name = 'message_key'",
     )
     assert types == [("text",)]
+
+
+async def test_an_interrupted_build_of_a_prune_index_is_built_again(database_url: str) -> None:
+    config = _alembic_config(database_url)
+    await asyncio.to_thread(command.downgrade, config, "0005")
+    # A unique build over duplicate timestamps fails half way, as an interrupted concurrent
+    # build does: it leaves an invalid index of that name behind.
+    await _rows(
+        database_url,
+        'INSERT INTO cj_event_inbox (event_id, topic, partition, "offset", outcome, handled_at)'
+        " SELECT 'e' || g, 't', 0, g, 'handled', '2026-01-01' FROM generate_series(1, 100) g",
+    )
+    try:
+        await _rows(
+            database_url,
+            "CREATE UNIQUE INDEX CONCURRENTLY ix_cj_event_inbox_handled_at"
+            " ON cj_event_inbox (handled_at)",
+        )
+    except Exception:  # noqa: BLE001 - the failure is the point
+        pass
+    await asyncio.to_thread(command.upgrade, config, "head")
+    assert await _prune_indexes(database_url) == PRUNE_INDEXES

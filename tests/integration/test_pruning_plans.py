@@ -1,0 +1,59 @@
+"""Pruning in its steady state: few rows past retention, spread over a large table (freed
+space is reused), and the prepared statements on their generic plans (asyncpg prepares each
+statement; PostgreSQL switches to a generic plan after five executions)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from cj_assessment.repository import _PRUNE_INBOX, _PRUNE_OUTBOX
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+ROWS = 100_000  # one in a thousand past retention, in random places
+
+
+@pytest.mark.parametrize(
+    ("table", "statement"), [("cj_event_inbox", _PRUNE_INBOX), ("cj_event_outbox", _PRUNE_OUTBOX)]
+)
+async def test_a_prune_reads_the_rows_it_deletes_not_the_table(
+    database_url: str, table: str, statement: object
+) -> None:
+    when = (
+        "CAST(:t0 AS timestamptz) + (CASE WHEN g % 1000 = 0 THEN 0 ELSE 3600 END"
+        " + random() * 60) * interval '1 s'"
+    )
+    rows = {
+        "cj_event_inbox": 'INSERT INTO cj_event_inbox (event_id, topic, partition, "offset",'
+        f" outcome, handled_at) SELECT md5(g::text), 't', 0, g, 'handled', {when}",
+        "cj_event_outbox": "INSERT INTO cj_event_outbox (event_id, topic, message_key, payload,"
+        f" created_at, published_at) SELECT gen_random_uuid(), 't', 'k', '{{}}', {when}, now()",
+    }[table]
+    engine = create_async_engine(database_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(
+                text(f"{rows} FROM generate_series(1, :n) g ORDER BY random()"),
+                {"t0": T0, "n": ROWS},
+            )
+            await conn.execute(text(f"VACUUM ANALYZE {table}"))
+            sql = statement.text.replace(":before", "$1").replace(":limit", "$2")  # type: ignore[attr-defined]
+            await conn.exec_driver_sql(f"PREPARE prune(timestamptz, int) AS {sql}")
+            before = (T0 + timedelta(minutes=30)).isoformat()
+            for _ in range(6):  # the sixth runs the generic plan
+                await conn.exec_driver_sql("BEGIN")
+                plan = "\n".join(
+                    (
+                        await conn.exec_driver_sql(
+                            f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE prune('{before}', 5000)"
+                        )
+                    ).scalars()
+                )
+                await conn.exec_driver_sql("ROLLBACK")
+    finally:
+        await engine.dispose()
+    assert "Seq Scan" not in plan, plan
+    assert "Tid Scan" in plan, plan
