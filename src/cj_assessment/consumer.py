@@ -323,7 +323,7 @@ class EventConsumer:
         poison = []
         for record in results:
             try:
-                decoded.append((record, _decode_result(record.value)))
+                decoded.append((record, _decode_result(record)))
             except Exception as exc:  # noqa: BLE001 - unreadable: dead-lettered, never a crash loop
                 if not await self._dead_letter(record, exc, stop):
                     return False
@@ -479,7 +479,7 @@ class EventConsumer:
 
     async def _process_record(self, record: Any) -> None:
         if record.topic == self._settings.topic_llm_comparison_result:
-            await self._handle_results([(record, _decode_result(record.value))])
+            await self._handle_results([(record, _decode_result(record))])
             return
         if record.topic == self._settings.topic_assessment_requested:
             envelope, refusal = _request_envelope(record)
@@ -739,6 +739,9 @@ def _broker_away(exc: BaseException) -> bool:
     )
 
 
+JSON_INT_DIGITS = 4000
+
+
 def _request_envelope(record: Any) -> tuple[EventEnvelope, RequestRejected | None]:
     """A request's envelope, and its refusal when the envelope breaks CONTRACT §3 (a field
     missing or mistyped, an id the database cannot store). Such a request is still answered
@@ -748,7 +751,7 @@ def _request_envelope(record: Any) -> tuple[EventEnvelope, RequestRejected | Non
     if record.value is None:
         raise PoisonMessage("record has no value")
     try:
-        raw = json.loads(record.value.decode("utf-8"))
+        raw = json.loads(record.value.decode("utf-8"), parse_int=_json_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PoisonMessage(f"undecodable record: {type(exc).__name__}") from exc
     if not isinstance(raw, dict):
@@ -760,6 +763,10 @@ def _request_envelope(record: Any) -> tuple[EventEnvelope, RequestRejected | Non
         for error in exc.errors(include_url=False, include_input=False):
             problems.append((".".join(str(p) for p in error["loc"]) or "envelope", error["msg"]))
     else:
+        if isinstance(raw.get("event_id"), bool) or not envelope.event_id:
+            # `true` would be read as "True", "" as itself: one inbox key for every such
+            # request, each after the first taken for a repeat.
+            problems.append(("event_id", "must be non-empty text or a number"))
         for name in ("event_id", "correlation_id"):
             value = getattr(envelope, name)
             if value is not None and (why := unstorable(value)):
@@ -779,11 +786,7 @@ def _request_envelope(record: Any) -> tuple[EventEnvelope, RequestRejected | Non
         text = str(value)
         return text if 0 < len(text) <= MAX_ID_CHARS and unstorable(text) is None else None
 
-    event_id = usable("event_id") or str(
-        deterministic_event_id(
-            "unusable-envelope", record.topic, str(record.partition), str(record.offset)
-        )
-    )
+    event_id = usable("event_id") or _stand_in_event_id(record)
     rebuilt = EventEnvelope.model_construct(
         event_id=event_id,
         event_type=str(raw.get("event_type")),
@@ -798,18 +801,39 @@ def _request_envelope(record: Any) -> tuple[EventEnvelope, RequestRejected | Non
     return rebuilt, refusal
 
 
+def _json_int(digits: str) -> int | str:
+    """An integer as written, or, past what Python reads as an integer (4,300 digits), its
+    digits as text: the field that expected a number then refuses it by its type or length,
+    with a failed event, instead of the whole record failing to decode."""
+    return int(digits) if len(digits) <= JSON_INT_DIGITS else digits
+
+
 def _essay_count(data: dict[str, Any]) -> int:
     essays = data.get("essays_for_cj")
     return len(essays) if isinstance(essays, list) else 0
 
 
-def _decode_result(value: bytes | None) -> ComparisonResultEnvelope:
-    if value is None:
+def _decode_result(record: Any) -> ComparisonResultEnvelope:
+    if record.value is None:
         raise PoisonMessage("record has no value")
     try:
-        return ComparisonResultEnvelope.model_validate_json(value)
+        envelope = ComparisonResultEnvelope.model_validate_json(record.value)
     except ValidationError as exc:
         raise _invalid(ComparisonResultEnvelope, exc) from exc
+    if not envelope.event_id or unstorable(envelope.event_id):
+        # The inbox could not key on it; the answer itself is paid for and still counts.
+        envelope.event_id = _stand_in_event_id(record)
+    return envelope
+
+
+def _stand_in_event_id(record: Any) -> str:
+    """An event id for a record whose own cannot key the inbox: derived from the record's
+    place in its topic, so that a redelivery of the record is recognised."""
+    return str(
+        deterministic_event_id(
+            "unusable-event-id", record.topic, str(record.partition), str(record.offset)
+        )
+    )
 
 
 def _invalid(model: Any, exc: ValidationError) -> PoisonMessage:

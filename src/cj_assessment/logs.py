@@ -37,8 +37,10 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Chatty libraries: their warnings at most, and nothing below the level asked for.
+    quiet = max(logging.WARNING, logging.getLevelName(level.upper()))
     for noisy in ("aiokafka", "kafka", "sqlalchemy.engine", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(quiet)
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, *stamped, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

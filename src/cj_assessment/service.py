@@ -68,6 +68,16 @@ def tune_garbage_collector(young_threshold: int) -> None:
         gc.set_threshold(young_threshold, older, oldest)
 
 
+def _unhandled_in_loop(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """asyncio's default handler writes the failed task's repr, exception message included;
+    this one logs asyncio's own message and the exception's class and stack only."""
+    log.error(
+        "event_loop_exception",
+        what=str(context.get("message", ""))[:200],
+        exc_info=context.get("exception"),
+    )
+
+
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -76,6 +86,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):
             pass
+    loop.set_exception_handler(_unhandled_in_loop)
     container = build_container(settings)
     try:
         engine = await container.get(AsyncEngine)

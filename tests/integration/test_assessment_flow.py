@@ -85,6 +85,19 @@ async def test_duplicate_request_for_a_known_batch_creates_nothing_new(
 LONG_IDENTITY = "batch-" + "L" * 300
 
 
+async def _send_raw(settings, value: bytes) -> None:  # type: ignore[no-untyped-def]
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, enable_idempotence=False
+    )
+    await producer.start()
+    try:
+        await producer.send_and_wait(settings.topic_assessment_requested, value)
+    finally:
+        await producer.stop()
+
+
 async def test_invalid_requests_each_end_in_one_failed_event(
     kafka_bootstrap: str, database_url: str
 ) -> None:
@@ -145,15 +158,33 @@ async def test_invalid_requests_each_end_in_one_failed_event(
     odd_metadata["metadata"] = "not an object"
     nul_correlation = request_envelope(bos_batch_id="bad-envelope-correlation", essays=essays)
     nul_correlation["correlation_id"] = "corr\x00elation"
+    # Event ids that cannot tell requests apart: each request still gets its own answer.
+    empty_ids = [
+        request_envelope(bos_batch_id=f"bad-empty-event-id-{i}", essays=essays) for i in (1, 2)
+    ]
+    for envelope in empty_ids:
+        envelope["event_id"] = ""
+    bool_id = request_envelope(bos_batch_id="bad-bool-event-id", essays=essays)
+    bool_id["event_id"] = True
     cases |= {
         "bad-envelope-type": no_event_type,
         "bad-envelope-metadata": odd_metadata,
         "bad-envelope-correlation": nul_correlation,
+        "bad-empty-event-id-1": empty_ids[0],
+        "bad-empty-event-id-2": empty_ids[1],
+        "bad-bool-event-id": bool_id,
     }
+    # A number past the 4,300 digits Python reads, written as the JSON text it would be.
+    huge = request_envelope(
+        bos_batch_id="bad-5000-digits", essays=essays, batch_config_overrides={"batch_size": 0}
+    )
+    huge_json = json.dumps(huge).replace('"batch_size": 0', '"batch_size": ' + "9" * 5000)
     # The same identity sent again as a new event gets no second failed event.
     again = request_envelope(bos_batch_id=LONG_IDENTITY, essays=essays, flat_entity=True)
     async with running_system(settings, provider=None) as system:
         await system.submit(*cases.values(), again)
+        await _send_raw(settings, huge_json.encode())
+        cases["bad-5000-digits"] = huge
         outcomes = await system.watcher.wait_for(list(cases), timeout=60, settle=1.0)
         for bos_batch_id in cases:
             assert len(system.watcher.outcomes_for(bos_batch_id)) == 1
@@ -183,6 +214,10 @@ async def test_invalid_requests_each_end_in_one_failed_event(
         "bad-envelope-type": "INVALID_REQUEST",
         "bad-envelope-metadata": "INVALID_REQUEST",
         "bad-envelope-correlation": "INVALID_REQUEST",
+        "bad-empty-event-id-1": "INVALID_REQUEST",
+        "bad-empty-event-id-2": "INVALID_REQUEST",
+        "bad-bool-event-id": "INVALID_REQUEST",
+        "bad-5000-digits": "INVALID_BATCH_CONFIG_OVERRIDE",
     }
 
     def info(bos_batch_id: str) -> dict:

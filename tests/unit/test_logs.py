@@ -66,3 +66,38 @@ def test_standard_library_loggers_write_the_same_json_events(
     )
     assert second["error_class"] == "OSError"
     assert SECRET not in json.dumps(second)
+
+
+def test_library_warnings_are_kept_out_below_an_error_level() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    configure_logging("ERROR", json=True, stream=stream)
+    try:
+        logging.getLogger("aiokafka").warning("Unable connect to node")
+        logging.getLogger("aiokafka").error("Unable to update metadata")
+    finally:
+        structlog.reset_defaults()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert [line["event"] for line in _lines(stream)] == ["Unable to update metadata"]
+
+
+def test_an_unhandled_task_exception_is_logged_without_its_message(
+    json_logs: io.StringIO,
+) -> None:
+    from cj_assessment.service import _unhandled_in_loop
+
+    context = {
+        "message": "Task exception was never retrieved",
+        "exception": ValueError(SECRET),
+        "future": f"<Task finished exception=ValueError({SECRET!r})>",
+    }
+    _unhandled_in_loop(None, context)  # type: ignore[arg-type]
+    (line,) = _lines(json_logs)
+    assert (line["event"], line["what"], line["error_class"]) == (
+        "event_loop_exception",
+        "Task exception was never retrieved",
+        "ValueError",
+    )
+    assert SECRET not in json.dumps(line)

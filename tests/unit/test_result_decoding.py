@@ -1,0 +1,36 @@
+"""Reading a result record: an event id the inbox cannot key on is replaced, the answer kept."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from cj_assessment.consumer import _decode_result
+
+
+def _record(event_id: object, offset: int = 7) -> SimpleNamespace:
+    envelope = {
+        "event_id": event_id,
+        "event_type": "LLMComparisonResultV1",
+        "data": {"correlation_id": "c-1", "winner": "Essay A", "justification": "clearer"},
+    }
+    return SimpleNamespace(
+        topic="results", partition=2, offset=offset, value=json.dumps(envelope).encode()
+    )
+
+
+@pytest.mark.parametrize("event_id", ["", "evt\x00id"])
+def test_a_result_whose_event_id_cannot_key_the_inbox_keeps_its_answer(event_id: str) -> None:
+    first, redelivered, other = _record(event_id), _record(event_id), _record(event_id, 8)
+    decoded = _decode_result(first)
+    assert decoded.data.winner == "Essay A"
+    assert decoded.event_id and decoded.event_id != event_id
+    # The stand-in follows the record's place: a redelivery is recognised, another is not.
+    assert _decode_result(redelivered).event_id == decoded.event_id
+    assert _decode_result(other).event_id != decoded.event_id
+
+
+def test_a_result_with_a_usable_event_id_keeps_it() -> None:
+    assert _decode_result(_record("evt-1")).event_id == "evt-1"
