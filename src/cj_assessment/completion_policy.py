@@ -45,10 +45,12 @@ def iteration_done(progress: Progress, config: BatchConfig) -> bool:
         return True
     if current.resolved < config.partial_completion_threshold * current.planned - 1e-9:
         return False
-    if current.completes_pairs:
-        # Every pair has been planned: closing at the threshold would end the assessment
-        # without the answers and retries still to come, or plan repeats of pairs while they
-        # are on their way. The wait ends: each ends in an answer, a timeout or a retry.
+    if current.completes_pairs and current.planned - current.resolved > (
+        current.first_attempts_outstanding
+    ):
+        # Every pair has been planned and some failed ones are owed their retries: closing
+        # now would end the assessment without them (or plan repeats while they are on their
+        # way). First answers still out are not waited for, as at any close.
         return False
     # At the threshold. If closing now would fail the assessment but the answers still to
     # come (first attempts, retries) could spare it that, it waits for them or their timeouts:

@@ -619,13 +619,13 @@ def _pairing_history(comparisons: Comparisons, progress: Progress) -> PairingHis
 
 
 def _settled_pairs(comparisons: Comparisons, progress: Progress) -> PairingHistory:
-    """The pairs with nothing left to wait for, judged or failed for good: once every pair of
-    essays is settled the assessment completes (`all_pairs_compared`). A pair whose answer or
-    retry is still to come is not, or its retry would be dropped; nor is a pair only planned.
-    One failed for good is, or a pair the provider always refuses would keep a small
-    assessment running to its budget on repeats."""
-    lost = _failed_for_good(comparisons, progress)
+    """The pairs with nothing owed: every planned pair but those whose comparison waits in
+    the failed pool for its retry. Once every pair of essays is settled the assessment
+    completes (`all_pairs_compared`); a pool entry would otherwise be dropped, its budget
+    unspent. A pair failed for good is settled, or a pair the provider always refuses would
+    keep a small assessment running to its budget on repeats; so is a pair whose answer is
+    still on its way, as at any completion."""
+    pooled = {entry.comparison_id for entry in progress.pool.entries}
     judged = [(a, b) for a, b, _ in comparisons.judgements]
-    return PairingHistory.from_pairs(
-        judged + [(a, b) for c, a, b in comparisons.planned if c in lost]
-    )
+    owed_nothing = [(a, b) for c, a, b in comparisons.planned if c not in pooled]
+    return PairingHistory.from_pairs(judged + owed_nothing)

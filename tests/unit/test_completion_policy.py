@@ -122,11 +122,17 @@ def test_iteration_done_exactly_at_the_threshold_share_of_planned(
     assert iteration_done(at, config)
 
 
-def test_an_iteration_that_planned_the_last_unseen_pairs_waits_for_all_of_them() -> None:
+def test_the_iteration_that_planned_the_last_unseen_pairs_waits_for_retries_owed() -> None:
     config = _config(partial_completion_threshold=0.85)
     progress = _with_current(_sent_iteration(15), completes_pairs=True)
-    assert not iteration_done(_with_current(progress, succeeded=14), config)
-    assert iteration_done(_with_current(progress, succeeded=14, permanently_failed=1), config)
+    # 13 answered, 2 first attempts failed: their retries are owed.
+    owed = _with_current(progress, succeeded=13, first_attempts_outstanding=0)
+    assert not iteration_done(owed, config)
+    # 13 answered, 2 still out: stragglers are not waited for, as at any close.
+    out = _with_current(progress, succeeded=13, first_attempts_outstanding=2)
+    assert iteration_done(out, config)
+    retried = _with_current(owed, succeeded=14, permanently_failed=1)
+    assert iteration_done(retried, config)
 
 
 def test_iteration_done_counts_permanent_failures_as_resolved() -> None:
