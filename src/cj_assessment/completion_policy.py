@@ -41,16 +41,15 @@ def iteration_done(progress: Progress, config: BatchConfig) -> bool:
     )
     if unsent:
         return False
+    if current.completes_pairs and _retries_owed(progress):
+        # Every pair has been planned and some failed ones, of this iteration or an earlier
+        # one, are owed their retries: closing now would end the assessment without them (or
+        # plan repeats while they are on their way). First answers still out are not waited
+        # for, as at any close.
+        return False
     if current.resolved >= current.planned:
         return True
     if current.resolved < config.partial_completion_threshold * current.planned - 1e-9:
-        return False
-    if current.completes_pairs and current.planned - current.resolved > (
-        current.first_attempts_outstanding
-    ):
-        # Every pair has been planned and some failed ones are owed their retries: closing
-        # now would end the assessment without them (or plan repeats while they are on their
-        # way). First answers still out are not waited for, as at any close.
         return False
     # At the threshold. If closing now would fail the assessment but the answers still to
     # come (first attempts, retries) could spare it that, it waits for them or their timeouts:
@@ -157,3 +156,17 @@ def decide_after_scoring(
 
 def first_iteration_size(config: BatchConfig, essay_count: int) -> int:
     return min(config.max_comparisons, config.matchings_per_iteration * (essay_count // 2))
+
+
+def _retries_owed(progress: Progress) -> bool:
+    """Failed comparisons of the current iteration not yet resolved, or of any iteration
+    still in the pool or in a retry batch not done."""
+    current = progress.current
+    assert current is not None
+    return (
+        current.planned - current.resolved > current.first_attempts_outstanding
+        or bool(progress.pool.entries)
+        or any(
+            b.kind is BatchKind.RETRY and b.status is not BatchStatus.DONE for b in progress.batches
+        )
+    )

@@ -820,7 +820,8 @@ def _decode_result(record: Any) -> ComparisonResultEnvelope:
         envelope = ComparisonResultEnvelope.model_validate_json(record.value)
     except ValidationError as exc:
         raise _invalid(ComparisonResultEnvelope, exc) from exc
-    if not envelope.event_id or unstorable(envelope.event_id):
+    event_id = envelope.event_id
+    if not event_id or len(event_id) > MAX_ID_CHARS or unstorable(event_id):
         # The inbox could not key on it; the answer itself is paid for and still counts.
         envelope.event_id = _stand_in_event_id(record)
     return envelope

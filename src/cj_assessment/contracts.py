@@ -323,9 +323,24 @@ class LLMComparisonResultV1(_Accept):
         return self
 
 
+def _result_event_id(value: Any) -> str | None:
+    """A result's event id as text when it is text or a number; None otherwise (missing,
+    null, a boolean), for the consumer to replace: the answer it carries is paid for."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
 class ComparisonResultEnvelope(EventEnvelope):
     """A result's envelope validated together with its payload, straight from the bytes:
-    the consumer's hot path parses each result once."""
+    the consumer's hot path parses each result once. Its event id is taken as it comes, any
+    length or none at all; the consumer keys the inbox on a stand-in when it cannot use it."""
+
+    event_id: Annotated[str | None, BeforeValidator(_result_event_id)] = Field(  # type: ignore[assignment]
+        None, description="Unique id of this event (replaced by a stand-in when unusable)"
+    )
 
     data: LLMComparisonResultV1 = Field(description="The comparison result")  # type: ignore[assignment]
 

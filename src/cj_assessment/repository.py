@@ -315,6 +315,8 @@ class Comparisons(NamedTuple):
     unanswered: frozenset[str]
     """Comparisons with no winner and no attempt awaiting an answer: failed for good unless
     the failed pool holds their retry."""
+    retrying: frozenset[str] = frozenset()
+    """Comparisons with no winner and a retry queued or awaiting its answer."""
 
 
 @dataclass(slots=True)
@@ -912,16 +914,21 @@ class AssessmentRepository:
         planned: list[tuple[str, str, str]] = []
         judgements: list[tuple[str, str, bool]] = []
         alive: set[str] = set()
+        won: set[str] = set()
+        retried: set[str] = set()
         succeeded = AttemptStatus.SUCCEEDED.value
         for comparison_id, essay_a, essay_b, attempt, status, winner in rows.all():
             if attempt == 1:
                 planned.append((comparison_id, essay_a, essay_b))
             if status == succeeded:
                 judgements.append((essay_a, essay_b, winner == "essay_a"))
+                won.add(comparison_id)
+            elif status in _ALIVE and attempt > 1:
+                retried.add(comparison_id)
             if status in _ALIVE:
                 alive.add(comparison_id)
         unanswered = frozenset(c for c, _, _ in planned if c not in alive)
-        return Comparisons(planned, judgements, unanswered)
+        return Comparisons(planned, judgements, unanswered, frozenset(retried - won))
 
     async def count_attempts(self, cj_batch_id: int) -> int:
         """Attempts whose requests went to the provider: paid calls. Not those still queued

@@ -620,12 +620,12 @@ def _pairing_history(comparisons: Comparisons, progress: Progress) -> PairingHis
 
 def _settled_pairs(comparisons: Comparisons, progress: Progress) -> PairingHistory:
     """The pairs with nothing owed: every planned pair but those whose comparison waits in
-    the failed pool for its retry. Once every pair of essays is settled the assessment
-    completes (`all_pairs_compared`); a pool entry would otherwise be dropped, its budget
-    unspent. A pair failed for good is settled, or a pair the provider always refuses would
-    keep a small assessment running to its budget on repeats; so is a pair whose answer is
-    still on its way, as at any completion."""
-    pooled = {entry.comparison_id for entry in progress.pool.entries}
+    the failed pool for its retry or for its retry's answer. Once every pair of essays is
+    settled the assessment completes (`all_pairs_compared`); a retry owed would otherwise be
+    dropped, its budget unspent. A pair failed for good is settled, or a pair the provider
+    always refuses would keep a small assessment running to its budget on repeats; so is a
+    pair whose first answer is still on its way, as at any completion."""
+    owed = {entry.comparison_id for entry in progress.pool.entries} | comparisons.retrying
     judged = [(a, b) for a, b, _ in comparisons.judgements]
-    owed_nothing = [(a, b) for c, a, b in comparisons.planned if c not in pooled]
+    owed_nothing = [(a, b) for c, a, b in comparisons.planned if c not in owed]
     return PairingHistory.from_pairs(judged + owed_nothing)

@@ -435,3 +435,30 @@ async def test_a_pair_the_provider_always_refuses_does_not_keep_a_small_assessme
     # at most one make-up when it was planned before the last unseen pairs).
     assert summary["stop_reason"] == "all_pairs_compared"
     assert summary["comparison_attempts"] == calls
+
+
+async def test_all_pairs_compared_waits_for_a_retry_an_earlier_iteration_still_owes(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(matchings_per_iteration=1)
+    await path.start("early-retry", 4, at(0), max_comparisons=40, partial_completion_threshold=0.5)
+    first = await path.in_flight()
+    # One success and one error: 1 of 2 passes the threshold, and the error's retry goes out
+    # with the next iteration.
+    await path.answer([(first[0], True), (first[1], False)], at(1))
+    moment = 2
+    while fresh := [a for a in await path.in_flight() if a.attempt == 1]:
+        await path.answer([(a, True) for a in fresh], at(moment))
+        moment += 1
+    # Every pair planned, every first answer in: only the retry is out, and it is waited for.
+    assert (await path.state()).state == "WAITING_CALLBACKS"
+    (retry,) = await path.in_flight()
+    assert (retry.comparison_id, retry.attempt) == (first[1].comparison_id, 2)
+    await path.answer([(retry, True)], at(moment))
+    judged = {
+        frozenset((a.essay_a_els_id, a.essay_b_els_id))
+        for a in await path.attempts()
+        if a.status == "succeeded"
+    }
+    assert len(judged) == 6
+    assert (await path.completed_summary())["stop_reason"] == "all_pairs_compared"

@@ -21,8 +21,8 @@ def _record(event_id: object, offset: int = 7) -> SimpleNamespace:
     )
 
 
-@pytest.mark.parametrize("event_id", ["", "evt\x00id"])
-def test_a_result_whose_event_id_cannot_key_the_inbox_keeps_its_answer(event_id: str) -> None:
+@pytest.mark.parametrize("event_id", ["", "evt\x00id", None, True, "e" * 300])
+def test_a_result_whose_event_id_cannot_key_the_inbox_keeps_its_answer(event_id: object) -> None:
     first, redelivered, other = _record(event_id), _record(event_id), _record(event_id, 8)
     decoded = _decode_result(first)
     assert decoded.data.winner == "Essay A"
