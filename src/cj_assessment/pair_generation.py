@@ -38,7 +38,7 @@ rounds then repair what remains, preferring nearby pairs. On the simulated bench
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -130,14 +130,21 @@ class _Plan:
 
 def all_pairs_seen(essay_ids: Sequence[str], history: PairingHistory) -> bool:
     """Whether every unordered pair of distinct essays has been planned at least once."""
+    return covers_all_pairs(
+        essay_ids, [pair for pair, count in history.pair_counts.items() if count > 0]
+    )
+
+
+def covers_all_pairs(essay_ids: Sequence[str], pairs: Collection[Iterable[str]]) -> bool:
+    """Whether `pairs` (in either orientation, repeats allowed) include every unordered pair
+    of distinct essays. Fewer pairs than that answer at once, without building a set: most
+    assessments are far from covering their pairs."""
     ids = set(essay_ids)
     needed = len(ids) * (len(ids) - 1) // 2
-    seen = sum(
-        1
-        for pair, count in history.pair_counts.items()
-        if count > 0 and len(pair) == 2 and pair <= ids
-    )
-    return seen >= needed
+    if len(pairs) < needed:
+        return False
+    distinct = {frozenset(pair) for pair in pairs}
+    return sum(1 for pair in distinct if len(pair) == 2 and pair <= ids) >= needed
 
 
 def generate_pairs(

@@ -45,7 +45,7 @@ from cj_assessment.pair_generation import (
     AbilityEstimates,
     PairingHistory,
     PairingStrategy,
-    all_pairs_seen,
+    covers_all_pairs,
     generate_pairs,
 )
 from cj_assessment.repository import AssessmentRepository, Comparisons, OutboxRow, StateRow
@@ -281,14 +281,13 @@ class WorkflowOrchestrator:
             strategy=PairingStrategy(ctx.config.pairing_strategy),
             estimates=estimates,
         )
-        planned = PairingHistory.from_pairs([*map(tuple, history.pair_counts), *pairs])
         return await self._batches.plan_iteration(
             repo,
             ctx,
             progress,
             iteration=iteration,
             pairs=pairs,
-            completes_pairs=all_pairs_seen(essay_ids, planned),
+            completes_pairs=covers_all_pairs(essay_ids, [*history.pair_counts, *pairs]),
         )
 
     async def _score_iteration(
@@ -299,7 +298,7 @@ class WorkflowOrchestrator:
         essay_ids: list[str],
         judgements: list[tuple[str, str, bool]],
         *,
-        settled: PairingHistory,
+        settled: list[tuple[str, str]],
         now: datetime,
     ) -> tuple[Progress, Decision, ScoringResult | None]:
         iteration = progress.current_iteration
@@ -367,7 +366,7 @@ class WorkflowOrchestrator:
             essay_count=len(essay_ids),
             scored_essays=len(scored),
             max_score_change=change,
-            all_pairs_seen=all_pairs_seen(essay_ids, settled),
+            all_pairs_seen=covers_all_pairs(essay_ids, settled),
             reliability=scoring.reliability,
             reliability_lower_bound=scoring.reliability_lower_bound,
             mean_standard_error=mean_standard_error,
@@ -618,7 +617,7 @@ def _pairing_history(comparisons: Comparisons, progress: Progress) -> PairingHis
     return PairingHistory.from_pairs(pairs)
 
 
-def _settled_pairs(comparisons: Comparisons, progress: Progress) -> PairingHistory:
+def _settled_pairs(comparisons: Comparisons, progress: Progress) -> list[tuple[str, str]]:
     """The pairs with nothing owed: every planned pair but those whose comparison waits in
     the failed pool for its retry or for its retry's answer. Once every pair of essays is
     settled the assessment completes (`all_pairs_compared`); a retry owed would otherwise be
@@ -628,4 +627,4 @@ def _settled_pairs(comparisons: Comparisons, progress: Progress) -> PairingHisto
     owed = {entry.comparison_id for entry in progress.pool.entries} | comparisons.retrying
     judged = [(a, b) for a, b, _ in comparisons.judgements]
     owed_nothing = [(a, b) for c, a, b in comparisons.planned if c not in owed]
-    return PairingHistory.from_pairs(judged + owed_nothing)
+    return judged + owed_nothing

@@ -329,16 +329,8 @@ async def test_every_pair_planned_is_not_every_pair_compared_while_two_wait_for_
     assert (await path.state()).state == "WAITING_CALLBACKS"
     retried = {a.comparison_id for a in await path.in_flight() if a.attempt == 2}
     assert retried == {a.comparison_id for a in first[:2]}
-    moment = 2
-    while sent := await path.in_flight():
-        await path.answer([(a, True) for a in sent], at(moment))
-        moment += 1
-    judged = {
-        frozenset((a.essay_a_els_id, a.essay_b_els_id))
-        for a in await path.attempts()
-        if a.status == "succeeded"
-    }
-    assert len(judged) == 15
+    await path.answer_until_quiet(lambda attempt: True, 2)
+    assert len(await path.judged_pairs()) == 15
     summary = await path.completed_summary()
     assert summary["pool_statistics"]["successful_retries"] == 2
     # The iteration that planned the last unseen pairs waited for its retries: no repeats.
@@ -350,12 +342,10 @@ async def test_comparisons_failed_for_good_are_made_up_so_judgement_counts_stay_
 ) -> None:
     path = decision_path(matchings_per_iteration=1, enable_stability_checking=False)
     await path.start("outage", 12, at(0), max_comparisons=60)
-    moment = 1
-    while sent := await path.in_flight():
-        # Every attempt at e00's first-iteration comparison fails, its retries included.
-        unlucky = [a.iteration == 1 and "e00" in (a.essay_a_els_id, a.essay_b_els_id) for a in sent]
-        await path.answer([(a, not bad) for a, bad in zip(sent, unlucky, strict=True)], at(moment))
-        moment += 1
+    # Every attempt at e00's first-iteration comparison fails, its retries included.
+    await path.answer_until_quiet(
+        lambda a: not (a.iteration == 1 and "e00" in (a.essay_a_els_id, a.essay_b_els_id)), 1
+    )
     judgements: dict[str, int] = {}
     for a in await path.attempts():
         if a.status == "succeeded":
@@ -425,11 +415,9 @@ async def test_a_pair_the_provider_always_refuses_does_not_keep_a_small_assessme
 ) -> None:
     path = decision_path(matchings_per_iteration=matchings)
     await path.start("refused-pair", essays, at(0), max_comparisons=10 * essays)
-    moment = 1
-    while sent := await path.in_flight():
-        refused = [{a.essay_a_els_id, a.essay_b_els_id} == {"e00", "e01"} for a in sent]
-        await path.answer([(a, not r) for a, r in zip(sent, refused, strict=True)], at(moment))
-        moment += 1
+    await path.answer_until_quiet(
+        lambda a: {a.essay_a_els_id, a.essay_b_els_id} != {"e00", "e01"}, 1
+    )
     summary = await path.completed_summary()
     # Every pair is settled once the refused one has failed for good (after its retries, and
     # at most one make-up when it was planned before the last unseen pairs).
@@ -446,19 +434,11 @@ async def test_all_pairs_compared_waits_for_a_retry_an_earlier_iteration_still_o
     # One success and one error: 1 of 2 passes the threshold, and the error's retry goes out
     # with the next iteration.
     await path.answer([(first[0], True), (first[1], False)], at(1))
-    moment = 2
-    while fresh := [a for a in await path.in_flight() if a.attempt == 1]:
-        await path.answer([(a, True) for a in fresh], at(moment))
-        moment += 1
+    moment = await path.answer_until_quiet(lambda a: True, 2, only=lambda a: a.attempt == 1)
     # Every pair planned, every first answer in: only the retry is out, and it is waited for.
     assert (await path.state()).state == "WAITING_CALLBACKS"
     (retry,) = await path.in_flight()
     assert (retry.comparison_id, retry.attempt) == (first[1].comparison_id, 2)
     await path.answer([(retry, True)], at(moment))
-    judged = {
-        frozenset((a.essay_a_els_id, a.essay_b_els_id))
-        for a in await path.attempts()
-        if a.status == "succeeded"
-    }
-    assert len(judged) == 6
+    assert len(await path.judged_pairs()) == 6
     assert (await path.completed_summary())["stop_reason"] == "all_pairs_compared"

@@ -5,6 +5,7 @@ chosen moments. Outbox rows are what would be published."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -119,6 +120,30 @@ class DecisionPath:
             if lost_before_commit:
                 raise ConnectionResetError("connection lost before the commit")
         return [o.value for o in outcomes]
+
+    async def answer_until_quiet(
+        self,
+        verdict: Callable[[Any], bool],
+        start: int,
+        *,
+        only: Callable[[Any], bool] = lambda attempt: True,
+    ) -> int:
+        """Poll after poll, one second apart from `start`, answer every attempt in flight
+        that `only` selects with `verdict(attempt)` (True: a winner, False: an error) until
+        none is left; the second after the last poll."""
+        moment = start
+        while sent := [a for a in await self.in_flight() if only(a)]:
+            await self.answer([(a, verdict(a)) for a in sent], at(moment))
+            moment += 1
+        return moment
+
+    async def judged_pairs(self) -> set[frozenset[str]]:
+        """The unordered essay pairs with a successful attempt."""
+        return {
+            frozenset((a.essay_a_els_id, a.essay_b_els_id))
+            for a in await self.attempts()
+            if a.status == "succeeded"
+        }
 
     async def in_flight(self) -> list[Any]:
         """The attempts sent and not yet answered, in planning order."""
