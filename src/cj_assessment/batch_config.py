@@ -34,8 +34,8 @@ class BatchConfig:
     failed_comparison_retry_threshold: int
     max_retry_attempts: int
     min_success_rate: float
-    # Added with adaptive pairing; configurations stored before then load with these defaults.
-    pairing_strategy: str = "adaptive"
+    # Defaults for configurations stored without these fields: the behaviour they ran with.
+    pairing_strategy: str = "random"
     target_reliability: float | None = None
     target_mean_standard_error: float | None = None
     min_reliability_to_stop_early: float = 0.5
@@ -67,7 +67,10 @@ def _check(field: str, value: Any) -> Any:
         raise _invalid(field, value, allowed)
     if (low is not None and value < low) or (high is not None and value > high):
         raise _invalid(field, value, allowed)
-    return kind(value)
+    try:
+        return kind(value)
+    except OverflowError:  # an int beyond any float, for a field without an upper bound
+        raise _invalid(field, value, allowed) from None
 
 
 def _describe_range(field: str) -> str:

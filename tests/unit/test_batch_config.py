@@ -168,6 +168,7 @@ def test_an_integral_float_batch_size_is_accepted_as_an_int() -> None:
         ("partial_completion_threshold", "0.9", "0.5-1"),
         ("stability_threshold", 0, "> 0"),
         ("stability_threshold", -0.1, "> 0"),
+        ("stability_threshold", 10**400, "> 0"),  # beyond any float
         ("max_comparisons", 0, ">= 1"),
         ("max_comparisons", -5, ">= 1"),
         ("max_comparisons", "100", ">= 1"),
@@ -261,12 +262,12 @@ def test_pairing_and_precision_settings_flow_into_the_config() -> None:
     assert BatchConfig.from_json(config.to_json()) == config
 
 
-def test_a_config_stored_before_pairing_settings_existed_loads_with_defaults() -> None:
+def test_a_config_stored_without_pairing_fields_keeps_the_random_pairing_it_ran_with() -> None:
     stored = _resolve().to_json()
     for field in ("pairing_strategy", "target_reliability", "target_mean_standard_error"):
         del stored[field]
     config = BatchConfig.from_json(stored)
-    assert config.pairing_strategy == "adaptive"
+    assert config.pairing_strategy == "random"
     assert config.target_reliability is None and config.target_mean_standard_error is None
     assert config.batch_size == stored["batch_size"]
 
