@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from typing import Protocol
+from urllib.parse import quote
 
 import aiohttp
 import structlog
+from yarl import URL
 
 from cj_assessment.errors import ContentUnavailable
 
@@ -33,10 +35,17 @@ class HttpContentClient:
             raise ContentUnavailable(essay_id, "no text_storage_id")
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
+        # One path segment whatever the id holds: "/", "?", "#" or "%" in an id must not reach
+        # another resource than the essay's own.
+        segment = quote(text_storage_id, safe="")
+        if segment in {".", ".."}:  # a URL would resolve these to the parent resource
+            segment = segment.replace(".", "%2E")
+        # Sent as written: parsing would decode "%2E" and resolve the dots again.
+        url = URL(f"{self._base_url}/{segment}", encoded=True)
         reason = "unknown"
         for attempt in range(1, self._attempts + 1):
             try:
-                async with self._session.get(f"{self._base_url}/{text_storage_id}") as response:
+                async with self._session.get(url) as response:
                     if response.status == 200:
                         try:
                             return await response.text()

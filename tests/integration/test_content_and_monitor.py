@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
+from cj_assessment.content import HttpContentClient
 from cj_assessment.embedded import free_port
 from cj_assessment.pipeline_client import request_envelope
 from tests.integration.test_assessment_flow import _essays
@@ -79,6 +80,21 @@ async def test_essays_without_inline_text_are_fetched_and_a_missing_one_fails_na
     info = outcomes["undecodable"]["data"]["system_metadata"]["error_info"]
     assert (info["error_code"], info["context"]["essay_id"]) == ("CONTENT_UNAVAILABLE", "latin")
     assert "not decodable" in info["error_message"]
+
+
+@pytest.mark.parametrize(
+    "storage_id", ["..", ".", "../../admin", "a/b", "doc?page=2", "doc#1", "50%25 off", "é ü"]
+)
+async def test_a_storage_id_is_fetched_as_one_path_segment_whatever_it_holds(
+    content_service: tuple[str, dict[str, str | bytes]], storage_id: str
+) -> None:
+    url, store = content_service
+    store[storage_id] = f"text of {storage_id}"
+    client = HttpContentClient(url, timeout_seconds=5, attempts=1)
+    try:
+        assert await client.fetch("e1", storage_id) == f"text of {storage_id}"
+    finally:
+        await client.close()
 
 
 async def test_monitor_times_out_unanswered_comparisons_and_fails_the_assessment_clearly(
