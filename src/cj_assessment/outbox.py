@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
@@ -71,6 +72,7 @@ class OutboxRelay:
         comparison_topic: str,
         unsent: UnsentComparisons | None = None,
         kill_after_ack: bool = False,
+        backlog_refresh_seconds: float = 1.0,
     ) -> None:
         self._sessions = sessions
         self._producer = producer
@@ -81,6 +83,7 @@ class OutboxRelay:
         self._unsent = unsent
         self._wake = asyncio.Event()
         self._kill_after_ack = kill_after_ack
+        self._backlog_refresh_seconds = backlog_refresh_seconds
 
     def notify(self) -> None:
         """A handler committed outbox rows: publish without waiting for the next poll."""
@@ -88,6 +91,8 @@ class OutboxRelay:
 
     async def run(self, stop: asyncio.Event) -> None:
         delay = self._poll_interval
+        loop = asyncio.get_running_loop()
+        refreshed_at = -math.inf
         while True:
             try:
                 published = await self.publish_pending()
@@ -96,6 +101,11 @@ class OutboxRelay:
                 log.warning("outbox_publish_failed", error_class=type(exc).__name__)
                 published = 0
                 delay = min(max(delay * 2, 0.5), 10.0)
+            # Also while rounds follow each other without a pause: a backlog builds exactly
+            # then, and its gauges are what an alert watches.
+            if loop.time() - refreshed_at >= self._backlog_refresh_seconds:
+                await self._refresh_backlog()
+                refreshed_at = loop.time()
             if published:
                 continue
             if stop.is_set():
@@ -105,7 +115,6 @@ class OutboxRelay:
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
             except TimeoutError:
                 pass
-            await self._refresh_backlog()
 
     async def publish_pending(self) -> int:
         """Publish one round of pending rows; the number of rows published or set aside."""
