@@ -83,15 +83,17 @@ class BatchProcessor:
         start = 0
         for batch_id, batch_size in batches:
             for a, b in pairs[start : start + batch_size]:
+                correlation_id = uuid.uuid4()
                 attempts.append(
                     NewAttempt(
                         comparison_id=uuid.uuid4(),
-                        correlation_id=uuid.uuid4(),
+                        correlation_id=correlation_id,
                         essay_a_id=a,
                         essay_b_id=b,
                         iteration=iteration,
                         attempt=1,
                         submission_batch_id=uuid.UUID(batch_id),
+                        request_event_id=self._request_event_id(correlation_id),
                     )
                 )
             start += batch_size
@@ -118,15 +120,17 @@ class BatchProcessor:
         attempts = [
             NewAttempt(
                 comparison_id=uuid.UUID(entry.comparison_id),
-                correlation_id=uuid.uuid4(),
+                correlation_id=correlation_id,
                 essay_a_id=entry.essay_a_id,
                 essay_b_id=entry.essay_b_id,
                 iteration=entry.iteration,
                 attempt=entry.retry_count + 2,
                 submission_batch_id=uuid.UUID(batch_id),
+                request_event_id=self._request_event_id(correlation_id),
             )
             for batch_id, entries in planned
             for entry in entries
+            for correlation_id in (uuid.uuid4(),)
         ]
         await repo.insert_attempts(ctx.cj_batch_id, attempts)
         self._metrics.retry_batches.inc(len(planned))
@@ -184,6 +188,11 @@ class BatchProcessor:
                     threshold=ctx.config.partial_completion_threshold,
                 )
 
+    def _request_event_id(self, correlation_id: uuid.UUID) -> uuid.UUID:
+        """The event id of an attempt's request: the same for every publication of it."""
+        topic = self._settings.topic_llm_comparison_request
+        return deterministic_event_id(topic, str(correlation_id))
+
     async def _publish(
         self, repo: AssessmentRepository, ctx: AssessmentContext, rows: list[Any], now: datetime
     ) -> None:
@@ -219,7 +228,7 @@ class BatchProcessor:
                 ),
             )
             topic = self._settings.topic_llm_comparison_request
-            event_id = deterministic_event_id(topic, str(row.request_correlation_id))
+            event_id = row.request_event_id or self._request_event_id(row.request_correlation_id)
             payload = envelope_text(
                 event_id=event_id,
                 event_type=topic,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 
 import structlog
@@ -76,19 +76,37 @@ class StuckAssessmentMonitor:
                 overdue_since, CLAIM_LIMIT
             )
         for cj_batch_id in candidates:
-            actions += await self._time_out(cj_batch_id, overdue_since, now)
+            actions += await self._isolated(
+                cj_batch_id, self._time_out(cj_batch_id, overdue_since, now)
+            )
         idle_since = now - timedelta(seconds=self._settings.batch_timeout_seconds)
         # Candidates only: each is checked again under its row lock before anything is done.
         async with transaction(self._sessions) as session:
             idle = await AssessmentRepository(session).states_idle_since(idle_since, CLAIM_LIMIT)
         for cj_batch_id in idle:
-            actions += await self._drive_idle(cj_batch_id, idle_since, overdue_since, now)
+            actions += await self._isolated(
+                cj_batch_id, self._drive_idle(cj_batch_id, idle_since, overdue_since, now)
+            )
         async with self._sessions() as session:
             counts = await AssessmentRepository(session).count_running_by_state()
         for state in RUNNING_STATES:
             self._metrics.assessments_by_state.labels(state).set(counts.get(state, 0))
         await self._retention.prune(now)
         return actions
+
+    async def _isolated(self, cj_batch_id: int, work: Awaitable[int]) -> int:
+        """One assessment's step, rolled back alone if it fails. An assessment that fails the
+        same way on every pass comes first on every pass (its activity does not move on), so
+        letting its error end the pass would stop timeouts, the other assessments and pruning
+        for good."""
+        try:
+            return await work
+        except Exception as exc:  # noqa: BLE001 - logged and counted; the next pass tries again
+            log.warning(
+                "monitor_assessment_failed", cj_batch_id=cj_batch_id, error_class=type(exc).__name__
+            )
+            self._metrics.monitor_actions.labels("error").inc()
+            return 0
 
     async def _time_out(self, cj_batch_id: int, overdue_since: datetime, now: datetime) -> int:
         async with transaction(self._sessions) as session:

@@ -35,6 +35,7 @@ class NewAttempt:
     iteration: int
     attempt: int
     submission_batch_id: uuid.UUID
+    request_event_id: uuid.UUID
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,7 @@ _NEW_ATTEMPT_COLUMNS = {
     "iteration": "integer",
     "attempt": "integer",
     "submission_batch_id": "uuid",
+    "request_event_id": "uuid",
 }
 # WITH ORDINALITY: ids are assigned in planning order, which is the order requests go out.
 _INSERT_ATTEMPTS = text(
@@ -272,7 +274,24 @@ _SEND_BATCHES = text(
     " AND q.submission_batch_id = ANY(CAST(:batch_ids AS uuid[]))) AS a"
     " WHERE p.id = a.id"
     " RETURNING p.id, p.request_correlation_id, p.essay_a_els_id, p.essay_b_els_id,"
-    " p.submission_batch_id, p.iteration, p.attempt, p.comparison_id, p.status"
+    " p.submission_batch_id, p.iteration, p.attempt, p.comparison_id, p.status,"
+    " p.request_event_id"
+)
+# An attempt in flight is overdue once its request has been out since before `moment`. The
+# clock starts when the relay published the request, not when it was released into the outbox:
+# while the broker is away requests wait there unsent, and timing them out would fail
+# assessments for answers nobody was asked for (and pay for the retries once the broker is
+# back). A request set aside as undeliverable is never sent (the relay fails its attempt at
+# once; this catches the case where that did not run); one whose row has been pruned, or an
+# attempt from before migration 0007, keeps the clock of its release.
+_OVERDUE = (
+    "p.status = :in_flight AND p.submitted_at < :moment AND NOT EXISTS (SELECT 1"
+    " FROM cj_event_outbox AS o WHERE o.event_id = p.request_event_id"
+    " AND o.undeliverable IS NULL AND (o.published_at IS NULL OR o.published_at >= :moment))"
+)
+_OVERDUE_ASSESSMENTS = text(
+    f"SELECT p.cj_batch_id FROM cj_comparison_pairs AS p WHERE {_OVERDUE}"
+    " GROUP BY p.cj_batch_id ORDER BY min(p.submitted_at) LIMIT :limit"
 )
 # In id order: judgements in the order they were planned, whatever order they arrived in.
 _COMPARISONS = text(
@@ -791,16 +810,13 @@ class AssessmentRepository:
         return {row[0]: int(row[1]) for row in rows.all()}
 
     async def assessments_with_overdue_attempts(self, moment: datetime, limit: int) -> list[int]:
-        stmt = (
-            select(CJComparisonPair.cj_batch_id)
-            .where(
-                CJComparisonPair.status == AttemptStatus.IN_FLIGHT.value,
-                CJComparisonPair.submitted_at < moment,
-            )
-            .group_by(CJComparisonPair.cj_batch_id)
-            .limit(limit)
+        """Assessments with an attempt in flight whose request was published before `moment`
+        (see `_OVERDUE`), longest waiting first."""
+        rows = await self.session.execute(
+            _OVERDUE_ASSESSMENTS,
+            {"in_flight": AttemptStatus.IN_FLIGHT.value, "moment": moment, "limit": limit},
         )
-        return list((await self.session.execute(stmt)).scalars())
+        return list(rows.scalars())
 
     # --- comparison attempts -------------------------------------------------------------
 
@@ -819,6 +835,7 @@ class AssessmentRepository:
                 "iteration": [a.iteration for a in attempts],
                 "attempt": [a.attempt for a in attempts],
                 "submission_batch_id": [a.submission_batch_id for a in attempts],
+                "request_event_id": [a.request_event_id for a in attempts],
             },
         )
 
@@ -878,8 +895,7 @@ class AssessmentRepository:
         rows = await self.session.execute(
             text(
                 f"SELECT {_ATTEMPT_COLUMNS} FROM cj_comparison_pairs AS p{_SIBLINGS}"
-                " WHERE p.cj_batch_id = :cj_batch_id AND p.status = :in_flight"
-                " AND p.submitted_at < :moment ORDER BY p.id"
+                f" WHERE p.cj_batch_id = :cj_batch_id AND {_OVERDUE} ORDER BY p.id"
             ),
             {
                 "cj_batch_id": cj_batch_id,

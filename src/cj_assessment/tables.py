@@ -86,6 +86,9 @@ class CJComparisonPair(Base):
     request_correlation_id: Mapped[uuid.UUID] = mapped_column(
         UUID(as_uuid=True), unique=True, nullable=False
     )
+    # The event id of the attempt's request in the outbox (migration 0007): its wait for an
+    # answer counts from that row's publication.
+    request_event_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     essay_a_els_id: Mapped[str] = mapped_column(String(255), nullable=False)
     essay_b_els_id: Mapped[str] = mapped_column(String(255), nullable=False)
     iteration: Mapped[int] = mapped_column(Integer, nullable=False)

@@ -4,6 +4,7 @@ is sent, timed out and decided when answers, timeouts and monitors interleave.""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
@@ -52,6 +53,52 @@ async def test_a_monitor_acting_on_an_earlier_scan_leaves_just_sent_retries_alon
         retries
     )
     assert (await path.state()).state == "WAITING_CALLBACKS"
+
+
+async def test_requests_held_in_the_outbox_are_not_timed_out_and_wait_from_their_publication(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(callback_wait_timeout_seconds=300, batch_timeout_seconds=600)
+    path.broker_away = True
+    await path.start("outage", 4, at(0))
+    sent = await path.in_flight()
+    await path.monitor(at(1000)).run_once()  # twenty minutes of outage, idle all along
+    assert await path.in_flight() == sent
+    assert (await path.state()).state == "WAITING_CALLBACKS"
+    assert await path.publish_pending(at(1100)) == len(sent)  # the broker is back
+    await path.monitor(at(1399)).run_once()
+    assert await path.in_flight() == sent
+    await path.monitor(at(1401)).run_once()  # 301 s after publication
+    attempts = await path.attempts()
+    assert {a.status for a in attempts if a.attempt == 1} == {"timed_out"}
+    assert len([a for a in attempts if a.attempt == 2]) == len(sent)
+
+
+async def test_an_assessment_the_monitor_cannot_handle_holds_up_neither_others_nor_pruning(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(callback_wait_timeout_seconds=300, outbox_retention_seconds=3600)
+    broken = await path.start("broken", 4, at(0))
+    await path.start("healthy", 4, at(0))
+    async with path.sessions() as session, session.begin():
+        await session.execute(
+            text("UPDATE cj_batch_states SET processing_metadata = '[]' WHERE cj_batch_id = :id"),
+            {"id": broken},
+        )
+    # Outbox rows are pruned by their creation, which the database stamps with the wall clock.
+    later = datetime.now(UTC) + timedelta(hours=2)
+    for moment in (later, later + timedelta(seconds=30)):  # the same failure on every pass
+        await path.monitor(moment).run_once()
+    by_assessment = await path.rows(
+        "SELECT u.bos_batch_id, p.attempt, p.status FROM cj_comparison_pairs p"
+        " JOIN cj_batch_uploads u ON u.id = p.cj_batch_id WHERE p.attempt = 1"
+    )
+    assert {status for name, _, status in by_assessment if name == "healthy"} == {"timed_out"}
+    assert {status for name, _, status in by_assessment if name == "broken"} == {"in_flight"}
+    errors = path.metrics.registry.get_sample_value("cj_monitor_actions_total", {"action": "error"})
+    assert errors is not None and errors >= 2
+    pruned = path.metrics.registry.get_sample_value("cj_rows_pruned_total", {"table": "outbox"})
+    assert pruned is not None and pruned > 0
 
 
 async def test_an_idle_assessment_waits_for_attempts_not_yet_overdue(

@@ -37,6 +37,7 @@ def _attempt(a: str, b: str, batch: uuid.UUID, *, attempt: int = 1) -> NewAttemp
         iteration=1,
         attempt=attempt,
         submission_batch_id=batch,
+        request_event_id=uuid.uuid4(),
     )
 
 

@@ -40,6 +40,7 @@ class DecisionPath:
     callbacks: BatchCallbackHandler
     metrics: Metrics
     decoded: DecodedStates
+    broker_away: bool = False  # the relay publishes nothing until `publish_pending`
 
     @classmethod
     def build(
@@ -54,9 +55,10 @@ class DecisionPath:
         callbacks = BatchCallbackHandler(orchestrator, metrics)
         return cls(s, sessions, orchestrator, callbacks, metrics, DecodedStates())
 
-    def monitor(self, now: datetime) -> StuckAssessmentMonitor:
+    def monitor(self, now: datetime) -> RelayedMonitor:
+        """The monitor at `now`; what its passes write to the outbox is published at once."""
         retention = Retention(self.settings, self.sessions, self.metrics)
-        return StuckAssessmentMonitor(
+        monitor = StuckAssessmentMonitor(
             self.settings,
             self.sessions,
             self.callbacks,
@@ -65,6 +67,35 @@ class DecisionPath:
             retention,
             lambda: now,
         )
+        return RelayedMonitor(monitor, self)
+
+    async def relay(self) -> int:
+        """Publish the pending outbox rows as a relay would right after their commit: each at
+        its own event timestamp (the moment the test chose for the step that wrote it)."""
+        if self.broker_away:
+            return 0
+        async with transaction(self.sessions) as session:
+            published = await session.execute(
+                text(
+                    "UPDATE cj_event_outbox SET published_at ="
+                    " CAST(CAST(payload AS jsonb) ->> 'event_timestamp' AS timestamptz)"
+                    " WHERE published_at IS NULL AND undeliverable IS NULL"
+                )
+            )
+        return published.rowcount
+
+    async def publish_pending(self, now: datetime) -> int:
+        """The broker is back: every pending outbox row is published at `now`."""
+        self.broker_away = False
+        async with transaction(self.sessions) as session:
+            published = await session.execute(
+                text(
+                    "UPDATE cj_event_outbox SET published_at = :now"
+                    " WHERE published_at IS NULL AND undeliverable IS NULL"
+                ),
+                {"now": now},
+            )
+        return published.rowcount
 
     async def start(self, name: str, essays: int, now: datetime, **overrides: Any) -> int:
         config = resolve_batch_config(self.settings, essay_count=essays, overrides=overrides)
@@ -85,6 +116,7 @@ class DecisionPath:
             repo = AssessmentRepository(session, self.decoded)
             cj_batch_id = await self.orchestrator.start(repo, new, now=now)
         assert cj_batch_id is not None
+        await self.relay()
         return cj_batch_id
 
     async def answer(
@@ -119,6 +151,7 @@ class DecisionPath:
             outcomes = await self.callbacks.handle_results(repo, polled, now=now)
             if lost_before_commit:
                 raise ConnectionResetError("connection lost before the commit")
+        await self.relay()
         return [o.value for o in outcomes]
 
     async def answer_until_quiet(
@@ -174,3 +207,23 @@ class DecisionPath:
     async def rows(self, sql: str, **params: Any) -> list[Any]:
         async with self.sessions() as session:
             return list((await session.execute(text(sql), params)).all())
+
+
+@dataclass
+class RelayedMonitor:
+    """A monitor whose passes are followed by the relay, as in `serve`."""
+
+    monitor: StuckAssessmentMonitor
+    path: DecisionPath
+
+    async def run_once(self) -> int:
+        actions = await self.monitor.run_once()
+        await self.path.relay()
+        return actions
+
+    async def _drive_idle(
+        self, cj_batch_id: int, idle_since: datetime, overdue_since: datetime, now: datetime
+    ) -> int:
+        actions = await self.monitor._drive_idle(cj_batch_id, idle_since, overdue_since, now)
+        await self.path.relay()
+        return actions
