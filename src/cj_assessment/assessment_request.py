@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -137,3 +139,37 @@ def check_essay_text(essay_id: str, text: str, *, max_chars: int) -> str:
             {"essay_id": essay_id, "length": len(text), "max_chars": max_chars},
         )
     return text
+
+
+# Bytes of the completed event that do not depend on the essays: envelope, header, summary
+# (with position bias, pool statistics and the like) and the record's key and headers. The
+# largest seen is under 3 KB; the rest is margin.
+OUTCOME_FIXED_BYTES = 16_384
+# Per essay besides its id, which appears twice (rankings and an essay id list): the ranking
+# entry's keys and punctuation and its numbers at their longest (floats in full repr, counts
+# of ten digits), and the list's quotes and comma.
+OUTCOME_BYTES_PER_ESSAY = 200
+
+
+def outcome_bytes_bound(bos_batch_id: str, essay_ids: Sequence[str]) -> int:
+    """An upper bound of the completed event's size in bytes, as the relay will send it."""
+    per_id = sum(len(json.dumps(e, ensure_ascii=False).encode()) for e in essay_ids)
+    identity = len(json.dumps(bos_batch_id, ensure_ascii=False).encode())
+    return (
+        OUTCOME_FIXED_BYTES + 4 * identity + 2 * per_id + OUTCOME_BYTES_PER_ESSAY * len(essay_ids)
+    )
+
+
+def check_outcome_fits(bos_batch_id: str, essays: Sequence[EssayInput], *, max_bytes: int) -> None:
+    """Refuse, before a single comparison is paid for, a request whose completed event the
+    broker would not take: it lists every essay id twice, so 2,000 ids of 255 characters make
+    about 1.3 MB against Kafka's default 1 MB."""
+    bound = outcome_bytes_bound(bos_batch_id, [e.essay_id for e in essays])
+    if bound > max_bytes:
+        raise RequestRejected(
+            "ESSAY_IDS_TOO_LONG",
+            f"with {len(essays)} essays and these essay ids the completed event could reach"
+            f" {bound} bytes; the broker takes at most {max_bytes} (CJ_KAFKA_MAX_MESSAGE_BYTES):"
+            " use shorter essay ids or fewer essays",
+            {"essay_count": len(essays), "bound_bytes": bound, "max_bytes": max_bytes},
+        )

@@ -51,26 +51,27 @@ class BatchConfig:
 SHOWN_VALUE_CHARS = 40
 
 
-def _check(field: str, value: Any) -> Any:
+def _check(field: str, value: Any, source: str = "batch_config_overrides") -> Any:
+    """`value` as the field's type, or RequestRejected naming `source.field`."""
     kind, low, high = OVERRIDE_RANGES[field]
     allowed = _describe_range(field)
     if kind is bool:
         if not isinstance(value, bool):
-            raise _invalid(field, value, allowed)
+            raise _invalid(source, field, value, allowed)
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _invalid(field, value, allowed)
+        raise _invalid(source, field, value, allowed)
     # Not for ints: every int is finite, and one too large for a float would overflow here.
     if isinstance(value, float) and not math.isfinite(value):
-        raise _invalid(field, value, allowed)
+        raise _invalid(source, field, value, allowed)
     if kind is int and (isinstance(value, float) and not value.is_integer()):
-        raise _invalid(field, value, allowed)
+        raise _invalid(source, field, value, allowed)
     if (low is not None and value < low) or (high is not None and value > high):
-        raise _invalid(field, value, allowed)
+        raise _invalid(source, field, value, allowed)
     try:
         return kind(value)
     except OverflowError:  # an int beyond any float, for a field without an upper bound
-        raise _invalid(field, value, allowed) from None
+        raise _invalid(source, field, value, allowed) from None
 
 
 def _describe_range(field: str) -> str:
@@ -82,12 +83,15 @@ def _describe_range(field: str) -> str:
     return f"{low:g}-{high:g}"
 
 
-def _invalid(field: str, value: Any, allowed: str) -> RequestRejected:
+def _invalid(source: str, field: str, value: Any, allowed: str) -> RequestRejected:
     shown = _shown(value)
+    context = {"field": field, "value": shown, "allowed": allowed}
+    if source != "batch_config_overrides":
+        context["source"] = source
     return RequestRejected(
         "INVALID_BATCH_CONFIG_OVERRIDE",
-        f"batch_config_overrides.{field}={shown} is out of range; allowed: {allowed}",
-        {"field": field, "value": shown, "allowed": allowed},
+        f"{source}.{field}={shown} is out of range; allowed: {allowed}",
+        context,
     )
 
 
@@ -105,6 +109,9 @@ def _shown(value: Any) -> str:
     return f"{kind} of length {size}" if size is not None else kind
 
 
+NOT_AN_OBJECT = "metadata.batch_config_overrides (not an object)"
+
+
 def unknown_override_fields(data_overrides: Any, metadata_overrides: Any) -> list[str]:
     """Override fields this service does not know (ignored, like any unknown field of the
     contract; named here so that a misspelling can be logged), each cut to 40 characters."""
@@ -115,7 +122,12 @@ def unknown_override_fields(data_overrides: Any, metadata_overrides: Any) -> lis
         for name in source
         if name not in OVERRIDE_RANGES
     }
-    return sorted(names)[:10]
+    whole = (
+        [NOT_AN_OBJECT]
+        if metadata_overrides is not None and not isinstance(metadata_overrides, dict)
+        else []
+    )
+    return [*whole, *sorted(names)][:10]
 
 
 def merge_override_sources(
@@ -144,7 +156,7 @@ def resolve_batch_config(
     if "max_comparisons" in checked:
         caps.append(checked["max_comparisons"])
     if metadata_max_comparisons is not None:
-        caps.append(_check("max_comparisons", metadata_max_comparisons))
+        caps.append(_check("max_comparisons", metadata_max_comparisons, "metadata"))
     needed = math.ceil(essay_count / 2)
     if min(caps) < needed:
         # Essays left without a single comparison would still get ranks: refuse instead.

@@ -35,6 +35,7 @@ from cj_assessment.assessment_request import (
     check_essay_list,
     check_essay_text,
     check_instructions,
+    check_outcome_fits,
     check_storable,
     invalid_request,
     schema_rejection,
@@ -632,6 +633,7 @@ class EventConsumer:
         s = self._settings
         check_storable(request)
         essays = check_essay_list(request, max_essays=s.max_essays)
+        check_outcome_fits(bos_batch_id, essays, max_bytes=s.kafka_max_message_bytes)
         check_instructions(request, max_chars=s.max_instructions_chars)
         metadata = envelope.metadata or {}
         if unknown := unknown_override_fields(

@@ -218,7 +218,9 @@ class ELSCJAssessmentRequestV1(_Accept):
 
     @property
     def bos_batch_id(self) -> str | None:
-        if self.entity_ref is not None:
+        """`entity_ref.entity_id`, else the flat `entity_id` (an empty one counts as absent,
+        as in `bos_batch_id_of`)."""
+        if self.entity_ref is not None and self.entity_ref.entity_id:
             return self.entity_ref.entity_id
         return self.entity_id
 
@@ -349,20 +351,23 @@ class ComparisonResultEnvelope(EventEnvelope):
 
 
 class EmittedEntityRef(_Emit):
-    entity_id: str
-    entity_type: str = "batch"
-    parent_id: str | None = None
+    entity_id: str = Field(description="The pipeline's batch id (bos_batch_id)")
+    entity_type: str = Field("batch", description="Entity kind: always 'batch'")
+    parent_id: str | None = Field(None, description="Parent entity: none")
 
 
 class SystemMetadata(_Emit):
     entity: dict[str, Any] = Field(description="{entity_id, entity_type}")
-    entity_id: str
-    entity_type: str = "batch"
-    processing_stage: Literal["completed", "failed"]
-    event: str
-    started_at: str | None = None
-    completed_at: str | None = None
-    error_info: dict[str, Any] = Field(default_factory=dict)
+    entity_id: str = Field(description="The pipeline's batch id (bos_batch_id)")
+    entity_type: str = Field("batch", description="Entity kind: always 'batch'")
+    processing_stage: Literal["completed", "failed"] = Field(description="How it ended")
+    event: str = Field(description="The event name: cj_assessment.completed or .failed")
+    started_at: str | None = Field(None, description="When the assessment started (UTC, ISO)")
+    completed_at: str | None = Field(None, description="When it ended (UTC, ISO)")
+    error_info: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Failed: {error_code, error_message, error_type, context}; else empty",
+    )
 
 
 class RankingEntry(_Emit):
@@ -376,44 +381,77 @@ class RankingEntry(_Emit):
 
 
 class ProcessingSummary(_Emit):
-    model_config = ConfigDict(extra="allow")
-
-    total_essays: int
-    successful: int
-    failed: int
-    successful_essay_ids: list[str]
-    failed_essay_ids: list[str]
-    processing_time_seconds: float
-    comparisons_requested: int
-    comparisons_succeeded: int
-    comparisons_failed: int
-    rounds: int
-    stop_reason: str
-    reliability: float | None
+    total_essays: int = Field(description="Essays in the assessment")
+    successful: int = Field(description="Essays with at least one successful comparison")
+    failed: int = Field(description="Essays without any successful comparison")
+    successful_essay_ids: list[str] = Field(description="Ids of the successful essays")
+    failed_essay_ids: list[str] = Field(description="Ids of the failed essays")
+    processing_time_seconds: float = Field(description="From the request's arrival to now")
+    comparisons_requested: int = Field(description="Comparison requests sent, retries included")
+    comparisons_succeeded: int = Field(description="Comparisons answered with a winner")
+    comparisons_failed: int = Field(description="Comparisons failed for good")
+    rounds: int = Field(description="Iterations run")
+    stop_reason: str = Field(
+        description="stability, budget, reliability, precision or all_pairs_compared"
+    )
+    reliability: float | None = Field(
+        description="Calibrated reliability: expected squared correlation of the scores with"
+        " the essays' true quality (empirical Bayes, honest under adaptive pairing)"
+    )
+    reliability_lower_bound: float | None = Field(
+        None, description="The reliability at the lower end of a one-sided 95% interval"
+    )
+    comparison_attempts: int | None = Field(
+        None, description="LLM calls made: first attempts and retries"
+    )
+    comparisons_outstanding: int | None = Field(
+        None, description="Requested, neither succeeded nor failed when the assessment ended"
+    )
+    pool_statistics: dict[str, int] | None = Field(
+        None,
+        description="The failed-comparison pool: total_failed, retry_batches_sent,"
+        " successful_retries, permanently_failed, unretried_over_budget",
+    )
+    scale_separation_reliability: float | None = Field(
+        None, description="Raw Scale Separation Reliability (inflated by adaptive pairing)"
+    )
+    position_bias: dict[str, float] | None = Field(
+        None,
+        description="The judge's first-position advantage: a_win_share, logit, standard_error",
+    )
+    pairing_strategy: str | None = Field(None, description="random or adaptive")
 
 
 class _AssessmentOutcome(_Emit):
-    event_name: str
-    entity_ref: EmittedEntityRef
-    entity_id: str
-    entity_type: str = "batch"
-    parent_id: str | None = None
-    timestamp: str
-    status: str
-    system_metadata: SystemMetadata
-    cj_assessment_job_id: str
+    event_name: str = Field(description="cj_assessment.completed or cj_assessment.failed")
+    entity_ref: EmittedEntityRef = Field(description="The batch, in the nested shape")
+    entity_id: str = Field(description="The batch id, in the flat shape")
+    entity_type: str = Field("batch", description="Entity kind: always 'batch'")
+    parent_id: str | None = Field(None, description="Parent entity: none")
+    timestamp: str = Field(description="When the assessment ended (UTC, ISO)")
+    status: str = Field(description="completed_successfully or failed_critically")
+    system_metadata: SystemMetadata = Field(description="Stage, times and error info")
+    cj_assessment_job_id: str = Field(description="This service's assessment id")
 
 
 class CJAssessmentCompletedV1(_AssessmentOutcome):
-    event_name: Literal["cj_assessment.completed"] = "cj_assessment.completed"
-    status: Literal["completed_successfully"] = "completed_successfully"
-    rankings: list[RankingEntry]
-    processing_summary: ProcessingSummary
+    event_name: Literal["cj_assessment.completed"] = Field(
+        "cj_assessment.completed", description="The event name"
+    )
+    status: Literal["completed_successfully"] = Field(
+        "completed_successfully", description="Always completed_successfully"
+    )
+    rankings: list[RankingEntry] = Field(description="Every essay, ordered by rank (1 = best)")
+    processing_summary: ProcessingSummary = Field(description="Figures of the whole run")
 
 
 class CJAssessmentFailedV1(_AssessmentOutcome):
-    event_name: Literal["cj_assessment.failed"] = "cj_assessment.failed"
-    status: Literal["failed_critically"] = "failed_critically"
+    event_name: Literal["cj_assessment.failed"] = Field(
+        "cj_assessment.failed", description="The event name"
+    )
+    status: Literal["failed_critically"] = Field(
+        "failed_critically", description="Always failed_critically"
+    )
 
 
 def outcome_header(

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
+from cj_assessment.assessment_request import OUTCOME_FIXED_BYTES, outcome_bytes_bound
 from cj_assessment.contracts import ErrorDetail, LLMComparisonResultV1, TokenUsage
 from tests.support.decision_path import DecisionPath, at
 
@@ -489,3 +490,18 @@ async def test_all_pairs_compared_waits_for_a_retry_an_earlier_iteration_still_o
     await path.answer([(retry, True)], at(moment))
     assert len(await path.judged_pairs()) == 6
     assert (await path.completed_summary())["stop_reason"] == "all_pairs_compared"
+
+
+async def test_a_completed_event_stays_within_the_size_bound_the_request_was_checked_against(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(matchings_per_iteration=3)
+    await path.start("sized", 8, at(0))
+    await path.answer_until_quiet(lambda attempt: True, 1)
+    assert (await path.state()).state == "COMPLETED"
+    (payload,) = await path.rows(
+        "SELECT payload FROM cj_event_outbox WHERE payload LIKE '%\"cj_assessment.completed\"%'"
+    )
+    essay_ids = [f"e{i:02d}" for i in range(8)]
+    bound = outcome_bytes_bound("sized", essay_ids)
+    assert len(payload[0].encode()) <= bound - OUTCOME_FIXED_BYTES // 2

@@ -121,7 +121,11 @@ def test_merge_drops_unknown_keys_and_ignores_non_dict_metadata() -> None:
 
 
 def test_unknown_override_fields_are_named_for_the_log_short_and_few() -> None:
-    assert unknown_override_fields({"batchsize": 5, "batch_size": 50}, "nonsense") == ["batchsize"]
+    assert unknown_override_fields({"batchsize": 5, "batch_size": 50}, None) == ["batchsize"]
+    assert unknown_override_fields({"batchsize": 5}, "nonsense") == [
+        "metadata.batch_config_overrides (not an object)",
+        "batchsize",
+    ]
     many = {f"{i:02d}{'x' * 100}": 1 for i in range(30)}
     named = unknown_override_fields(None, many)
     assert len(named) == 10 and all(len(name) == 40 for name in named)
@@ -319,3 +323,10 @@ def test_a_budget_too_small_to_compare_every_essay_once_is_refused(essays: int, 
 @pytest.mark.parametrize(("essays", "cap"), [(10, 5), (9, 5), (2, 1)])
 def test_a_budget_that_compares_every_essay_once_is_accepted(essays: int, cap: int) -> None:
     assert _resolve(metadata_max=cap, essays=essays).max_comparisons == cap
+
+
+def test_a_bad_metadata_max_comparisons_is_named_where_the_request_put_it() -> None:
+    with pytest.raises(RequestRejected) as caught:
+        _resolve(metadata_max="many")
+    assert caught.value.message.startswith("metadata.max_comparisons='many' is out of range")
+    assert caught.value.context["source"] == "metadata"

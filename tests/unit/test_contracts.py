@@ -10,8 +10,9 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from cj_assessment import contracts
 from cj_assessment.contracts import (
     SOURCE_SERVICE,
     CJAssessmentCompletedV1,
@@ -336,6 +337,14 @@ def test_a_request_without_essays_is_invalid() -> None:
         ELSCJAssessmentRequestV1.model_validate(raw)
 
 
+def test_an_empty_entity_ref_id_gives_way_to_the_flat_entity_id() -> None:
+    raw = copy.deepcopy(REQUEST_EXAMPLE)
+    raw["entity_ref"] = {"entity_id": ""}
+    raw["entity_id"] = "bos-flat"
+    request = ELSCJAssessmentRequestV1.model_validate(raw)
+    assert request.bos_batch_id == "bos-flat" == bos_batch_id_of(raw)
+
+
 @pytest.mark.parametrize(
     ("data", "identity"),
     [
@@ -517,7 +526,14 @@ def test_completed_event_has_exactly_the_contract_keys() -> None:
 
 
 def test_completed_event_matches_the_contract_example_values() -> None:
-    assert _completed().model_dump(mode="json") == COMPLETED_EXAMPLE
+    dumped = _completed().model_dump(mode="json")
+    summary = dumped.pop("processing_summary")
+    example = copy.deepcopy(COMPLETED_EXAMPLE)
+    example_summary = example.pop("processing_summary")
+    assert dumped == example
+    assert {k: summary[k] for k in example_summary} == example_summary
+    # The service's own figures, beyond the contract's example, default to none.
+    assert {summary[k] for k in set(summary) - set(example_summary)} == {None}
 
 
 def test_completed_event_carries_both_entity_shapes() -> None:
@@ -538,10 +554,28 @@ def test_completed_event_carries_both_entity_shapes() -> None:
     assert dumped["system_metadata"]["event"] == "cj_assessment.completed"
 
 
-def test_completed_event_summary_may_carry_extra_figures() -> None:
+def test_completed_event_summary_holds_only_declared_figures() -> None:
     summary = {**COMPLETED_EXAMPLE["processing_summary"], "position_bias_share_a": 0.52}
-    dumped = ProcessingSummary(**summary).model_dump(mode="json")
-    assert dumped["position_bias_share_a"] == 0.52
+    with pytest.raises(ValidationError):
+        ProcessingSummary(**summary)
+
+
+def test_every_field_of_every_message_model_is_described() -> None:
+    models = [
+        obj
+        for obj in vars(contracts).values()
+        if isinstance(obj, type)
+        and issubclass(obj, BaseModel)
+        and obj.__module__ == contracts.__name__
+    ]
+    undescribed = [
+        f"{model.__name__}.{name}"
+        for model in models
+        for name, info in model.model_fields.items()
+        if not info.description
+    ]
+    assert len(models) > 10
+    assert undescribed == []
 
 
 def test_failed_event_has_status_stage_and_error_info() -> None:
