@@ -21,24 +21,43 @@ from cj_assessment.settings import Settings  # noqa: E402
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import DBAPIError
+
     from cj_assessment.database import migrate
+    from cj_assessment.errors import MigrationsNotFound
 
     settings = Settings()
-    migrate(settings.database_url)
+    try:
+        migrate(settings.database_url, settings.alembic_dir)
+    except MigrationsNotFound as exc:
+        print(f"cj-assessment migrate: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, TimeoutError, DBAPIError) as exc:
+        where = settings.database_url.split("@")[-1]
+        print(
+            f"cj-assessment migrate: database {where} unreachable: {type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return 1
     print("database migrated to head")
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cj_assessment.errors import ServiceStalled
-    from cj_assessment.service import DependencyUnavailable, SchemaNotMigrated, serve
-    from cj_assessment.topics import TopicsNotCreated
+    from cj_assessment.errors import (
+        DependencyUnavailable,
+        MigrationsNotFound,
+        SchemaNotMigrated,
+        ServiceStalled,
+        TopicsNotCreated,
+    )
+    from cj_assessment.service import serve
 
     settings = Settings()
     configure_logging(settings.log_level, json=settings.log_json)
     try:
         asyncio.run(serve(settings))
-    except (SchemaNotMigrated, TopicsNotCreated) as exc:
+    except (SchemaNotMigrated, MigrationsNotFound, TopicsNotCreated) as exc:
         print(f"cj-assessment serve: {exc}", file=sys.stderr)
         return 2
     except ServiceStalled as exc:
@@ -58,7 +77,11 @@ def _provider(args: argparse.Namespace) -> int:
         return 2
     settings = Settings()
     configure_logging(settings.log_level, json=settings.log_json)
-    config = provider_config_from_env(os.environ)
+    try:
+        config = provider_config_from_env(os.environ)
+    except ValueError as exc:
+        print(f"cj-assessment provider: invalid setting: {exc}", file=sys.stderr)
+        return 2
 
     async def run() -> None:
         stop = asyncio.Event()

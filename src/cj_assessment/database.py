@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,6 +14,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from cj_assessment.errors import MigrationsNotFound
 from cj_assessment.metrics import counted_on_commit
 from cj_assessment.settings import Settings
 
@@ -46,47 +46,51 @@ async def transaction(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterat
             yield session
 
 
-def alembic_directory() -> Path:
-    """`alembic/` of the source tree (editable install), else of the working directory."""
-    override = os.environ.get("CJ_ALEMBIC_DIR")
-    candidates = [Path(override)] if override else []
-    candidates += [Path(__file__).resolve().parents[2] / "alembic", Path.cwd() / "alembic"]
+def alembic_directory(configured: str | None = None) -> Path:
+    """`configured` (CJ_ALEMBIC_DIR), else `alembic/` of the source tree (editable install),
+    else of the working directory. A configured directory is never passed over for another:
+    migrating with other migrations than the ones meant would be worse than stopping."""
+    if configured:
+        candidates = [Path(configured)]
+    else:
+        candidates = [Path(__file__).resolve().parents[2] / "alembic", Path.cwd() / "alembic"]
     for candidate in candidates:
         if (candidate / "env.py").is_file():
             return candidate
-    raise FileNotFoundError("no alembic/ directory found (set CJ_ALEMBIC_DIR)")
+    where = f"CJ_ALEMBIC_DIR={configured!r} holds no env.py" if configured else "none found"
+    raise MigrationsNotFound(f"no alembic/ directory with the migrations: {where}")
 
 
-def _alembic_config(database_url: str):  # type: ignore[no-untyped-def]
+def _alembic_config(database_url: str, directory: str | None = None):  # type: ignore[no-untyped-def]
     from alembic.config import Config
 
-    directory = alembic_directory()
     config = Config()
-    config.set_main_option("script_location", str(directory))
+    config.set_main_option("script_location", str(alembic_directory(directory)))
     config.attributes["database_url"] = database_url
     return config
 
 
-def migrate(database_url: str) -> None:
+def migrate(database_url: str, directory: str | None = None) -> None:
     """`alembic upgrade head`; idempotent."""
     from alembic import command
 
-    command.upgrade(_alembic_config(database_url), "head")
+    command.upgrade(_alembic_config(database_url, directory), "head")
 
 
-def head_revision() -> str:
+def head_revision(directory: str | None = None) -> str:
     from alembic.script import ScriptDirectory
 
-    head = ScriptDirectory.from_config(_alembic_config("")).get_current_head()
+    head = ScriptDirectory.from_config(_alembic_config("", directory)).get_current_head()
     assert head is not None
     return head
 
 
-def known_revisions() -> set[str]:
+def known_revisions(directory: str | None = None) -> set[str]:
     """Every revision this build's migrations know."""
     from alembic.script import ScriptDirectory
 
-    return {r.revision for r in ScriptDirectory.from_config(_alembic_config("")).walk_revisions()}
+    script = ScriptDirectory.from_config(_alembic_config("", directory))
+    return {r.revision for r in script.walk_revisions()}
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:

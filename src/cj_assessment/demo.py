@@ -46,7 +46,7 @@ async def run_demo(*, timeout: float = 120.0) -> int:
             log_level="WARNING",
             log_json=False,
         )
-        await asyncio.to_thread(migrate, settings.database_url)
+        await asyncio.to_thread(migrate, settings.database_url, settings.alembic_dir)
         await ensure_topics(
             settings.kafka_bootstrap_servers, service_topics(settings), partitions=3
         )

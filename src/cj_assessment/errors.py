@@ -1,6 +1,11 @@
 """The service's error tree. Each edge translates these into one outcome.
 
 CJError
+├── StartupRefused        `serve` cannot start; it exits with one line naming why
+│   ├── SchemaNotMigrated       the database is not at this build's schema: exit 2
+│   ├── MigrationsNotFound      no alembic/ directory (CJ_ALEMBIC_DIR): exit 2
+│   ├── TopicsNotCreated        the broker refused to create a topic: exit 2
+│   └── DependencyUnavailable   the database or the broker is unreachable: exit 1
 ├── ServiceStalled        the process cannot make progress (offsets uncommittable for too long):
 │                         `serve` exits with status 1 for its supervisor to restart it
 ├── TransientError        broker or database away, timeouts: retry with backoff, never dead-letter
@@ -19,6 +24,27 @@ from typing import Any
 
 class CJError(Exception):
     """Root of every error this service raises on purpose."""
+
+
+class StartupRefused(CJError):
+    """`serve` cannot start; the message says why in one line."""
+
+
+class SchemaNotMigrated(StartupRefused):
+    """The database's schema is missing, older or newer than this build's."""
+
+
+class MigrationsNotFound(StartupRefused):
+    """The migrations, which say what schema this build needs, are not where configured."""
+
+
+class TopicsNotCreated(StartupRefused):
+    """The broker refused to create topics the service needs."""
+
+
+class DependencyUnavailable(StartupRefused):
+    """The database or the broker could not be reached at start-up; a supervisor's restart
+    tries again."""
 
 
 class ServiceStalled(CJError):

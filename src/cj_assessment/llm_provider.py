@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import math
+import re
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -121,13 +122,27 @@ def _env_num(environ: Mapping[str, str], name: str, default: float, kind: type =
     try:
         return kind(raw.strip())
     except ValueError as exc:
-        raise ValueError(f"{name} must be a {kind.__name__}, got {raw!r}") from exc
+        described = "an integer" if kind is int else "a number"
+        raise ValueError(f"{name} must be {described}, got {raw!r}") from exc
 
 
 def provider_config_from_env(environ: Mapping[str, str]) -> ProviderConfig:
     """Build the provider's configuration from `CJ_KAFKA_*`, `CJ_TOPIC_*` and `CJ_PROVIDER_*`."""
     d = ProviderConfig()
     seed_raw = environ.get("CJ_PROVIDER_SEED", "").strip()
+    try:
+        return _provider_config(environ, d, seed_raw)
+    except ValueError as exc:
+        # Named as the operator set them: the field `error_rate` is CJ_PROVIDER_ERROR_RATE.
+        message = str(exc)
+        for name in sorted(ProviderConfig.__dataclass_fields__, key=len, reverse=True):
+            message = re.sub(rf"(?<![A-Z_]){name}\b", f"CJ_PROVIDER_{name.upper()}", message)
+        raise ValueError(message) from exc
+
+
+def _provider_config(
+    environ: Mapping[str, str], d: ProviderConfig, seed_raw: str
+) -> ProviderConfig:
     return ProviderConfig(
         bootstrap_servers=environ.get("CJ_KAFKA_BOOTSTRAP_SERVERS") or d.bootstrap_servers,
         request_topic=environ.get("CJ_TOPIC_LLM_COMPARISON_REQUEST") or d.request_topic,

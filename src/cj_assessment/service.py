@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cj_assessment.consumer import EventConsumer
 from cj_assessment.database import current_revision, head_revision, known_revisions
+from cj_assessment.errors import DependencyUnavailable, SchemaNotMigrated
 from cj_assessment.http_api import build_app
 from cj_assessment.metrics import Metrics
 from cj_assessment.monitor import StuckAssessmentMonitor
@@ -30,19 +31,10 @@ from cj_assessment.wiring import build_container
 log = structlog.get_logger(__name__)
 
 
-class SchemaNotMigrated(RuntimeError):
-    pass
-
-
-class DependencyUnavailable(RuntimeError):
-    """The database or the broker could not be reached at start-up; a supervisor's restart
-    tries again."""
-
-
-async def check_schema(engine: AsyncEngine) -> None:
+async def check_schema(engine: AsyncEngine, alembic_dir: str | None = None) -> None:
     current = await current_revision(engine)
-    head = head_revision()
-    if current is not None and current != head and current not in known_revisions():
+    head = head_revision(alembic_dir)
+    if current is not None and current != head and current not in known_revisions(alembic_dir):
         raise SchemaNotMigrated(
             f"database schema is at revision {current}, which this build does not know (a"
             f" newer build's, or another branch's; this build's newest is {head}): run a build"
@@ -91,7 +83,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     try:
         engine = await container.get(AsyncEngine)
         try:
-            await check_schema(engine)
+            await check_schema(engine, settings.alembic_dir)
         except (OSError, TimeoutError, DBAPIError) as exc:
             where = engine.url.render_as_string(hide_password=True)
             raise DependencyUnavailable(f"database {where} unreachable: {exc!r:.300}") from exc

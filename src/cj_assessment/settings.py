@@ -94,6 +94,11 @@ class Settings(BaseSettings):
         description="SQLAlchemy async URL of the service's PostgreSQL database",
     )
     database_pool_size: int = Field(10, ge=1, description="Connection pool size")
+    alembic_dir: str | None = Field(
+        None,
+        description="The migrations' alembic/ directory; unset: the source tree's, else the"
+        " working directory's",
+    )
     database_connect_timeout_seconds: float = Field(
         10.0, gt=0, description="Longest wait for a new database connection to open"
     )

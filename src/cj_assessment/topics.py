@@ -7,6 +7,7 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from cj_assessment.errors import TopicsNotCreated
 from cj_assessment.settings import Settings
 
 
@@ -44,10 +45,6 @@ async def ensure_topics(
             raise_refused_topics(response)
     finally:
         await admin.close()
-
-
-class TopicsNotCreated(RuntimeError):
-    """The broker refused to create topics the service needs."""
 
 
 _TOPIC_ALREADY_EXISTS = 36

@@ -134,3 +134,35 @@ def test_a_setting_out_of_its_range_stops_the_command_with_one_line_per_setting(
         "cj-assessment: invalid setting CJ_LOG_LEVEL:"
         " Input should be 'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL'",
     ]
+
+
+@pytest.mark.parametrize(
+    ("setting", "line"),
+    [
+        ("CJ_PROVIDER_ERROR_RATE=2", "CJ_PROVIDER_ERROR_RATE must be within [0, 1], got 2.0"),
+        ("CJ_PROVIDER_SLOTS=many", "CJ_PROVIDER_SLOTS must be an integer, got 'many'"),
+    ],
+)
+def test_a_bad_provider_setting_stops_the_provider_with_one_line_naming_it(
+    setting: str, line: str
+) -> None:
+    name, value = setting.split("=")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CJ_")}, name: value}
+    run = subprocess.run([*CLI, "provider"], env=env, capture_output=True, timeout=60)
+    stderr = run.stderr.decode()
+    assert run.returncode == 2, stderr[-2000:]
+    assert stderr.splitlines() == [f"cj-assessment provider: invalid setting: {line}"]
+
+
+@pytest.mark.parametrize("command", ["migrate", "serve"])
+def test_migrations_missing_where_configured_stop_the_command_with_exit_2_and_one_line(
+    command: str, kafka_bootstrap: str, database_url: str, tmp_path: Path
+) -> None:
+    settings = system_settings(kafka_bootstrap, database_url, alembic_dir=str(tmp_path))
+    run = subprocess.run([*CLI, command], env=_env(settings), capture_output=True, timeout=90)
+    stderr = run.stderr.decode()
+    assert run.returncode == 2, stderr[-2000:]
+    assert stderr.splitlines() == [
+        f"cj-assessment {command}: no alembic/ directory with the migrations:"
+        f" CJ_ALEMBIC_DIR={str(tmp_path)!r} holds no env.py"
+    ]

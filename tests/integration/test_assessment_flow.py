@@ -309,7 +309,8 @@ async def test_serve_refuses_to_start_on_an_unmigrated_database(
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from cj_assessment.service import SchemaNotMigrated, serve
+    from cj_assessment.errors import SchemaNotMigrated
+    from cj_assessment.service import serve
 
     name = f"cj_empty_{uuid.uuid4().hex[:8]}"
     admin = create_async_engine(
@@ -338,7 +339,8 @@ async def test_serve_refuses_a_database_migrated_by_a_newer_build_and_says_so(
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from cj_assessment.service import SchemaNotMigrated, serve
+    from cj_assessment.errors import SchemaNotMigrated
+    from cj_assessment.service import serve
 
     engine = create_async_engine(database_url)
     async with engine.begin() as conn:

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from cj_assessment.topics import TopicsNotCreated, raise_refused_topics
+from cj_assessment.errors import TopicsNotCreated
+from cj_assessment.topics import raise_refused_topics
 
 
 @dataclass
