@@ -70,8 +70,12 @@ HOT_QUERIES = {
         " AND undeliverable IS NULL ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED"
     ),
     "overdue attempts (monitor)": (
-        "SELECT cj_batch_id FROM cj_comparison_pairs WHERE status = 'in_flight'"
-        " AND submitted_at < now() - interval '300 seconds' GROUP BY cj_batch_id LIMIT 50"
+        "SELECT p.cj_batch_id FROM cj_comparison_pairs AS p WHERE p.status = 'in_flight'"
+        " AND p.submitted_at < now() - interval '300 seconds' AND NOT EXISTS (SELECT 1"
+        " FROM cj_event_outbox AS o WHERE o.event_id = p.request_event_id"
+        " AND o.undeliverable IS NULL AND (o.published_at IS NULL"
+        " OR o.published_at >= now() - interval '300 seconds'))"
+        " GROUP BY p.cj_batch_id ORDER BY min(p.submitted_at) LIMIT 50"
     ),
     "idle assessments (monitor)": (
         "SELECT cj_batch_id FROM cj_batch_states WHERE state NOT IN ('COMPLETED', 'FAILED',"
