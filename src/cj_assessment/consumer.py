@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -821,12 +822,46 @@ def _decode_result(record: Any) -> ComparisonResultEnvelope:
     try:
         envelope = ComparisonResultEnvelope.model_validate_json(record.value)
     except ValidationError as exc:
-        raise _invalid(ComparisonResultEnvelope, exc) from exc
+        envelope = _result_with_surrogates(record.value, exc)
     event_id = envelope.event_id
     if not event_id or len(event_id) > MAX_ID_CHARS or unstorable(event_id):
         # The inbox could not key on it; the answer itself is paid for and still counts.
         envelope.event_id = _stand_in_event_id(record)
     return envelope
+
+
+def _result_with_surrogates(value: bytes, error: ValidationError) -> ComparisonResultEnvelope:
+    """JSON may escape an unpaired surrogate (`"\\ud800"`), which pydantic's parser refuses
+    and UTF-8 cannot encode. A paid answer is not lost over its justification: such a record
+    is parsed by the standard library, each unpaired surrogate replaced by U+FFFD. Anything
+    else the parser refused stays refused (`NaN` and `Infinity` included)."""
+    if not any(e["type"] == "json_invalid" for e in error.errors()):
+        raise _invalid(ComparisonResultEnvelope, error) from error
+    try:
+        data = json.loads(value, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError):
+        raise _invalid(ComparisonResultEnvelope, error) from error
+    try:
+        return ComparisonResultEnvelope.model_validate(_surrogates_replaced(data))
+    except ValidationError as exc:
+        raise _invalid(ComparisonResultEnvelope, exc) from exc
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _surrogates_replaced(value: Any) -> Any:
+    if isinstance(value, str):
+        return value if value.isascii() else _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_surrogates_replaced(k): _surrogates_replaced(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_surrogates_replaced(v) for v in value]
+    return value
 
 
 def _stand_in_event_id(record: Any) -> str:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from cj_assessment.consumer import _decode_result
+from cj_assessment.errors import PoisonMessage
 
 
 def _record(event_id: object, offset: int = 7) -> SimpleNamespace:
@@ -34,3 +35,33 @@ def test_a_result_whose_event_id_cannot_key_the_inbox_keeps_its_answer(event_id:
 
 def test_a_result_with_a_usable_event_id_keeps_it() -> None:
     assert _decode_result(_record("evt-1")).event_id == "evt-1"
+
+
+def _raw(value: bytes) -> SimpleNamespace:
+    return SimpleNamespace(topic="results", partition=0, offset=1, value=value)
+
+
+def test_an_unpaired_surrogate_in_a_justification_costs_the_text_not_the_answer() -> None:
+    value = (
+        b'{"event_id": "evt-2", "event_type": "LLMComparisonResultV1", "data":'
+        b' {"correlation_id": "c-1", "winner": "Essay B",'
+        b' "justification": "cut \\ud83d here, kept \\ud83d\\ude00"}}'
+    )
+    decoded = _decode_result(_raw(value))
+    assert (decoded.event_id, decoded.data.winner) == ("evt-2", "Essay B")
+    assert decoded.data.justification == "cut \ufffd here, kept \U0001f600"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"event_id": "e", "event_type": "t", "data": {"correlation_id": "c", "winner":'
+        b' "Essay A", "confidence": NaN, "justification": "\\ud800"}}',
+        b'{"event_id": "e", "event_type": "t", "data": {"correlation_id": "c", "winner":'
+        b' "Essay A", "justification": "\\ud800"',
+        b'{"event_id": "e", "event_type": "t", "data": {"winner": "Essay A", "note": "\\ud800"}}',
+    ],
+)
+def test_a_record_refused_for_anything_besides_a_surrogate_stays_refused(value: bytes) -> None:
+    with pytest.raises(PoisonMessage):
+        _decode_result(_raw(value))
