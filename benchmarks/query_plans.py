@@ -71,10 +71,10 @@ HOT_QUERIES = {
     ),
     "overdue attempts (monitor)": (
         "SELECT p.cj_batch_id FROM cj_comparison_pairs AS p WHERE p.status = 'in_flight'"
-        " AND p.submitted_at < now() - interval '300 seconds' AND NOT EXISTS (SELECT 1"
-        " FROM cj_event_outbox AS o WHERE o.event_id = p.request_event_id"
-        " AND o.undeliverable IS NULL AND (o.published_at IS NULL"
-        " OR o.published_at >= now() - interval '300 seconds'))"
+        " AND p.submitted_at < now() - interval '300 seconds' AND NOT COALESCE((SELECT"
+        " o.published_at IS NULL AND o.undeliverable IS NULL FROM cj_event_outbox AS o"
+        " WHERE o.event_id = p.request_event_id), false)"
+        " AND p.cj_batch_id <> ALL(ARRAY[]::bigint[])"
         " GROUP BY p.cj_batch_id ORDER BY min(p.submitted_at) LIMIT 50"
     ),
     "idle assessments (monitor)": (

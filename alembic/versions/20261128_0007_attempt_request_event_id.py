@@ -8,8 +8,9 @@ An attempt's wait for its answer (CJ_CALLBACK_WAIT_TIMEOUT_SECONDS) counts from 
 request was published, not from when the request was written to the outbox: while the broker
 is away, requests wait in the outbox, and timing them out would fail assessments whose
 requests were never sent, then pay for them when the broker returns. The monitor finds the
-request's outbox row by this id. Nullable without a default, so adding it does not rewrite
-the table; attempts written before it keep the clock of their release.
+request's outbox row by this id and leaves the attempt alone while the row is unpublished.
+Nullable without a default, so adding it does not rewrite the table; attempts written before
+it are timed out as before, from their release.
 """
 
 import sqlalchemy as sa

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from cj_assessment.contracts import ELSCJAssessmentRequestV1, unstorable
+from cj_assessment.contracts import ELSCJAssessmentRequestV1, RankingEntry, unstorable
 from cj_assessment.errors import RequestRejected
 
 INVALID_FIELDS_NAMED = 10
@@ -141,30 +141,45 @@ def check_essay_text(essay_id: str, text: str, *, max_chars: int) -> str:
     return text
 
 
-# Bytes of the completed event that do not depend on the essays: envelope, header, summary
-# (with position bias, pool statistics and the like) and the record's key and headers. The
-# largest seen is under 3 KB; the rest is margin.
+# Bytes of the completed event that do not depend on the essays or the batch id: envelope,
+# header, summary (position bias, pool statistics and the like) and the record's headers.
+# The largest seen is under 3 KB; the rest is margin.
 OUTCOME_FIXED_BYTES = 16_384
-# Per essay besides its id, which appears twice (rankings and an essay id list): the ranking
-# entry's keys and punctuation and its numbers at their longest (floats in full repr, counts
-# of ten digits), and the list's quotes and comma.
-OUTCOME_BYTES_PER_ESSAY = 200
 
 
-def outcome_bytes_bound(bos_batch_id: str, essay_ids: Sequence[str]) -> int:
-    """An upper bound of the completed event's size in bytes, as the relay will send it."""
-    per_id = sum(len(json.dumps(e, ensure_ascii=False).encode()) for e in essay_ids)
-    identity = len(json.dumps(bos_batch_id, ensure_ascii=False).encode())
-    return (
-        OUTCOME_FIXED_BYTES + 4 * identity + 2 * per_id + OUTCOME_BYTES_PER_ESSAY * len(essay_ids)
+def _ranking_entry_bytes(essays: int, max_count: int) -> int:
+    """The longest ranking entry of an empty essay id, plus its list's punctuation: rank and
+    counts at their largest, scores and standard errors in the longest float repr."""
+    worst = RankingEntry(
+        els_essay_id="",
+        rank=essays,
+        score=-1.2345678901234567e-300,
+        standard_error=-1.2345678901234567e-300,
+        comparison_count=max_count,
+        wins=max_count,
+        losses=max_count,
     )
+    return len(worst.model_dump_json()) + 1
 
 
-def check_outcome_fits(bos_batch_id: str, essays: Sequence[EssayInput], *, max_bytes: int) -> None:
+def outcome_bytes_bound(bos_batch_id: str, essay_ids: Sequence[str], max_count: int) -> int:
+    """An upper bound of the completed event's size in bytes, as the relay will send it. Each
+    essay id appears twice (its ranking entry, and an essay id list, where it takes its
+    quotes and a comma); the batch id five times (both entity shapes, the system metadata's
+    two, and the record's key). `max_count` bounds an essay's comparison count (the budget)."""
+    ids = sum(len(json.dumps(e, ensure_ascii=False).encode()) for e in essay_ids)
+    identity = len(json.dumps(bos_batch_id, ensure_ascii=False).encode())
+    per_essay = _ranking_entry_bytes(len(essay_ids), max_count) + 1
+    return OUTCOME_FIXED_BYTES + 5 * identity + 2 * ids + per_essay * len(essay_ids)
+
+
+def check_outcome_fits(
+    bos_batch_id: str, essays: Sequence[EssayInput], *, max_count: int, max_bytes: int
+) -> None:
     """Refuse, before a single comparison is paid for, a request whose completed event the
     broker would not take: it lists every essay id twice, so 2,000 ids of 255 characters make
-    about 1.3 MB against Kafka's default 1 MB."""
-    bound = outcome_bytes_bound(bos_batch_id, [e.essay_id for e in essays])
+    about 1.2 MB against Kafka's default 1 MB."""
+    bound = outcome_bytes_bound(bos_batch_id, [e.essay_id for e in essays], max_count)
     if bound > max_bytes:
         raise RequestRejected(
             "ESSAY_IDS_TOO_LONG",

@@ -634,7 +634,6 @@ class EventConsumer:
         s = self._settings
         check_storable(request)
         essays = check_essay_list(request, max_essays=s.max_essays)
-        check_outcome_fits(bos_batch_id, essays, max_bytes=s.kafka_max_message_bytes)
         check_instructions(request, max_chars=s.max_instructions_chars)
         metadata = envelope.metadata or {}
         if unknown := unknown_override_fields(
@@ -648,6 +647,12 @@ class EventConsumer:
                 request.batch_config_overrides, metadata.get("batch_config_overrides")
             ),
             metadata_max_comparisons=metadata.get("max_comparisons"),
+        )
+        check_outcome_fits(
+            bos_batch_id,
+            essays,
+            max_count=config.max_comparisons,
+            max_bytes=s.kafka_max_message_bytes,
         )
         texts = []
         for essay in essays:

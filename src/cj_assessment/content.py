@@ -21,7 +21,9 @@ class ContentClient(Protocol):
 
 class HttpContentClient:
     def __init__(self, base_url: str, *, timeout_seconds: float, attempts: int) -> None:
-        self._base_url = base_url.rstrip("/")
+        # Encoded once here (a space or an "ä" in the configured URL), since each fetch's URL
+        # is sent as written.
+        self._base_url = str(URL(base_url.rstrip("/")))
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._attempts = attempts
         self._session: aiohttp.ClientSession | None = None

@@ -1,7 +1,7 @@
 """The service's error tree. Each edge translates these into one outcome.
 
 CJError
-├── StartupRefused        `serve` cannot start; it exits with one line naming why
+├── StartupRefused        a command (`serve`, `migrate`) cannot start: one line naming why
 │   ├── SchemaNotMigrated       the database is not at this build's schema: exit 2
 │   ├── MigrationsNotFound      no alembic/ directory (CJ_ALEMBIC_DIR): exit 2
 │   ├── TopicsNotCreated        the broker refused to create a topic: exit 2
@@ -27,7 +27,7 @@ class CJError(Exception):
 
 
 class StartupRefused(CJError):
-    """`serve` cannot start; the message says why in one line."""
+    """A command cannot start; the message says why in one line."""
 
 
 class SchemaNotMigrated(StartupRefused):

@@ -133,11 +133,12 @@ def provider_config_from_env(environ: Mapping[str, str]) -> ProviderConfig:
     try:
         return _provider_config(environ, d, seed_raw)
     except ValueError as exc:
-        # Named as the operator set them: the field `error_rate` is CJ_PROVIDER_ERROR_RATE.
-        message = str(exc)
+        # Named as the operator set them (the field `error_rate` is CJ_PROVIDER_ERROR_RATE),
+        # in the message's own words only: the value after ", got" is the operator's.
+        head, got, value = str(exc).partition(", got ")
         for name in sorted(ProviderConfig.__dataclass_fields__, key=len, reverse=True):
-            message = re.sub(rf"(?<![A-Z_]){name}\b", f"CJ_PROVIDER_{name.upper()}", message)
-        raise ValueError(message) from exc
+            head = re.sub(rf"(?<![A-Z_]){name}\b", f"CJ_PROVIDER_{name.upper()}", head)
+        raise ValueError(head + got + value) from exc
 
 
 def _provider_config(

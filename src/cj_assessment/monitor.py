@@ -46,6 +46,7 @@ class StuckAssessmentMonitor:
         retention: Retention,
         clock: Callable[[], datetime],
         on_commit: Callable[[], None] = lambda: None,
+        claim_limit: int = CLAIM_LIMIT,
     ) -> None:
         self._settings = settings
         self._sessions = sessions
@@ -55,6 +56,11 @@ class StuckAssessmentMonitor:
         self._retention = retention
         self._clock = clock
         self._on_commit = on_commit
+        self._claim_limit = claim_limit
+        # Assessments whose step failed: (failures in a row, not tried again before). They are
+        # left out of the scans meanwhile, so that however many fail, the oldest first, the
+        # scans' limit still reaches the others.
+        self._failing: dict[int, tuple[int, datetime]] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -71,21 +77,29 @@ class StuckAssessmentMonitor:
         now = self._clock()
         overdue_since = now - timedelta(seconds=self._settings.callback_wait_timeout_seconds)
         actions = 0
+        # Forget failures not seen again for an hour after their pause (finished elsewhere, or
+        # mended): the record stays as small as what currently fails.
+        forgotten = now - timedelta(hours=1)
+        self._failing = {k: v for k, v in self._failing.items() if v[1] > forgotten}
+        resting = [cj_batch_id for cj_batch_id, (_, until) in self._failing.items() if until > now]
         async with self._sessions() as session:
             candidates = await AssessmentRepository(session).assessments_with_overdue_attempts(
-                overdue_since, CLAIM_LIMIT
+                overdue_since, self._claim_limit, exclude=resting
             )
         for cj_batch_id in candidates:
             actions += await self._isolated(
-                cj_batch_id, self._time_out(cj_batch_id, overdue_since, now)
+                cj_batch_id, now, self._time_out(cj_batch_id, overdue_since, now)
             )
         idle_since = now - timedelta(seconds=self._settings.batch_timeout_seconds)
+        resting = [cj_batch_id for cj_batch_id, (_, until) in self._failing.items() if until > now]
         # Candidates only: each is checked again under its row lock before anything is done.
         async with transaction(self._sessions) as session:
-            idle = await AssessmentRepository(session).states_idle_since(idle_since, CLAIM_LIMIT)
+            idle = await AssessmentRepository(session).states_idle_since(
+                idle_since, self._claim_limit, exclude=resting
+            )
         for cj_batch_id in idle:
             actions += await self._isolated(
-                cj_batch_id, self._drive_idle(cj_batch_id, idle_since, overdue_since, now)
+                cj_batch_id, now, self._drive_idle(cj_batch_id, idle_since, overdue_since, now)
             )
         async with self._sessions() as session:
             counts = await AssessmentRepository(session).count_running_by_state()
@@ -94,19 +108,28 @@ class StuckAssessmentMonitor:
         await self._retention.prune(now)
         return actions
 
-    async def _isolated(self, cj_batch_id: int, work: Awaitable[int]) -> int:
+    async def _isolated(self, cj_batch_id: int, now: datetime, work: Awaitable[int]) -> int:
         """One assessment's step, rolled back alone if it fails. An assessment that fails the
-        same way on every pass comes first on every pass (its activity does not move on), so
-        letting its error end the pass would stop timeouts, the other assessments and pruning
-        for good."""
+        same way on every pass would come first on every pass (its activity does not move
+        on): letting its error end the pass would stop timeouts, the other assessments and
+        pruning for good. It is tried again after a pause that doubles with each failure in
+        a row, from one monitor interval up to an hour."""
         try:
-            return await work
-        except Exception as exc:  # noqa: BLE001 - logged and counted; the next pass tries again
+            done = await work
+        except Exception as exc:  # noqa: BLE001 - logged and counted; tried again later
+            failures = self._failing.get(cj_batch_id, (0, now))[0] + 1
+            pause = min(self._settings.monitor_interval_seconds * 2 ** (failures - 1), 3600.0)
+            self._failing[cj_batch_id] = (failures, now + timedelta(seconds=pause))
             log.warning(
-                "monitor_assessment_failed", cj_batch_id=cj_batch_id, error_class=type(exc).__name__
+                "monitor_assessment_failed",
+                cj_batch_id=cj_batch_id,
+                error_class=type(exc).__name__,
+                failures_in_a_row=failures,
             )
             self._metrics.monitor_actions.labels("error").inc()
             return 0
+        self._failing.pop(cj_batch_id, None)
+        return done
 
     async def _time_out(self, cj_batch_id: int, overdue_since: datetime, now: datetime) -> int:
         async with transaction(self._sessions) as session:

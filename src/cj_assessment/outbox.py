@@ -32,9 +32,19 @@ log = structlog.get_logger(__name__)
 
 # The predicate is the claim index's (ix_cj_event_outbox_pending), written out literally.
 _CLAIM = text(
-    "SELECT id, topic, message_key, payload FROM cj_event_outbox"
+    "SELECT id, topic, message_key, payload, created_at FROM cj_event_outbox"
     " WHERE published_at IS NULL AND undeliverable IS NULL"
     " ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED"
+)
+# A comparison request published this long after it was written to the outbox (the broker was
+# away, or the relay far behind) restarts its attempt's wait for an answer at publication.
+HELD_SECONDS = 1.0
+_WAIT_FROM_PUBLICATION = text(
+    "UPDATE cj_comparison_pairs AS p SET submitted_at = v.acked_at"
+    " FROM unnest(CAST(:correlation_ids AS uuid[]), CAST(:acked_at AS timestamptz[]))"
+    " AS v(correlation_id, acked_at)"
+    " WHERE p.request_correlation_id = v.correlation_id AND p.status = 'in_flight'"
+    " AND p.submitted_at < v.acked_at"
 )
 _TOO_LARGE = "larger than kafka_max_message_bytes"
 _SET_ASIDE = text(
@@ -122,10 +132,10 @@ class OutboxRelay:
             rows = (await session.execute(_CLAIM, {"limit": self._batch_size})).all()
             if not rows:
                 return 0
-            sent: list[tuple[int, str]] = []
+            sent: list[tuple[int, str, str, datetime]] = []  # id, topic, payload, created
             futures = []
             aside: list[tuple[int, str, str]] = []  # id, topic, payload
-            for position, (row_id, topic, key, payload) in enumerate(rows, start=1):
+            for position, (row_id, topic, key, payload, created_at) in enumerate(rows, start=1):
                 try:
                     future = await self._producer.send(
                         topic,
@@ -136,7 +146,7 @@ class OutboxRelay:
                     # The producer's limit is the broker's: it would refuse the row every time.
                     aside.append((row_id, topic, payload))
                     continue
-                sent.append((row_id, topic))
+                sent.append((row_id, topic, payload, created_at))
                 futures.append(future)
                 if position % _YIELD_EVERY == 0:
                     # `send` only appends to the producer's buffer without yielding; let its
@@ -148,14 +158,21 @@ class OutboxRelay:
                 os._exit(18)
             if sent:
                 await session.execute(
-                    _MARK, {"ids": [row_id for row_id, _ in sent], "acked_at": acked_at}
+                    _MARK, {"ids": [row[0] for row in sent], "acked_at": acked_at}
                 )
+                held = [
+                    (json.loads(payload)["data"]["correlation_id"], acked)
+                    for (_, topic, payload, created_at), acked in zip(sent, acked_at, strict=True)
+                    if topic == self._comparison_topic
+                    and (acked - created_at).total_seconds() > HELD_SECONDS
+                ]
+                await wait_from_publication(session, held)
             if aside:
                 await session.execute(
                     _SET_ASIDE,
                     {"ids": [a[0] for a in aside], "reason": _TOO_LARGE},
                 )
-        for _, topic in sent:
+        for _, topic, _, _ in sent:
             self._metrics.outbox_published.labels(topic).inc()
         if aside:
             await self._report_set_aside(aside)
@@ -189,6 +206,24 @@ class OutboxRelay:
         self._metrics.outbox_backlog.set(count)
         age = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
         self._metrics.outbox_oldest_age.set(max(0.0, age))
+
+
+async def wait_from_publication(
+    session: AsyncSession, published: Sequence[tuple[str, datetime]]
+) -> None:
+    """Restart the wait for an answer of these attempts, (request correlation id, moment its
+    request was published), at their publication, in the transaction that marks their rows
+    published. An attempt's wait (CJ_CALLBACK_WAIT_TIMEOUT_SECONDS) counts from when it was
+    released into the outbox; after an outage that would time out requests the moment they
+    are finally sent, and pay for their retries."""
+    if published:
+        await session.execute(
+            _WAIT_FROM_PUBLICATION,
+            {
+                "correlation_ids": [correlation_id for correlation_id, _ in published],
+                "acked_at": [moment for _, moment in published],
+            },
+        )
 
 
 async def _acknowledged(future: Awaitable[object]) -> datetime:

@@ -277,20 +277,27 @@ _SEND_BATCHES = text(
     " p.submission_batch_id, p.iteration, p.attempt, p.comparison_id, p.status,"
     " p.request_event_id"
 )
-# An attempt in flight is overdue once its request has been out since before `moment`. The
-# clock starts when the relay published the request, not when it was released into the outbox:
-# while the broker is away requests wait there unsent, and timing them out would fail
-# assessments for answers nobody was asked for (and pay for the retries once the broker is
-# back). A request set aside as undeliverable is never sent (the relay fails its attempt at
-# once; this catches the case where that did not run); one whose row has been pruned, or an
-# attempt from before migration 0007, keeps the clock of its release.
+# An attempt in flight is overdue once it has waited since before `moment`. Its wait starts at
+# its release into the outbox, or at its request's publication when that came later (the
+# relay moves `submitted_at`, see `outbox.wait_from_publication`). While its request is still
+# in the outbox (the broker is away, the relay behind) it is not waiting for anything:
+# timing it out would fail assessments for answers nobody was asked for, and pay for retries
+# once the broker is back. A request set aside as undeliverable is never sent: the relay
+# fails its attempt at once, and this catches the case where that did not run.
+# The status is written literally, as the predicate of ix_cj_comparison_pairs_in_flight, so
+# that a generic plan of the prepared statement can use that index too. The request is looked
+# up by a scalar subquery, one probe of the outbox's unique event id index per candidate: as a
+# NOT EXISTS, planned on statistics from before an outage filled the outbox, it became a
+# nested loop over every pending row for every candidate (15 s at 30,000 of each).
+assert AttemptStatus.IN_FLIGHT.value == "in_flight"
 _OVERDUE = (
-    "p.status = :in_flight AND p.submitted_at < :moment AND NOT EXISTS (SELECT 1"
-    " FROM cj_event_outbox AS o WHERE o.event_id = p.request_event_id"
-    " AND o.undeliverable IS NULL AND (o.published_at IS NULL OR o.published_at >= :moment))"
+    "p.status = 'in_flight' AND p.submitted_at < :moment AND NOT COALESCE((SELECT"
+    " o.published_at IS NULL AND o.undeliverable IS NULL FROM cj_event_outbox AS o"
+    " WHERE o.event_id = p.request_event_id), false)"
 )
 _OVERDUE_ASSESSMENTS = text(
     f"SELECT p.cj_batch_id FROM cj_comparison_pairs AS p WHERE {_OVERDUE}"
+    " AND p.cj_batch_id <> ALL(CAST(:exclude AS bigint[]))"
     " GROUP BY p.cj_batch_id ORDER BY min(p.submitted_at) LIMIT :limit"
 )
 # In id order: judgements in the order they were planned, whatever order they arrived in.
@@ -510,6 +517,7 @@ _LOCK_STATES = text(
 _RUNNING = "state NOT IN (" + ", ".join(f"'{state}'" for state in TERMINAL_STATES) + ")"
 _IDLE_STATES = text(
     f"SELECT cj_batch_id FROM cj_batch_states WHERE {_RUNNING} AND last_activity_at < :moment"
+    " AND cj_batch_id <> ALL(CAST(:exclude AS bigint[]))"
     " ORDER BY last_activity_at LIMIT :limit FOR UPDATE SKIP LOCKED"
 )
 _COUNT_RUNNING_BY_STATE = text(
@@ -798,8 +806,14 @@ class AssessmentRepository:
             row.state, row.last_activity_at = state, now
         return won
 
-    async def states_idle_since(self, moment: datetime, limit: int) -> list[int]:
-        rows = await self.session.execute(_IDLE_STATES, {"moment": moment, "limit": limit})
+    async def states_idle_since(
+        self, moment: datetime, limit: int, exclude: Sequence[int] = ()
+    ) -> list[int]:
+        """Running assessments without activity since `moment`, longest idle first, except
+        `exclude`; locked, skipping those another transaction holds."""
+        rows = await self.session.execute(
+            _IDLE_STATES, {"moment": moment, "limit": limit, "exclude": list(exclude)}
+        )
         return list(rows.scalars())
 
     async def count_running_by_state(self) -> dict[str, int]:
@@ -809,12 +823,13 @@ class AssessmentRepository:
         rows = await self.session.execute(_COUNT_RUNNING_BY_STATE)
         return {row[0]: int(row[1]) for row in rows.all()}
 
-    async def assessments_with_overdue_attempts(self, moment: datetime, limit: int) -> list[int]:
-        """Assessments with an attempt in flight whose request was published before `moment`
-        (see `_OVERDUE`), longest waiting first."""
+    async def assessments_with_overdue_attempts(
+        self, moment: datetime, limit: int, exclude: Sequence[int] = ()
+    ) -> list[int]:
+        """Assessments with an attempt waiting for its answer since before `moment` (see
+        `_OVERDUE`), longest waiting first, except `exclude`."""
         rows = await self.session.execute(
-            _OVERDUE_ASSESSMENTS,
-            {"in_flight": AttemptStatus.IN_FLIGHT.value, "moment": moment, "limit": limit},
+            _OVERDUE_ASSESSMENTS, {"moment": moment, "limit": limit, "exclude": list(exclude)}
         )
         return list(rows.scalars())
 
@@ -897,11 +912,7 @@ class AssessmentRepository:
                 f"SELECT {_ATTEMPT_COLUMNS} FROM cj_comparison_pairs AS p{_SIBLINGS}"
                 f" WHERE p.cj_batch_id = :cj_batch_id AND {_OVERDUE} ORDER BY p.id"
             ),
-            {
-                "cj_batch_id": cj_batch_id,
-                "in_flight": AttemptStatus.IN_FLIGHT.value,
-                "moment": moment,
-            },
+            {"cj_batch_id": cj_batch_id, "moment": moment},
         )
         return _attempt_records(rows.all())
 

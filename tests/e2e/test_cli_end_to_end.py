@@ -141,6 +141,7 @@ def test_a_setting_out_of_its_range_stops_the_command_with_one_line_per_setting(
     [
         ("CJ_PROVIDER_ERROR_RATE=2", "CJ_PROVIDER_ERROR_RATE must be within [0, 1], got 2.0"),
         ("CJ_PROVIDER_SLOTS=many", "CJ_PROVIDER_SLOTS must be an integer, got 'many'"),
+        ("CJ_PROVIDER_SLOTS=noise", "CJ_PROVIDER_SLOTS must be an integer, got 'noise'"),
     ],
 )
 def test_a_bad_provider_setting_stops_the_provider_with_one_line_naming_it(

@@ -155,3 +155,23 @@ async def test_monitor_prunes_published_outbox_rows_and_handled_event_ids_after_
     # Only delivery bookkeeping went: the assessment's own rows stay.
     assert comparisons[0][0] > 0
     assert len(system.watcher.outcomes_for("pruned")) == 1
+
+
+async def test_a_configured_url_with_a_space_or_an_umlaut_is_encoded_once() -> None:
+    async def get(request: web.Request) -> web.Response:
+        return web.Response(text=request.path)  # decoded once by the server
+
+    app = web.Application()
+    app.router.add_get("/{path:.*}", get)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    client = HttpContentClient(
+        f"http://127.0.0.1:{port}/v1/mein inhalt-ä", timeout_seconds=5, attempts=1
+    )
+    try:
+        assert await client.fetch("e1", "a b") == "/v1/mein inhalt-ä/a b"
+    finally:
+        await client.close()
+        await runner.cleanup()

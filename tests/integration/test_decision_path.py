@@ -62,14 +62,28 @@ async def test_requests_held_in_the_outbox_are_not_timed_out_and_wait_from_their
     path = decision_path(callback_wait_timeout_seconds=300, batch_timeout_seconds=600)
     path.broker_away = True
     await path.start("outage", 4, at(0))
-    sent = await path.in_flight()
-    await path.monitor(at(1000)).run_once()  # twenty minutes of outage, idle all along
-    assert await path.in_flight() == sent
+    # Outbox rows written at the test's moments, so that retention prunes them on its clock.
+    async with path.sessions() as session, session.begin():
+        await session.execute(
+            text(
+                "UPDATE cj_event_outbox SET created_at ="
+                " CAST(CAST(payload AS jsonb) ->> 'event_timestamp' AS timestamptz)"
+            )
+        )
+    sent = [a.id for a in await path.in_flight()]
+    await path.monitor(at(1000)).run_once()  # twenty minutes into the outage, idle all along
+    assert [a.id for a in await path.in_flight()] == sent
     assert (await path.state()).state == "WAITING_CALLBACKS"
-    assert await path.publish_pending(at(1100)) == len(sent)  # the broker is back
-    await path.monitor(at(1399)).run_once()
-    assert await path.in_flight() == sent
-    await path.monitor(at(1401)).run_once()  # 301 s after publication
+    assert await path.publish_pending(at(7200)) == len(sent)  # back after two hours
+    # Retention deletes the published requests (written more than an hour before) at once;
+    # the wait restarted at publication is the attempts' own.
+    await path.monitor(at(7230)).run_once()
+    assert not await path.rows("SELECT id FROM cj_event_outbox WHERE published_at IS NOT NULL")
+    await path.monitor(at(7499)).run_once()
+    in_flight = await path.in_flight()
+    assert [a.id for a in in_flight] == sent
+    assert {a.submitted_at for a in in_flight} == {at(7200)}
+    await path.monitor(at(7501)).run_once()  # 301 s after publication
     attempts = await path.attempts()
     assert {a.status for a in attempts if a.attempt == 1} == {"timed_out"}
     assert len([a for a in attempts if a.attempt == 2]) == len(sent)
@@ -100,6 +114,46 @@ async def test_an_assessment_the_monitor_cannot_handle_holds_up_neither_others_n
     assert errors is not None and errors >= 2
     pruned = path.metrics.registry.get_sample_value("cj_rows_pruned_total", {"table": "outbox"})
     assert pruned is not None and pruned > 0
+
+
+async def test_assessments_failing_in_every_pass_do_not_starve_the_others_of_the_monitor(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(callback_wait_timeout_seconds=300, monitor_interval_seconds=30)
+    broken = [await path.start(f"broken-{i}", 4, at(0)) for i in range(2)]
+    await path.start("healthy", 4, at(10))  # waiting for less long than the broken ones
+    async with path.sessions() as session, session.begin():
+        await session.execute(
+            text(
+                "UPDATE cj_batch_states SET processing_metadata = '[]'"
+                " WHERE cj_batch_id = ANY(CAST(:ids AS bigint[]))"
+            ),
+            {"ids": broken},
+        )
+    moment = [at(400)]
+    # A scan limit of one stands in for fifty: the oldest candidates fail first every time.
+    monitor = path.monitor(lambda: moment[0], claim_limit=1)
+    for _ in range(10):  # five minutes
+        await monitor.run_once()
+        moment[0] += timedelta(seconds=30)
+    statuses = await path.rows(
+        "SELECT u.bos_batch_id, p.status FROM cj_comparison_pairs p"
+        " JOIN cj_batch_uploads u ON u.id = p.cj_batch_id WHERE p.attempt = 1"
+    )
+    assert {status for name, status in statuses if name == "healthy"} == {"timed_out"}
+    assert {status for name, status in statuses if name != "healthy"} == {"in_flight"}
+
+
+async def test_the_monitor_times_out_the_longest_waiting_assessment_first(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(callback_wait_timeout_seconds=300)
+    newer = await path.start("newer", 4, at(20))
+    older = await path.start("older", 4, at(0))
+    await path.monitor(at(400), claim_limit=1).run_once()
+    statuses = await path.rows("SELECT cj_batch_id, status FROM cj_comparison_pairs")
+    assert {status for batch, status in statuses if batch == older} >= {"timed_out"}
+    assert {status for batch, status in statuses if batch == newer} == {"in_flight"}
 
 
 async def test_an_idle_assessment_waits_for_attempts_not_yet_overdue(
@@ -503,5 +557,5 @@ async def test_a_completed_event_stays_within_the_size_bound_the_request_was_che
         "SELECT payload FROM cj_event_outbox WHERE payload LIKE '%\"cj_assessment.completed\"%'"
     )
     essay_ids = [f"e{i:02d}" for i in range(8)]
-    bound = outcome_bytes_bound("sized", essay_ids)
+    bound = outcome_bytes_bound("sized", essay_ids, path.settings.comparisons_per_essay * 8)
     assert len(payload[0].encode()) <= bound - OUTCOME_FIXED_BYTES // 2

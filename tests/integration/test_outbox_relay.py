@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
+from datetime import timedelta
 
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import text
@@ -12,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from cj_assessment.metrics import Metrics
 from cj_assessment.outbox import OutboxRelay
 from cj_assessment.topics import ensure_topics
+from tests.support.decision_path import DecisionPath, at
 
 ROWS = 60
 
@@ -62,3 +65,43 @@ async def test_backlog_gauges_follow_a_backlog_while_the_relay_publishes_without
             text("SELECT count(*) FROM cj_event_outbox WHERE published_at IS NULL")
         )
     assert pending == 0
+
+
+async def test_a_comparison_request_published_late_restarts_its_attempts_wait_for_an_answer(
+    sessions: async_sessionmaker[AsyncSession],
+    kafka_bootstrap: str,
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    topic = f"relay-held-{uuid.uuid4().hex[:8]}"
+    await ensure_topics(kafka_bootstrap, [topic], 1)
+    path = decision_path(topic_llm_comparison_request=topic, callback_wait_timeout_seconds=300)
+    path.broker_away = True
+    held = await path.start("held", 4, at(0))
+    async with sessions() as session, session.begin():
+        await session.execute(text("UPDATE cj_event_outbox SET created_at = now() - interval '2h'"))
+    prompt = await path.start("prompt", 4, at(0))  # written just now: published on time
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        relay = OutboxRelay(
+            sessions,
+            producer,
+            Metrics(),
+            batch_size=100,
+            poll_interval=0.05,
+            comparison_topic=topic,
+        )
+        assert await relay.publish_pending() == 4
+    finally:
+        await producer.stop()
+    waits = await path.rows(
+        "SELECT p.cj_batch_id, p.submitted_at, o.published_at FROM cj_comparison_pairs p"
+        " JOIN cj_event_outbox o ON o.event_id = p.request_event_id"
+    )
+    assert {row[1] == row[2] for row in waits if row[0] == held} == {True}
+    assert {row[1] for row in waits if row[0] == prompt} == {at(0)}
+    published = max(row[2] for row in waits)
+    await path.monitor(published + timedelta(seconds=200)).run_once()
+    statuses = await path.rows("SELECT cj_batch_id, status FROM cj_comparison_pairs")
+    assert {status for batch, status in statuses if batch == held} == {"in_flight"}
+    assert "timed_out" in {status for batch, status in statuses if batch == prompt}

@@ -19,7 +19,8 @@ from cj_assessment.batch_processor import BatchProcessor
 from cj_assessment.contracts import ErrorDetail, LLMComparisonResultV1
 from cj_assessment.database import transaction
 from cj_assessment.metrics import Metrics
-from cj_assessment.monitor import StuckAssessmentMonitor
+from cj_assessment.monitor import CLAIM_LIMIT, StuckAssessmentMonitor
+from cj_assessment.outbox import HELD_SECONDS, wait_from_publication
 from cj_assessment.repository import AssessmentRepository, DecodedStates
 from cj_assessment.retention import Retention
 from cj_assessment.settings import Settings
@@ -55,8 +56,11 @@ class DecisionPath:
         callbacks = BatchCallbackHandler(orchestrator, metrics)
         return cls(s, sessions, orchestrator, callbacks, metrics, DecodedStates())
 
-    def monitor(self, now: datetime) -> RelayedMonitor:
-        """The monitor at `now`; what its passes write to the outbox is published at once."""
+    def monitor(
+        self, now: datetime | Callable[[], datetime], *, claim_limit: int = CLAIM_LIMIT
+    ) -> RelayedMonitor:
+        """The monitor at `now` (a moment, or a clock for a monitor that runs several
+        passes); what its passes write to the outbox is published at once."""
         retention = Retention(self.settings, self.sessions, self.metrics)
         monitor = StuckAssessmentMonitor(
             self.settings,
@@ -65,7 +69,8 @@ class DecisionPath:
             self.orchestrator,
             self.metrics,
             retention,
-            lambda: now,
+            now if callable(now) else lambda: now,
+            claim_limit=claim_limit,
         )
         return RelayedMonitor(monitor, self)
 
@@ -85,17 +90,31 @@ class DecisionPath:
         return published.rowcount
 
     async def publish_pending(self, now: datetime) -> int:
-        """The broker is back: every pending outbox row is published at `now`."""
+        """The broker is back: every pending outbox row is published at `now`, and the
+        comparison requests held up restart their attempts' wait, as the relay does."""
         self.broker_away = False
         async with transaction(self.sessions) as session:
-            published = await session.execute(
-                text(
-                    "UPDATE cj_event_outbox SET published_at = :now"
-                    " WHERE published_at IS NULL AND undeliverable IS NULL"
-                ),
-                {"now": now},
-            )
-        return published.rowcount
+            published = (
+                await session.execute(
+                    text(
+                        "UPDATE cj_event_outbox SET published_at = :now"
+                        " WHERE published_at IS NULL AND undeliverable IS NULL"
+                        " RETURNING topic, payload"
+                    ),
+                    {"now": now},
+                )
+            ).all()
+            held = []
+            for topic, payload in published:
+                envelope = json.loads(payload)
+                written = datetime.fromisoformat(envelope["event_timestamp"])
+                if (
+                    topic == self.settings.topic_llm_comparison_request
+                    and (now - written).total_seconds() > HELD_SECONDS
+                ):
+                    held.append((envelope["data"]["correlation_id"], now))
+            await wait_from_publication(session, held)
+        return len(published)
 
     async def start(self, name: str, essays: int, now: datetime, **overrides: Any) -> int:
         config = resolve_batch_config(self.settings, essay_count=essays, overrides=overrides)

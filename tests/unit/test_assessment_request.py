@@ -9,12 +9,12 @@ import pytest
 from pydantic import ValidationError
 
 from cj_assessment.assessment_request import (
-    OUTCOME_BYTES_PER_ESSAY,
     EssayInput,
     check_essay_list,
     check_essay_text,
     check_instructions,
     check_outcome_fits,
+    outcome_bytes_bound,
     schema_rejection,
 )
 from cj_assessment.contracts import ELSCJAssessmentRequestV1, RankingEntry
@@ -168,7 +168,9 @@ def _with_ids(count: int, length: int) -> list[EssayInput]:
 
 def test_ids_whose_completed_event_the_broker_would_refuse_are_rejected_before_any_call() -> None:
     error = _rejected(
-        lambda: check_outcome_fits("bos-1", _with_ids(2000, 255), max_bytes=1_048_576)
+        lambda: check_outcome_fits(
+            "bos-1", _with_ids(2000, 255), max_count=20_000, max_bytes=1_048_576
+        )
     )
     assert error.error_code == "ESSAY_IDS_TOO_LONG"
     assert error.context["bound_bytes"] > error.context["max_bytes"] == 1_048_576
@@ -176,23 +178,21 @@ def test_ids_whose_completed_event_the_broker_would_refuse_are_rejected_before_a
 
 
 def test_the_largest_assessment_with_uuid_long_ids_fits_the_default_message_size() -> None:
-    check_outcome_fits("bos-1", _with_ids(2000, 36), max_bytes=1_048_576)
+    check_outcome_fits("bos-1", _with_ids(2000, 36), max_count=20_000, max_bytes=1_048_576)
 
 
-@pytest.mark.parametrize("essay_id", ["e1", "x" * 255, '"\\' * 60, "\u00e9\u4e2d" * 100])
-def test_an_essay_costs_the_completed_event_at_most_its_id_twice_and_a_fixed_amount(
-    essay_id: str,
-) -> None:
+@pytest.mark.parametrize("essay_id", ["e1", "x" * 255, '"\\\\' * 60, "\u00e9\u4e2d" * 100])
+def test_an_essay_costs_the_completed_event_no_more_than_the_bound_allows(essay_id: str) -> None:
     entry = RankingEntry(
         els_essay_id=essay_id,
-        rank=2000,
+        rank=1,
         score=-1.2345678901234567e-300,
         standard_error=1.2345678901234567e300,
-        comparison_count=9_999_999_999,
-        wins=9_999_999_999,
-        losses=9_999_999_999,
+        comparison_count=20_000,
+        wins=20_000,
+        losses=20_000,
     )
     listed = json.dumps(essay_id, ensure_ascii=False) + ","
-    id_bytes = len(json.dumps(essay_id, ensure_ascii=False).encode())
     used = len(entry.model_dump_json().encode()) + 1 + len(listed.encode())
-    assert used <= 2 * id_bytes + OUTCOME_BYTES_PER_ESSAY
+    allowed = outcome_bytes_bound("b", [essay_id], 20_000) - outcome_bytes_bound("b", [], 20_000)
+    assert used <= allowed
