@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 from aiohttp import web
@@ -13,6 +14,8 @@ from cj_assessment.embedded import free_port
 from cj_assessment.pipeline_client import request_envelope
 from tests.integration.test_assessment_flow import _essays
 from tests.support.harness import provider_config, running_system, system_settings
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 @pytest.fixture
@@ -28,14 +31,21 @@ async def content_service() -> AsyncIterator[tuple[str, dict[str, str | bytes]]]
             return web.Response(body=value, content_type="text/plain", charset="utf-8")
         return web.Response(text=value)
 
+    async with _served("/v1/content/{key}", get) as origin:
+        yield f"{origin}/v1/content", store
+
+
+@asynccontextmanager
+async def _served(route: str, handler: Handler) -> AsyncIterator[str]:
+    """A local HTTP server answering GET `route` with `handler`; yields its origin."""
     app = web.Application()
-    app.router.add_get("/v1/content/{key}", get)
+    app.router.add_get(route, handler)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        yield f"http://127.0.0.1:{port}/v1/content", store
+        yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
 
@@ -161,17 +171,9 @@ async def test_a_configured_url_with_a_space_or_an_umlaut_is_encoded_once() -> N
     async def get(request: web.Request) -> web.Response:
         return web.Response(text=request.path)  # decoded once by the server
 
-    app = web.Application()
-    app.router.add_get("/{path:.*}", get)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    client = HttpContentClient(
-        f"http://127.0.0.1:{port}/v1/mein inhalt-ä", timeout_seconds=5, attempts=1
-    )
-    try:
-        assert await client.fetch("e1", "a b") == "/v1/mein inhalt-ä/a b"
-    finally:
-        await client.close()
-        await runner.cleanup()
+    async with _served("/{path:.*}", get) as origin:
+        client = HttpContentClient(f"{origin}/v1/mein inhalt-ä", timeout_seconds=5, attempts=1)
+        try:
+            assert await client.fetch("e1", "a b") == "/v1/mein inhalt-ä/a b"
+        finally:
+            await client.close()
