@@ -9,8 +9,9 @@ request was published, not from when the request was written to the outbox: whil
 is away, requests wait in the outbox, and timing them out would fail assessments whose
 requests were never sent, then pay for them when the broker returns. The monitor finds the
 request's outbox row by this id and leaves the attempt alone while the row is unpublished.
-Nullable without a default, so adding it does not rewrite the table; attempts written before
-it are timed out as before, from their release.
+Nullable without a default, so adding it does not rewrite the table; attempts planned before
+it and still queued get the id when they are sent, and those already sent are timed out as
+before, from their release.
 """
 
 import sqlalchemy as sa

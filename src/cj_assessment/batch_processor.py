@@ -204,6 +204,9 @@ class BatchProcessor:
         )
         overrides = LLMConfigOverrides.model_validate(ctx.llm_config_overrides)
         messages = []
+        # Attempts planned before migration 0007 learn their request's event id as it goes
+        # out, so that the monitor leaves them alone while it waits in the outbox.
+        unnamed: list[tuple[int, uuid.UUID]] = []
         for row in rows:
             request = LLMComparisonRequestV1(
                 correlation_id=str(row.request_correlation_id),
@@ -228,7 +231,10 @@ class BatchProcessor:
                 ),
             )
             topic = self._settings.topic_llm_comparison_request
-            event_id = row.request_event_id or self._request_event_id(row.request_correlation_id)
+            event_id = row.request_event_id
+            if event_id is None:
+                event_id = self._request_event_id(row.request_correlation_id)
+                unnamed.append((row.id, event_id))
             payload = envelope_text(
                 event_id=event_id,
                 event_type=topic,
@@ -238,3 +244,4 @@ class BatchProcessor:
             )
             messages.append(OutboxRow(event_id, topic, ctx.bos_batch_id, payload))
         await repo.add_outbox(messages)
+        await repo.name_requests(unnamed)

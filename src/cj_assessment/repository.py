@@ -300,6 +300,11 @@ _OVERDUE_ASSESSMENTS = text(
     " AND p.cj_batch_id <> ALL(CAST(:exclude AS bigint[]))"
     " GROUP BY p.cj_batch_id ORDER BY min(p.submitted_at) LIMIT :limit"
 )
+_NAME_REQUESTS = text(
+    "UPDATE cj_comparison_pairs AS p SET request_event_id = v.event_id"
+    " FROM unnest(CAST(:ids AS bigint[]), CAST(:event_ids AS uuid[])) AS v(id, event_id)"
+    " WHERE p.id = v.id"
+)
 # In id order: judgements in the order they were planned, whatever order they arrived in.
 _COMPARISONS = text(
     "SELECT comparison_id::text, essay_a_els_id, essay_b_els_id, attempt, status, winner"
@@ -853,6 +858,14 @@ class AssessmentRepository:
                 "request_event_id": [a.request_event_id for a in attempts],
             },
         )
+
+    async def name_requests(self, named: Sequence[tuple[int, uuid.UUID]]) -> None:
+        """Store the event id of the request of these attempts, (attempt id, event id)."""
+        if named:
+            await self.session.execute(
+                _NAME_REQUESTS,
+                {"ids": [i for i, _ in named], "event_ids": [e for _, e in named]},
+            )
 
     async def send_batches(
         self, cj_batch_id: int, batch_ids: Sequence[uuid.UUID], now: datetime

@@ -89,6 +89,26 @@ async def test_requests_held_in_the_outbox_are_not_timed_out_and_wait_from_their
     assert len([a for a in attempts if a.attempt == 2]) == len(sent)
 
 
+async def test_attempts_planned_before_their_request_id_was_stored_learn_it_when_sent(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    # Planned by a build from before migration 0007, queued, and sent by this one while the
+    # broker is away: they must wait for their publication like any other.
+    path = decision_path(callback_wait_timeout_seconds=300, batch_size=10, max_concurrent_batches=1)
+    await path.start("upgraded", 24, at(0))  # 12 comparisons: 10 sent, 2 queued
+    async with path.sessions() as session, session.begin():
+        await session.execute(
+            text("UPDATE cj_comparison_pairs SET request_event_id = NULL WHERE status = 'queued'")
+        )
+    path.broker_away = True
+    first = await path.in_flight()
+    await path.answer([(a, True) for a in first], at(5))  # 10 of 12: the last batch goes out
+    queued_then = {a.id for a in await path.in_flight()}
+    assert len(queued_then) == 2
+    await path.monitor(at(1000)).run_once()
+    assert {a.id for a in await path.in_flight()} == queued_then
+
+
 async def test_an_assessment_the_monitor_cannot_handle_holds_up_neither_others_nor_pruning(
     decision_path: Callable[..., DecisionPath],
 ) -> None:
