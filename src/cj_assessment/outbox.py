@@ -132,10 +132,22 @@ class OutboxRelay:
             rows = (await session.execute(_CLAIM, {"limit": self._batch_size})).all()
             if not rows:
                 return 0
-            sent: list[tuple[int, str, str, datetime]] = []  # id, topic, payload, created
+            # Before sending, while no answer to these requests can exist yet to lock their
+            # attempts in another transaction; undone with the round if the sends fail.
+            taken_at = datetime.now(UTC)
+            await wait_from_publication(
+                session,
+                [
+                    (json.loads(payload)["data"]["correlation_id"], taken_at)
+                    for _, topic, _, payload, created_at in rows
+                    if topic == self._comparison_topic
+                    and (taken_at - created_at).total_seconds() > HELD_SECONDS
+                ],
+            )
+            sent: list[tuple[int, str]] = []
             futures = []
             aside: list[tuple[int, str, str]] = []  # id, topic, payload
-            for position, (row_id, topic, key, payload, created_at) in enumerate(rows, start=1):
+            for position, (row_id, topic, key, payload, _) in enumerate(rows, start=1):
                 try:
                     future = await self._producer.send(
                         topic,
@@ -146,7 +158,7 @@ class OutboxRelay:
                     # The producer's limit is the broker's: it would refuse the row every time.
                     aside.append((row_id, topic, payload))
                     continue
-                sent.append((row_id, topic, payload, created_at))
+                sent.append((row_id, topic))
                 futures.append(future)
                 if position % _YIELD_EVERY == 0:
                     # `send` only appends to the producer's buffer without yielding; let its
@@ -160,19 +172,12 @@ class OutboxRelay:
                 await session.execute(
                     _MARK, {"ids": [row[0] for row in sent], "acked_at": acked_at}
                 )
-                held = [
-                    (json.loads(payload)["data"]["correlation_id"], acked)
-                    for (_, topic, payload, created_at), acked in zip(sent, acked_at, strict=True)
-                    if topic == self._comparison_topic
-                    and (acked - created_at).total_seconds() > HELD_SECONDS
-                ]
-                await wait_from_publication(session, held)
             if aside:
                 await session.execute(
                     _SET_ASIDE,
                     {"ids": [a[0] for a in aside], "reason": _TOO_LARGE},
                 )
-        for _, topic, _, _ in sent:
+        for _, topic in sent:
             self._metrics.outbox_published.labels(topic).inc()
         if aside:
             await self._report_set_aside(aside)
@@ -212,8 +217,8 @@ async def wait_from_publication(
     session: AsyncSession, published: Sequence[tuple[str, datetime]]
 ) -> None:
     """Restart the wait for an answer of these attempts, (request correlation id, moment its
-    request was published), at their publication, in the transaction that marks their rows
-    published. An attempt's wait (CJ_CALLBACK_WAIT_TIMEOUT_SECONDS) counts from when it was
+    request is published), at their publication, in the transaction that publishes their
+    rows. An attempt's wait (CJ_CALLBACK_WAIT_TIMEOUT_SECONDS) counts from when it was
     released into the outbox; after an outage that would time out requests the moment they
     are finally sent, and pay for their retries."""
     if published:
