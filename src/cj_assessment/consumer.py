@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -836,10 +835,11 @@ def _decode_result(record: Any) -> ComparisonResultEnvelope:
 
 
 def _result_with_surrogates(value: bytes, error: ValidationError) -> ComparisonResultEnvelope:
-    """JSON may escape an unpaired surrogate (`"\\ud800"`), which pydantic's parser refuses
-    and UTF-8 cannot encode. A paid answer is not lost over its justification: such a record
-    is parsed by the standard library, each unpaired surrogate replaced by U+FFFD. Anything
-    else the parser refused stays refused (`NaN` and `Infinity` included)."""
+    """JSON may escape an unpaired surrogate (`"\\ud800"`), which pydantic's parser refuses.
+    A paid answer is not lost over its justification: such a record is parsed by the standard
+    library, and its texts are made storable where every provider text is
+    (`batch_callback_handler._store_result`). Anything else the parser refused stays refused
+    (`NaN` and `Infinity` included)."""
     if not any(e["type"] == "json_invalid" for e in error.errors()):
         raise _invalid(ComparisonResultEnvelope, error) from error
     try:
@@ -847,26 +847,13 @@ def _result_with_surrogates(value: bytes, error: ValidationError) -> ComparisonR
     except (ValueError, UnicodeDecodeError):
         raise _invalid(ComparisonResultEnvelope, error) from error
     try:
-        return ComparisonResultEnvelope.model_validate(_surrogates_replaced(data))
+        return ComparisonResultEnvelope.model_validate(data)
     except ValidationError as exc:
         raise _invalid(ComparisonResultEnvelope, exc) from exc
 
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _surrogates_replaced(value: Any) -> Any:
-    if isinstance(value, str):
-        return value if value.isascii() else _SURROGATE.sub("\ufffd", value)
-    if isinstance(value, dict):
-        return {_surrogates_replaced(k): _surrogates_replaced(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_surrogates_replaced(v) for v in value]
-    return value
 
 
 def _stand_in_event_id(record: Any) -> str:
