@@ -129,13 +129,6 @@ class _Plan:
     b_positions: list[int]
 
 
-def all_pairs_seen(essay_ids: Sequence[str], history: PairingHistory) -> bool:
-    """Whether every unordered pair of distinct essays has been planned at least once."""
-    return covers_all_pairs(
-        essay_ids, [pair for pair, count in history.pair_counts.items() if count > 0]
-    )
-
-
 def covers_all_pairs(essay_ids: Sequence[str], pairs: Collection[Iterable[str]]) -> bool:
     """Whether `pairs` (in either orientation, repeats allowed) include every unordered pair
     of distinct essays. Fewer pairs than that answer at once, without building a set: most
@@ -166,7 +159,7 @@ def generate_pairs(
     round short, the least-compared essays are served first; comparison counts therefore
     never drift more than one apart. A round repeats a pair only when no matching of its
     essays avoids it, and then the least-repeated pairs first; callers decide whether to
-    stop (see ``all_pairs_seen``). A repeated pair is shown the way round it has been shown
+    stop (see ``covers_all_pairs``). A repeated pair is shown the way round it has been shown
     less, within each essay's A/B bound; otherwise the essay further behind on Essay A
     showings is shown as Essay A.
 

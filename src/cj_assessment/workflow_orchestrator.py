@@ -593,18 +593,14 @@ class WorkflowOrchestrator:
         return await repo.add_outbox([OutboxRow.of(envelope, topic, bos_batch_id)])
 
 
-def _failed_for_good(comparisons: Comparisons, progress: Progress) -> frozenset[str]:
-    """Comparisons with no winner, no attempt awaiting an answer and no retry in the pool."""
-    return comparisons.unanswered - {entry.comparison_id for entry in progress.pool.entries}
-
-
 def _pairing_history(comparisons: Comparisons, progress: Progress) -> PairingHistory:
     """The comparisons that count for pairing: judged, awaiting an answer, or with a retry in
     the failed pool. The first comparison of a pair to fail for good leaves it, so that the
     pair can be planned once more and its essays are not left with fewer judgements than
     the others; a pair that fails for good again stays, or a pair the provider always
     refuses would be planned, and paid for, in every iteration."""
-    lost = _failed_for_good(comparisons, progress)
+    # Failed for good: no winner, no attempt awaiting an answer and no retry in the pool.
+    lost = comparisons.unanswered - {entry.comparison_id for entry in progress.pool.entries}
     made_up: set[frozenset[str]] = set()
     pairs = []
     for comparison_id, essay_a, essay_b in comparisons.planned:
