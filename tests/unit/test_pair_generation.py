@@ -86,15 +86,22 @@ def _count(history: PairingHistory, first: str, second: str) -> int:
     return history.pair_counts.get(frozenset((first, second)), 0)
 
 
+def _call_plans(
+    max_matchings: int, max_pairs: int, min_calls: int, max_calls: int
+) -> st.SearchStrategy[list[tuple[int, int]]]:
+    """Successive `generate_pairs` calls as (matchings, max_pairs or UNLIMITED)."""
+    return st.lists(
+        st.tuples(
+            st.integers(min_value=1, max_value=max_matchings),
+            st.one_of(st.just(UNLIMITED), st.integers(min_value=1, max_value=max_pairs)),
+        ),
+        min_size=min_calls,
+        max_size=max_calls,
+    )
+
+
 essay_counts = st.integers(min_value=2, max_value=60)
-call_plans = st.lists(
-    st.tuples(
-        st.integers(min_value=1, max_value=6),
-        st.one_of(st.just(UNLIMITED), st.integers(min_value=1, max_value=80)),
-    ),
-    min_size=1,
-    max_size=4,
-)
+call_plans = _call_plans(max_matchings=6, max_pairs=80, min_calls=1, max_calls=4)
 seeds = st.integers(min_value=0, max_value=2**32 - 1)
 property_settings = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -230,14 +237,7 @@ def _rounds_with_their_histories(
 
 
 small_essay_counts = st.integers(min_value=4, max_value=9)
-long_call_plans = st.lists(
-    st.tuples(
-        st.integers(min_value=1, max_value=8),
-        st.one_of(st.just(UNLIMITED), st.integers(min_value=1, max_value=30)),
-    ),
-    min_size=2,
-    max_size=5,
-)
+long_call_plans = _call_plans(max_matchings=8, max_pairs=30, min_calls=2, max_calls=5)
 
 
 @strategies
