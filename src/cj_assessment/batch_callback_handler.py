@@ -312,15 +312,17 @@ def _contradicts_pair(attempt: AttemptRecord, result: LLMComparisonResultV1) -> 
     )
 
 
-# Provider error codes that become a metric label as they are; any other code is counted as
+# Provider error codes that become a metric label, lower-cased; any other code is counted as
 # `provider_other`, so that what a provider writes cannot grow the label set without bound.
-PROVIDER_ERROR_LABELS = frozenset(
-    (
+# The provider's own timeout is `provider_timeout`: `timeout` is the service's, for an answer
+# that did not come in time.
+PROVIDER_ERROR_LABELS = {
+    code: code
+    for code in (
         "provider_error",
         "validation_error",
         "rate_limit",
         "rate_limited",
-        "timeout",
         "invalid_request",
         "content_filter",
         "authentication_error",
@@ -329,14 +331,13 @@ PROVIDER_ERROR_LABELS = frozenset(
         "parsing_error",
         "connection_error",
     )
-)
+} | {"timeout": "provider_timeout"}
 
 
 def _error_reason(result: LLMComparisonResultV1) -> str:
     if result.error_detail is None:
         return "error"
-    code = result.error_detail.error_code.lower()
-    return code if code in PROVIDER_ERROR_LABELS else "provider_other"
+    return PROVIDER_ERROR_LABELS.get(result.error_detail.error_code.lower(), "provider_other")
 
 
 def _store_result(

@@ -30,6 +30,10 @@ def _bar(done: int, total: int, width: int = 40) -> str:
 
 async def run_demo(*, timeout: float = 120.0) -> int:
     started = time.monotonic()
+    # The exported settings are checked before anything starts, like every other command's:
+    # an out-of-range value (the log level included, which the demo then overrides) refuses
+    # the demo instead of being found after the broker and database are up.
+    Settings()
     configure_logging("WARNING", json=False)
     print("starting embedded Kafka (Tansu) and PostgreSQL ...", flush=True)
     kafka = EmbeddedKafka().start()

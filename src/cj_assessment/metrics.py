@@ -115,12 +115,12 @@ class Metrics:
             "cj_successful_retries_total", "Retried comparisons that succeeded"
         )
         self.permanent_failures = held(
-            "cj_permanent_failures_total", "Comparisons that exhausted their retries"
+            "cj_permanent_failures_total", "Comparisons failed for good (out of retries or budget)"
         )
         self.failed_pool_size = _OnCommit(
             Histogram(
                 "cj_failed_pool_size",
-                "Failed-pool size after each change",
+                "Failed-pool size after each step that leaves an iteration running",
                 buckets=(0, 1, 5, 10, 20, 50, 100, 200, 500),
                 registry=r,
             )

@@ -119,15 +119,20 @@ def test_serve_without_its_database_or_broker_exits_1_with_one_clear_line(
     assert "Traceback" not in stderr
 
 
-def test_a_setting_out_of_its_range_stops_the_command_with_one_line_per_setting() -> None:
+@pytest.mark.parametrize("command", ["serve", "migrate", "demo"])
+def test_a_setting_out_of_its_range_stops_the_command_with_one_line_per_setting(
+    command: str,
+) -> None:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CJ_")},
         "CJ_LLM_DEFAULT_TEMPERATURE": "2.5",
         "CJ_LOG_LEVEL": "verbose",
     }
-    served = subprocess.run([*CLI, "serve"], env=env, capture_output=True, timeout=60)
+    served = subprocess.run([*CLI, command], env=env, capture_output=True, timeout=60)
     stderr = served.stderr.decode()
     assert served.returncode == 2, stderr[-2000:]
+    # Refused before anything starts: the demo brings up no broker or database first.
+    assert served.stdout == b""
     assert stderr.splitlines() == [
         "cj-assessment: invalid setting CJ_LLM_DEFAULT_TEMPERATURE:"
         " Input should be less than or equal to 2",

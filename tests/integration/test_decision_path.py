@@ -482,8 +482,8 @@ async def test_what_a_provider_writes_is_stored_as_its_columns_can_hold_it(
     decision_path: Callable[..., DecisionPath],
 ) -> None:
     path = decision_path()
-    await path.start("odd-answers", 4, at(0))
-    won, errored = (await path.in_flight())[:2]
+    await path.start("odd-answers", 6, at(0))
+    won, errored, timed_out = (await path.in_flight())[:3]
     answers = [
         LLMComparisonResultV1(
             correlation_id=str(won.request_correlation_id),
@@ -500,8 +500,12 @@ async def test_what_a_provider_writes_is_stored_as_its_columns_can_hold_it(
                 error_code="rate limited req-0e1add4c", message="slow\x00 down", service="s\x00"
             ),
         ),
+        LLMComparisonResultV1(
+            correlation_id=str(timed_out.request_correlation_id),
+            error_detail=ErrorDetail(error_code="TIMEOUT", message="upstream", service="s"),
+        ),
     ]
-    assert await path.deliver(answers, at(1)) == ["handled", "handled"]
+    assert await path.deliver(answers, at(1)) == ["handled", "handled", "handled"]
     (stored,) = await path.rows(
         "SELECT winner, justification, provider, model, response_time_ms, prompt_tokens,"
         " completion_tokens, total_tokens FROM cj_comparison_pairs WHERE id = :id",
@@ -526,6 +530,10 @@ async def test_what_a_provider_writes_is_stored_as_its_columns_can_hold_it(
     registry = path.metrics.registry
     failed_other = {"reason": "provider_other"}
     assert registry.get_sample_value("cj_comparisons_failed_total", failed_other) == 1
+    # The provider's timeout is not the service's own (an answer that never came in time).
+    provider_timeout = {"reason": "provider_timeout"}
+    assert registry.get_sample_value("cj_comparisons_failed_total", provider_timeout) == 1
+    assert registry.get_sample_value("cj_comparisons_failed_total", {"reason": "timeout"}) is None
 
 
 @pytest.mark.parametrize(
