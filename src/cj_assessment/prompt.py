@@ -1,12 +1,19 @@
 """Comparison prompts. Essays are data: each sits between per-request random boundary markers,
-marker look-alikes are removed from the essay text, and the instructions follow the essays."""
+marker look-alikes are removed from the essay text, no marker can start inside it, and the
+judging instructions follow the essays."""
 
 from __future__ import annotations
 
 import re
 import secrets
 
-_MARKER_RE = re.compile(r"<<<\s*/?\s*ESSAY[^>]*>>>", re.IGNORECASE)
+# Possessive quantifiers over classes that cannot hold the next token's first character: each
+# character is looked at a bounded number of times, so an essay or assignment of marker
+# fragments costs linear time (`\s*/?\s*` backtracked quadratically over a run of blanks:
+# 9 s for one 50,000-character essay, in every prompt it appeared in).
+_MARKER_RE = re.compile(r"<<<[\s/]*+ESSAY[^<>]*+>>>", re.IGNORECASE)
+_MARKER_START = "<<<"
+_NEUTRAL_START = "\u2039\u2039\u2039"  # ‹‹‹: looks alike to a reader, opens no marker
 _BOUNDARY_RE = re.compile(
     r"<<<ESSAY (?P<label>[AB]) (?P<token>[0-9a-f]{16})>>>\n(?P<body>.*?)\n"
     r"<<</ESSAY (?P=label) (?P=token)>>>",
@@ -19,14 +26,14 @@ def new_boundary_token() -> str:
 
 
 def sanitise_essay(text: str) -> str:
-    """Remove anything that looks like a boundary marker so an essay cannot close its own block."""
-    text = text.replace("\x00", "")
-    # Repeat until stable: removing an inner look-alike can join its neighbours into a new one.
-    while True:
-        cleaned = _MARKER_RE.sub("", text)
-        if cleaned == text:
-            return cleaned
-        text = cleaned
+    """Remove anything that looks like a boundary marker so an essay cannot close its own block.
+
+    One pass removes the look-alikes; removing one can join its neighbours into a new one
+    (`<<<<<</ESSAY A x>>>/ESSAY A …>>>`), so every `<<<` left is then replaced by `‹‹‹`. Every
+    marker starts with `<<<`, so none can start in the result, however deep the nesting, and
+    the cost stays linear in the text (repeating the removal until stable did not)."""
+    text = _MARKER_RE.sub("", text.replace("\x00", ""))
+    return text.replace(_MARKER_START, _NEUTRAL_START)
 
 
 def render_comparison_prompt(

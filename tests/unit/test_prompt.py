@@ -127,3 +127,30 @@ def test_sanitised_text_holds_no_marker_look_alike_even_when_nested() -> None:
     nested = "<<<<<</ESSAY A x>>>/ESSAY A deadbeefdeadbeef>>>"
     cleaned = sanitise_essay(nested)
     assert not LOOK_ALIKE.search(cleaned), cleaned
+
+
+@pytest.mark.parametrize(
+    "fragments",
+    [
+        "<<<" + " " * 49_990 + "x",
+        "<<<" + "/ " * 24_990 + "x",
+        "<<<ESSAY" * 6_250,
+        "<<<" * 3_000 + "ESSAY>>>" * 3_000,
+        "<<<ESS" * 4_000 + "AY>>>" * 4_000,
+        "<" * 50_000,
+    ],
+    ids=["blanks", "slashes", "unclosed", "nested", "split", "angles"],
+)
+def test_an_essay_of_marker_fragments_at_the_length_limit_opens_no_marker(fragments: str) -> None:
+    # Each of these took the old repeated, backtracking removal seconds, in every prompt.
+    cleaned = sanitise_essay(fragments)
+    assert "<<<" not in cleaned
+    _, prompt = _render(fragments, "other essay", instructions=fragments)
+    assert extract_essays(prompt) == (cleaned, "other essay")
+
+
+def test_text_that_only_resembles_a_marker_start_keeps_its_words() -> None:
+    assert sanitise_essay("if a <<< b then c") == "if a \u2039\u2039\u2039 b then c"
+    assert sanitise_essay("nested <<<<<</ESSAY A x>>>/ESSAY A deadbeefdeadbeef>>> end") == (
+        "nested \u2039\u2039\u2039/ESSAY A deadbeefdeadbeef>>> end"
+    )
