@@ -34,6 +34,9 @@ log = structlog.get_logger(__name__)
 
 # About 2 KB each: the contexts of every assessment a busy instance has in flight.
 CONTEXTS_KEPT = 4096
+# An unmatched result's raw payload is kept for inspection up to this size: enough for any
+# real answer, while a misrouted stream of large records cannot fill the table as fast.
+UNMATCHED_PAYLOAD_BYTES = 65_536
 
 
 class ResultOutcome(StrEnum):
@@ -120,9 +123,9 @@ class BatchCallbackHandler:
         await repo.store_unmatched(
             [
                 (
-                    results[i][0].correlation_id,
+                    storable(results[i][0].correlation_id),
                     "unknown_correlation_id",
-                    results[i][1].decode("utf-8", "replace"),
+                    storable(results[i][1][:UNMATCHED_PAYLOAD_BYTES].decode("utf-8", "replace")),
                 )
                 for i in unmatched
             ]
@@ -307,8 +310,9 @@ def _close_unanswered(attempt: AttemptRecord, cause: Unanswered, now: datetime) 
 def _contradicts_pair(attempt: AttemptRecord, result: LLMComparisonResultV1) -> bool:
     meta = result.request_metadata or {}
     a, b = meta.get("essay_a_id"), meta.get("essay_b_id")
-    return (a is not None and a != attempt.essay_a_id) or (
-        b is not None and b != attempt.essay_b_id
+    # Compared as text: a provider may echo an id that looks like a number as a JSON number.
+    return (a is not None and str(a) != attempt.essay_a_id) or (
+        b is not None and str(b) != attempt.essay_b_id
     )
 
 

@@ -826,7 +826,7 @@ def _decode_result(record: Any) -> ComparisonResultEnvelope:
     try:
         envelope = ComparisonResultEnvelope.model_validate_json(record.value)
     except ValidationError as exc:
-        envelope = _result_with_surrogates(record.value, exc)
+        envelope = _result_as_far_as_readable(record, exc)
     event_id = envelope.event_id
     if not event_id or len(event_id) > MAX_ID_CHARS or unstorable(event_id):
         # The inbox could not key on it; the answer itself is paid for and still counts.
@@ -834,22 +834,114 @@ def _decode_result(record: Any) -> ComparisonResultEnvelope:
     return envelope
 
 
-def _result_with_surrogates(value: bytes, error: ValidationError) -> ComparisonResultEnvelope:
-    """JSON may escape an unpaired surrogate (`"\\ud800"`), which pydantic's parser refuses.
-    A paid answer is not lost over its justification: such a record is parsed by the standard
-    library, and its texts are made storable where every provider text is
-    (`batch_callback_handler._store_result`). Anything else the parser refused stays refused
-    (`NaN` and `Infinity` included)."""
-    if not any(e["type"] == "json_invalid" for e in error.errors()):
+# Fields of a result the service only records or ignores: a value that does not fit is
+# dropped (the field's default applies) rather than the paid answer refused. The verdict,
+# the correlation id and an error's code are never dropped.
+_DROPPABLE = frozenset(
+    [
+        *(
+            (name,)
+            for name in (
+                "event_type",
+                "event_timestamp",
+                "source_service",
+                "schema_version",
+                "correlation_id",
+                "data_schema_uri",
+                "metadata",
+            )
+        ),
+        *(
+            ("data", name)
+            for name in (
+                "request_id",
+                "justification",
+                "provider",
+                "model",
+                "response_time_ms",
+                "token_usage",
+                "cost_estimate",
+                "requested_at",
+                "completed_at",
+                "trace_id",
+                "request_metadata",
+            )
+        ),
+        *(
+            ("data", "error_detail", name)
+            for name in (
+                "message",
+                "correlation_id",
+                "timestamp",
+                "service",
+                "operation",
+                "details",
+            )
+        ),
+    ]
+)
+
+
+def _result_as_far_as_readable(record: Any, error: ValidationError) -> ComparisonResultEnvelope:
+    """A result the strict parse refused, read as far as its paid answer allows.
+
+    - JSON that escapes an unpaired surrogate (`"\\ud800"`), which pydantic's parser refuses, is
+      parsed by the standard library; its texts are made storable where every provider text
+      is (`batch_callback_handler._store_result`). Anything else the parser refused stays
+      refused (`NaN` and `Infinity` included).
+    - Values that do not fit a field the service only records (`_DROPPABLE`: a fractional
+      `response_time_ms`, a null error message, a list for `metadata`, ...) are dropped,
+      and the field names logged (`result_fields_dropped`).
+    Everything else (the verdict, the correlation id, winner and error together) is refused."""
+    if any(e["type"] == "json_invalid" for e in error.errors()):
+        try:
+            data = json.loads(record.value, parse_constant=_no_constant)
+        except (ValueError, UnicodeDecodeError):
+            raise _invalid(ComparisonResultEnvelope, error) from error
+        try:
+            return ComparisonResultEnvelope.model_validate(data)
+        except ValidationError as exc:
+            error = exc
+    else:
+        try:
+            data = json.loads(record.value)
+        except (ValueError, UnicodeDecodeError):  # ints beyond the standard library's limit
+            raise _invalid(ComparisonResultEnvelope, error) from error
+    dropped = _drop_unfitting(data, error)
+    if not dropped:
         raise _invalid(ComparisonResultEnvelope, error) from error
     try:
-        data = json.loads(value, parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError):
-        raise _invalid(ComparisonResultEnvelope, error) from error
-    try:
-        return ComparisonResultEnvelope.model_validate(data)
+        envelope = ComparisonResultEnvelope.model_validate(data)
     except ValidationError as exc:
         raise _invalid(ComparisonResultEnvelope, exc) from exc
+    log.warning(
+        "result_fields_dropped",
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        fields=",".join(".".join(path) for path in dropped),
+    )
+    return envelope
+
+
+def _drop_unfitting(data: Any, error: ValidationError) -> list[tuple[str, ...]]:
+    """Remove from `data` the droppable fields `error` found wrong; the paths removed, or none
+    when any other field is wrong too (the result is then refused as it is)."""
+    paths: list[tuple[str, ...]] = []
+    for problem in error.errors():
+        loc = tuple(str(part) for part in problem["loc"])
+        path = next((loc[:n] for n in range(len(loc), 0, -1) if loc[:n] in _DROPPABLE), None)
+        if path is None:
+            return []
+        if path not in paths:
+            paths.append(path)
+    for path in paths:
+        parent = data
+        for part in path[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent.pop(path[-1], None)
+    return paths
 
 
 def _no_constant(name: str) -> Any:

@@ -343,6 +343,9 @@ class ComparisonResultEnvelope(EventEnvelope):
     event_id: Annotated[str | None, BeforeValidator(_result_event_id)] = Field(  # type: ignore[assignment]
         None, description="Unique id of this event (replaced by a stand-in when unusable)"
     )
+    event_type: str | None = Field(  # type: ignore[assignment]
+        None, description="Topic name (any string accepted; the topic says what it is)"
+    )
 
     data: LLMComparisonResultV1 = Field(description="The comparison result")  # type: ignore[assignment]
 

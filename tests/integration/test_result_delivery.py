@@ -8,14 +8,20 @@ import asyncio
 import json
 import uuid
 
+import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from cj_assessment.database import migrate
 from cj_assessment.embedded import EmbeddedPostgres
 from cj_assessment.pipeline_client import request_envelope, sleep_until
+from cj_assessment.settings import Settings
 from tests.integration.test_assessment_flow import _essays
 from tests.support.harness import provider_config, running_system, system_settings
-from tests.support.replaying_judge import ReplayingJudge
+from tests.support.replaying_judge import (
+    ReplayingJudge,
+    result_envelope,
+    result_envelope_for_unknown,
+)
 
 SENTINEL = "SENTINEL-c0ffee-7f3a"
 
@@ -122,13 +128,16 @@ async def test_poison_records_on_both_topics_are_dead_lettered_and_the_next_reco
     ]
     per_topic = {
         settings.topic_assessment_requested: [*poison, *map(_json, (wrong_request, nul_request))],
-        settings.topic_llm_comparison_result: [*poison, *map(_json, (wrong_result, nul_result))],
+        settings.topic_llm_comparison_result: [*poison, _json(wrong_result)],
     }
+    # A correlation id PostgreSQL cannot store matches nothing we sent either: it is kept with
+    # the unmatched results, its NUL removed, rather than dead-lettered.
+    unmatched = {settings.topic_llm_comparison_result: [_json(nul_result)]}
     async with running_system(settings, provider_config(settings)) as system:
         producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=False)
         await producer.start()
         try:
-            for topic, values in per_topic.items():
+            for topic, values in [*per_topic.items(), *unmatched.items()]:
                 for value in values:
                     await producer.send_and_wait(topic, value, key=b"poison")
         finally:
@@ -140,7 +149,9 @@ async def test_poison_records_on_both_topics_are_dead_lettered_and_the_next_reco
             topic: await _read_all(kafka_bootstrap, f"{topic}.dlt", len(values))
             for topic, values in per_topic.items()
         }
+        kept = await system.rows("SELECT correlation_id FROM cj_unmatched_results")
     assert outcome["data"]["status"] == "completed_successfully"
+    assert kept == [(f"x{SENTINEL}",)]
     for topic, values in per_topic.items():
         records = dead[topic]
         assert sorted(r.value for r in records) == sorted(values)
@@ -320,3 +331,92 @@ async def test_a_timed_out_attempt_and_its_retry_answered_in_one_poll_count_once
     summary = outcome["data"]["processing_summary"]
     assert summary["comparisons_succeeded"] == 2
     assert sum(r["comparison_count"] for r in outcome["data"]["rankings"]) == 4
+
+
+async def _sloppy_provider(settings: Settings, stop: asyncio.Event, sent: list[int]) -> None:
+    """Answers every request with a real verdict, written the way a careless provider writes:
+    a fractional latency, a list for the envelope's metadata, numeric-looking essay ids echoed
+    as numbers, a null error message; one unknown answer in UTF-16 and one far too large."""
+    rng = np.random.default_rng(5)
+    consumer = AIOKafkaConsumer(
+        settings.topic_llm_comparison_request,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        group_id=f"sloppy-{uuid.uuid4().hex[:6]}",
+        auto_offset_reset="earliest",
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, enable_idempotence=False
+    )
+    await consumer.start()
+    await producer.start()
+    topic = settings.topic_llm_comparison_result
+    try:
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=200)
+            for record in (r for rs in batch.values() for r in rs):
+                envelope = result_envelope(json.loads(record.value), rng, topic)
+                data = envelope["data"]
+                data["response_time_ms"] = 1800.5
+                data["token_usage"]["prompt_tokens"] = 10.5
+                envelope["metadata"] = []
+                meta = data["request_metadata"]
+                meta["essay_a_id"], meta["essay_b_id"] = (
+                    int(meta["essay_a_id"]),
+                    int(meta["essay_b_id"]),
+                )
+                if sent[0] % 7 == 3:  # now and then an error, with its message null
+                    data["winner"] = None
+                    data["error_detail"] = {"error_code": "RATE_LIMIT", "message": None}
+                await producer.send(topic, _json(envelope))
+                if sent[0] == 0:
+                    unknown = result_envelope_for_unknown(envelope)
+                    unknown["data"]["error_detail"] = None
+                    unknown["data"]["winner"] = "Essay B"
+                    await producer.send(topic, json.dumps(unknown).encode("utf-16"))
+                    unknown["data"]["justification"] = "x" * 200_000
+                    unknown["event_id"] = str(uuid.uuid4())
+                    await producer.send(topic, _json(unknown))
+                sent[0] += 1
+            await producer.flush()
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def test_answers_written_carelessly_are_kept_for_their_verdicts(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    settings = system_settings(kafka_bootstrap, database_url)
+    essays = {str(k): text for k, text in enumerate(_essays(8).values(), start=1)}
+    stop, sent = asyncio.Event(), [0]
+    async with running_system(settings, provider=None) as system:
+        provider = asyncio.create_task(_sloppy_provider(settings, stop, sent))
+        try:
+            await system.submit(request_envelope(bos_batch_id="careless", essays=essays))
+            outcome = (await system.watcher.wait_for(["careless"], timeout=90))["careless"]
+        finally:
+            stop.set()
+            await provider
+        system.check_alive()
+        statuses = dict(
+            await system.rows("SELECT status, count(*) FROM cj_comparison_pairs GROUP BY status")
+        )
+        errors = dict(
+            await system.rows(
+                "SELECT error_code, count(*) FROM cj_comparison_pairs"
+                " WHERE error_code IS NOT NULL GROUP BY error_code"
+            )
+        )
+        unmatched = await system.rows(
+            "SELECT octet_length(payload) FROM cj_unmatched_results ORDER BY 1"
+        )
+        dead = await _read_all(kafka_bootstrap, f"{settings.topic_llm_comparison_result}.dlt", 1, 3)
+    assert outcome["data"]["status"] == "completed_successfully"
+    summary = outcome["data"]["processing_summary"]
+    # Every verdict counted: none dead-lettered, none taken for a contradiction of its pair.
+    assert dead == []
+    assert set(errors) == {"RATE_LIMIT"}
+    assert summary["comparisons_succeeded"] == statuses["succeeded"] > 0
+    # Both unknown answers are kept for inspection, the large one cut to a bounded size.
+    assert len(unmatched) == 2
+    assert unmatched[-1][0] <= 65_536

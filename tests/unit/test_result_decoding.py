@@ -67,3 +67,68 @@ def test_an_unpaired_surrogate_in_a_justification_costs_the_text_not_the_answer(
 def test_a_record_refused_for_anything_besides_a_surrogate_stays_refused(value: bytes) -> None:
     with pytest.raises(PoisonMessage):
         _decode_result(_raw(value))
+
+
+def _with(data: dict[str, object], **envelope: object) -> SimpleNamespace:
+    value = {
+        "event_id": "evt-3",
+        "event_type": "LLMComparisonResultV1",
+        **envelope,
+        "data": {"correlation_id": "c-1", **data},
+    }
+    return _raw(json.dumps(value).encode())
+
+
+@pytest.mark.parametrize(
+    ("data", "envelope", "dropped"),
+    [
+        ({"winner": "Essay A", "response_time_ms": 1800.5}, {}, "response_time_ms"),
+        ({"winner": "Essay A", "token_usage": {"prompt_tokens": 1.5}}, {}, "token_usage"),
+        ({"winner": "Essay A", "justification": 17, "provider": []}, {}, "justification"),
+        ({"winner": "Essay B", "cost_estimate": "free", "requested_at": {}}, {}, "cost_estimate"),
+        ({"winner": "Essay B", "request_metadata": ["a", "b"]}, {}, "request_metadata"),
+        ({"winner": "Essay B"}, {"metadata": [], "schema_version": None}, "metadata"),
+        ({"winner": "Essay B"}, {"event_type": None, "event_timestamp": 1e20}, "event_timestamp"),
+        (
+            {"error_detail": {"error_code": "RATE_LIMIT", "message": None, "details": []}},
+            {},
+            "message",
+        ),
+        ({"winner": "Essay A", "justification": "\\ud800", "model": 5}, {}, "model"),
+    ],
+)
+def test_a_value_that_does_not_fit_a_recorded_field_costs_the_field_not_the_answer(
+    data: dict[str, object], envelope: dict[str, object], dropped: str
+) -> None:
+    record = _with(data, **envelope)
+    if "\\ud800" in json.dumps(data):
+        record.value = record.value.replace(b"\\\\ud800", b"\\ud800")
+    decoded = _decode_result(record)
+    result = decoded.data
+    assert result.correlation_id == "c-1"
+    assert (result.winner, result.error_detail and result.error_detail.error_code) == (
+        data.get("winner"),
+        (data.get("error_detail") or {}).get("error_code"),  # type: ignore[union-attr]
+    )
+    fields = {
+        **result.model_dump(),
+        **(result.error_detail.model_dump() if result.error_detail else {}),
+    }
+    fields |= decoded.model_dump(exclude={"data"})
+    assert fields[dropped] in (None, "", 1)  # the field's default
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"winner": "essay a"},  # the verdict is the contract's, exactly
+        {"winner": "Essay A", "error_detail": {"error_code": "X"}},
+        {"error_detail": {"message": "no code"}},
+        {"winner": "Essay A", "response_time_ms": 1.5, "correlation_id": ["c"]},
+    ],
+)
+def test_a_result_whose_verdict_or_identity_does_not_fit_stays_refused(
+    data: dict[str, object],
+) -> None:
+    with pytest.raises(PoisonMessage):
+        _decode_result(_with(data))
