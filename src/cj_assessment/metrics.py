@@ -37,6 +37,13 @@ def counted_on_commit() -> Iterator[None]:
             update(value)
 
 
+def after_commit(action: Callable[[], None]) -> None:
+    """Run `action` once the enclosing `counted_on_commit()` completes (at once outside one):
+    for log lines announcing what a transaction decided, which a rolled-back try would
+    otherwise announce twice."""
+    _update(lambda _value: action(), 0)
+
+
 class _OnCommit:
     """A counter or histogram (or one of its labelled children) whose updates wait for the
     enclosing `counted_on_commit()`, if any."""

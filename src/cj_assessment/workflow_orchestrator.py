@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,7 @@ from cj_assessment.contracts import (
     utc_iso,
 )
 from cj_assessment.errors import RequestRejected
-from cj_assessment.metrics import Metrics
+from cj_assessment.metrics import Metrics, after_commit
 from cj_assessment.pair_generation import (
     AbilityEstimates,
     PairingHistory,
@@ -478,14 +479,17 @@ class WorkflowOrchestrator:
         )
         await repo.add_outbox([OutboxRow.of(envelope, topic, ctx.bos_batch_id)])
         self._metrics.assessments.labels("completed").inc()
-        log.info(
-            "assessment_completed",
-            cj_batch_id=ctx.cj_batch_id,
-            bos_batch_id=ctx.bos_batch_id,
-            stop_reason=decision.reason,
-            iterations=progress.current_iteration,
-            comparisons_succeeded=progress.completed,
-            reliability=scoring.reliability,
+        after_commit(
+            partial(
+                log.info,
+                "assessment_completed",
+                cj_batch_id=ctx.cj_batch_id,
+                bos_batch_id=ctx.bos_batch_id,
+                stop_reason=decision.reason,
+                iterations=progress.current_iteration,
+                comparisons_succeeded=progress.completed,
+                reliability=scoring.reliability,
+            )
         )
 
     async def _fail(
@@ -532,11 +536,14 @@ class WorkflowOrchestrator:
             now=now,
         )
         self._metrics.assessments.labels("failed").inc()
-        log.info(
-            "assessment_failed",
-            cj_batch_id=ctx.cj_batch_id,
-            bos_batch_id=ctx.bos_batch_id,
-            error_code=error_code,
+        after_commit(
+            partial(
+                log.info,
+                "assessment_failed",
+                cj_batch_id=ctx.cj_batch_id,
+                bos_batch_id=ctx.bos_batch_id,
+                error_code=error_code,
+            )
         )
 
     async def fail_assessment(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cj_assessment.metrics import Metrics, counted_on_commit
+from cj_assessment.metrics import Metrics, after_commit, counted_on_commit
 
 
 def _succeeded(metrics: Metrics) -> float | None:
@@ -42,3 +42,14 @@ def test_an_inner_block_counts_only_if_the_outer_one_completes_too() -> None:
             metrics.comparisons_succeeded.inc()
         raise ConnectionResetError
     assert _succeeded(metrics) == 0
+
+
+def test_a_decision_is_announced_once_its_transaction_commits_and_never_for_a_lost_try() -> None:
+    announced: list[str] = []
+    with pytest.raises(ConnectionResetError), counted_on_commit():
+        after_commit(lambda: announced.append("completed"))
+        raise ConnectionResetError
+    with counted_on_commit():
+        after_commit(lambda: announced.append("completed"))
+        assert announced == []
+    assert announced == ["completed"]
