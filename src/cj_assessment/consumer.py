@@ -13,7 +13,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -70,6 +70,12 @@ from cj_assessment.settings import Settings
 from cj_assessment.workflow_orchestrator import NewAssessment, WorkflowOrchestrator
 
 log = structlog.get_logger(__name__)
+
+# How often the result partitions' watermarks are written, and how far before the poll's
+# start a partition with nothing left on it counts as handled: a result produced just before
+# the poll may not have reached the fetch that reported the partition's end.
+WATERMARK_SECONDS = 1.0
+WATERMARK_MARGIN = timedelta(seconds=2)
 
 Clock = Callable[[], datetime]
 MAX_UNKNOWN_ERROR_ATTEMPTS = 3
@@ -208,6 +214,7 @@ class EventConsumer:
         self._handled = HandledOffsets()
         # When the oldest handled offset still uncommitted was first refused (monotonic).
         self._uncommitted_since: float | None = None
+        self._watermarks_noted = float("-inf")
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self._settings
@@ -229,6 +236,7 @@ class EventConsumer:
         )
         try:
             while not stop.is_set():
+                polled_at = self._clock()
                 batch = await consumer.getmany(timeout_ms=500)
                 assigned = consumer.assignment()
                 records = [r for tp, rs in batch.items() if tp in assigned for r in rs]
@@ -238,11 +246,13 @@ class EventConsumer:
                         # next records come, so that a stall is measured on real attempts.
                         await self._commit_handled(consumer)
                         self._check_commits_progress()
+                    await self._note_watermarks(consumer, records, polled_at)
                     continue
                 fetched = time.perf_counter()
                 self._metrics.poll_records.observe(len(records))
                 if not await self._process_poll(records, stop):
                     return  # stopping during a transient retry: the rest is redelivered
+                await self._note_watermarks(consumer, records, polled_at)
                 committed = await self._commit_handled(consumer)
                 self._check_commits_progress()
                 if committed:
@@ -260,6 +270,44 @@ class EventConsumer:
                     await asyncio.wait_for(consumer.stop(), timeout=budget)
                 except TimeoutError:
                     log.warning("consumer_close_timed_out")
+
+    async def _note_watermarks(
+        self, consumer: AIOKafkaConsumer, handled: list[Any], polled_at: datetime
+    ) -> None:
+        """Tell the monitor, about once a second, how far each result partition this instance
+        owns has been handled: to the poll's start less a margin when nothing is left on it,
+        else to the last handled result's timestamp. The monitor times attempts out on the
+        slowest partition's clock (`StuckAssessmentMonitor.run_once`)."""
+        if time.monotonic() - self._watermarks_noted < WATERMARK_SECONDS:
+            return
+        topic = self._settings.topic_llm_comparison_result
+        last_handled: dict[int, int] = {}
+        for record in handled:
+            if record.topic == topic:
+                last_handled[record.partition] = max(
+                    last_handled.get(record.partition, 0), record.timestamp
+                )
+        moments: dict[int, datetime] = {}
+        caught_up_through = polled_at - WATERMARK_MARGIN
+        try:
+            for tp in consumer.assignment():
+                highwater = consumer.highwater(tp) if tp.topic == topic else None
+                if highwater is None:
+                    continue  # not fetched since it was assigned: nothing known yet
+                position = await asyncio.wait_for(consumer.position(tp), timeout=1)
+                if position >= highwater:
+                    moments[tp.partition] = caught_up_through
+                elif tp.partition in last_handled:
+                    moments[tp.partition] = datetime.fromtimestamp(
+                        last_handled[tp.partition] / 1000, UTC
+                    )
+            if moments:
+                async with transaction(self._sessions) as session:
+                    await AssessmentRepository(session).note_result_watermarks(moments)
+        except Exception as exc:  # noqa: BLE001 - only the monitor's clock waits for the next try
+            log.warning("result_watermarks_not_noted", error_class=type(exc).__name__)
+            return
+        self._watermarks_noted = time.monotonic()
 
     def _check_commits_progress(self) -> None:
         """Handled records whose offsets the group refuses for too long (a coordinator that

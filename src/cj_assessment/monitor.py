@@ -75,7 +75,15 @@ class StuckAssessmentMonitor:
 
     async def run_once(self) -> int:
         now = self._clock()
-        overdue_since = now - timedelta(seconds=self._settings.callback_wait_timeout_seconds)
+        async with self._sessions() as session:
+            handled_through = await AssessmentRepository(session).results_handled_through()
+        # An attempt is overdue once its wait has passed on the clock of the results handled:
+        # while answers sit on the topic unhandled (the database away, a lock held, a backlog
+        # after a pause), they are not taken for missing ones and paid for again.
+        answers_seen_until = now if handled_through is None else min(now, handled_through)
+        overdue_since = answers_seen_until - timedelta(
+            seconds=self._settings.callback_wait_timeout_seconds
+        )
         actions = 0
         # Forget failures not seen again for an hour after their pause (finished elsewhere, or
         # mended): the record stays as small as what currently fails.

@@ -525,6 +525,12 @@ _IDLE_STATES = text(
     " AND cj_batch_id <> ALL(CAST(:exclude AS bigint[]))"
     " ORDER BY last_activity_at LIMIT :limit FOR UPDATE SKIP LOCKED"
 )
+_NOTE_WATERMARKS = text(
+    "INSERT INTO cj_result_watermarks (partition, handled_through)"
+    " SELECT * FROM unnest(CAST(:partitions AS integer[]), CAST(:moments AS timestamptz[]))"
+    " ON CONFLICT (partition) DO UPDATE SET handled_through = excluded.handled_through"
+)
+_HANDLED_THROUGH = text("SELECT min(handled_through) FROM cj_result_watermarks")
 _COUNT_RUNNING_BY_STATE = text(
     f"SELECT state, count(*) FROM cj_batch_states WHERE {_RUNNING} GROUP BY state"
 )
@@ -820,6 +826,19 @@ class AssessmentRepository:
             _IDLE_STATES, {"moment": moment, "limit": limit, "exclude": list(exclude)}
         )
         return list(rows.scalars())
+
+    async def note_result_watermarks(self, moments: dict[int, datetime]) -> None:
+        """Per partition of the result topic: every result on it up to this moment is handled."""
+        partitions = sorted(moments)
+        await self.session.execute(
+            _NOTE_WATERMARKS,
+            {"partitions": partitions, "moments": [moments[p] for p in partitions]},
+        )
+
+    async def results_handled_through(self) -> datetime | None:
+        """The moment up to which every partition of the result topic has been handled, as
+        far as their consumers have said; None before any has."""
+        return (await self.session.execute(_HANDLED_THROUGH)).scalar()
 
     async def count_running_by_state(self) -> dict[str, int]:
         """Running assessments per state. Finished ones are not counted: they only grow, and

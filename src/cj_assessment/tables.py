@@ -221,3 +221,13 @@ class UnmatchedResult(Base):
     received_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
+
+
+class ResultWatermark(Base):
+    """Per partition of the result topic, the moment up to which every result on it has been
+    handled (migration 0008); the monitor's clock for timing attempts out."""
+
+    __tablename__ = "cj_result_watermarks"
+
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    handled_through: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)

@@ -11,6 +11,8 @@ from sqlalchemy import text
 
 from cj_assessment.assessment_request import OUTCOME_FIXED_BYTES, outcome_bytes_bound
 from cj_assessment.contracts import ErrorDetail, LLMComparisonResultV1, TokenUsage
+from cj_assessment.database import transaction
+from cj_assessment.repository import AssessmentRepository
 from tests.support.decision_path import DecisionPath, at
 
 
@@ -174,6 +176,27 @@ async def test_the_monitor_times_out_the_longest_waiting_assessment_first(
     statuses = await path.rows("SELECT cj_batch_id, status FROM cj_comparison_pairs")
     assert {status for batch, status in statuses if batch == older} >= {"timed_out"}
     assert {status for batch, status in statuses if batch == newer} == {"in_flight"}
+
+
+async def test_answers_the_service_has_not_handled_yet_are_not_taken_for_missing_ones(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(callback_wait_timeout_seconds=300)
+    await path.start("unhandled", 4, at(0))
+
+    async def handled_through(*moments: datetime) -> None:
+        async with transaction(path.sessions) as session:
+            await AssessmentRepository(session).note_result_watermarks(dict(enumerate(moments)))
+
+    # The database was away from 100 s to 900 s: one partition's results were handled up to
+    # 100 s, the other's are all handled. Answers to the requests of 0 s may wait there.
+    await handled_through(at(100), at(899))
+    await path.monitor(at(900)).run_once()
+    assert {a.status for a in await path.attempts()} == {"in_flight"}
+    # Once every partition is handled past the deadline, the wait is over.
+    await handled_through(at(350), at(899))
+    await path.monitor(at(901)).run_once()
+    assert {a.status for a in await path.attempts() if a.attempt == 1} == {"timed_out"}
 
 
 async def test_an_idle_assessment_waits_for_attempts_not_yet_overdue(

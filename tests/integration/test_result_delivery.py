@@ -411,6 +411,18 @@ async def test_answers_written_carelessly_are_kept_for_their_verdicts(
             "SELECT octet_length(payload) FROM cj_unmatched_results ORDER BY 1"
         )
         dead = await _read_all(kafka_bootstrap, f"{settings.topic_llm_comparison_result}.dlt", 1, 3)
+        # The consumer tells the monitor how far each result partition is handled: all of them
+        # (it owns every one), to within a few seconds of now.
+        watermarks = await system.rows(
+            "SELECT count(*), extract(epoch FROM now() - min(handled_through))"
+            " FROM cj_result_watermarks"
+        )
+        partitions = await system.rows(
+            "SELECT count(DISTINCT partition) FROM cj_event_inbox WHERE topic = :t",
+            t=settings.topic_llm_comparison_result,
+        )
+    assert watermarks[0][0] >= partitions[0][0] > 0
+    assert 0 < watermarks[0][1] < 10
     assert outcome["data"]["status"] == "completed_successfully"
     summary = outcome["data"]["processing_summary"]
     # Every verdict counted: none dead-lettered, none taken for a contradiction of its pair.

@@ -1,0 +1,33 @@
+"""how far the result topic's partitions have been handled
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-11-28 05:00:00
+
+Per partition of the result topic, the moment up to which every result on it has been handled
+(written by the consumer that owns the partition, about once a second). The monitor times an
+attempt out only once its deadline lies before every partition's moment: while this service
+cannot store answers (the database away, a lock held, a backlog after a pause), answers that
+are already on the topic are not taken for missing ones and paid for again.
+"""
+
+import sqlalchemy as sa
+
+from alembic import op
+
+revision = "0008"
+down_revision = "0007"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "cj_result_watermarks",
+        sa.Column("partition", sa.Integer(), primary_key=True),
+        sa.Column("handled_through", sa.DateTime(timezone=True), nullable=False),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("cj_result_watermarks")
