@@ -101,6 +101,8 @@ def classify(exc: BaseException) -> type[TransientError] | type[PermanentError] 
 # SQLSTATE classes: 08 connection, 40 rollback (serialization, deadlock), 53 resources,
 # 57 operator intervention (shutdown), 58 system error: retrying can succeed.
 _TRANSIENT_SQLSTATE_CLASSES = {"08", "40", "53", "57", "58"}
+# 55P03 lock_not_available: CJ_DATABASE_LOCK_TIMEOUT_SECONDS passed waiting for a lock.
+_TRANSIENT_SQLSTATES = {"55P03"}
 # 22 data exception (e.g. NUL in text), 23 integrity violation: the same record fails again.
 _PERMANENT_SQLSTATE_CLASSES = {"22", "23"}
 
@@ -115,7 +117,7 @@ def _classify_database_error(exc: DBAPIError) -> type[TransientError] | type[Per
         getattr(orig, "__cause__", None), "sqlstate", None
     )
     if isinstance(sqlstate, str):
-        if sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES:
+        if sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or sqlstate in _TRANSIENT_SQLSTATES:
             return TransientError
         if sqlstate[:2] in _PERMANENT_SQLSTATE_CLASSES:
             return PermanentError

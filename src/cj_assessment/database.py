@@ -29,7 +29,16 @@ def create_engine(settings: Settings) -> AsyncEngine:
         hide_parameters=True,
         # asyncpg waits 60 s for a connection by default: a database that drops packets would
         # hold a handler (and a shutdown) that long before its retry or its stop is noticed.
-        connect_args={"timeout": settings.database_connect_timeout_seconds},
+        connect_args={
+            "timeout": settings.database_connect_timeout_seconds,
+            # A lock held elsewhere (a forgotten session, a manual update) would otherwise hold
+            # a poll's transaction, and every assessment of the instance behind it, silently
+            # and without bound; past this its transaction fails, is logged and counted as a
+            # transient retry (SQLSTATE 55P03), and is tried again.
+            "server_settings": {
+                "lock_timeout": str(max(1, int(settings.database_lock_timeout_seconds * 1000)))
+            },
+        },
     )
 
 

@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     database_connect_timeout_seconds: float = Field(
         10.0, gt=0, description="Longest wait for a new database connection to open"
     )
+    database_lock_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="Longest a statement waits for a row or table lock before its transaction"
+        " is retried (PostgreSQL lock_timeout)",
+    )
 
     # Content Service
     content_service_url: str = Field(

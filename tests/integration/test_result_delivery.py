@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 import uuid
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from sqlalchemy import text
 
 from cj_assessment.database import migrate
 from cj_assessment.embedded import EmbeddedPostgres
@@ -432,3 +434,39 @@ async def test_answers_written_carelessly_are_kept_for_their_verdicts(
     # Both unknown answers are kept for inspection, the large one cut to a bounded size.
     assert len(unmatched) == 2
     assert unmatched[-1][0] <= 65_536
+
+
+async def test_a_lock_held_elsewhere_is_waited_out_visibly_and_the_assessment_completes(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    settings = system_settings(kafka_bootstrap, database_url, database_lock_timeout_seconds=0.5)
+    async with running_system(settings, provider_config(settings, latency_median_ms=50)) as system:
+        await system.submit(request_envelope(bos_batch_id="locked-out", essays=_essays(12)))
+
+        async def underway() -> bool:
+            done = await system.rows(
+                "SELECT count(*) FROM cj_comparison_pairs WHERE status = 'succeeded'"
+            )
+            return done[0][0] >= 5
+
+        assert await sleep_until(underway, timeout=60)
+        # Someone else's session holds the assessment's row: results for it cannot be stored.
+        async with system.engine.connect() as conn, conn.begin():
+            await conn.execute(text("SELECT 1 FROM cj_batch_states FOR UPDATE"))
+            await asyncio.sleep(4)
+        outcome = (await system.watcher.wait_for(["locked-out"], timeout=90))["locked-out"]
+        metrics = await asyncio.to_thread(_metrics_text, settings.http_port)
+    assert outcome["data"]["status"] == "completed_successfully"
+    # The wait was not silent: each lock timeout was a counted, logged transient retry.
+    retries = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("cj_transient_retries_total{")
+        and settings.topic_llm_comparison_result in line
+    ]
+    assert sum(retries) > 0
+
+
+def _metrics_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
