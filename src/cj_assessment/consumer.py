@@ -311,6 +311,31 @@ class EventConsumer:
             return
         self._watermarks_noted = time.monotonic()
 
+    async def _fetch_texts(self, essays: Sequence[Any]) -> dict[str, str]:
+        """The texts of essays sent without one, by storage id: each distinct id fetched once,
+        `CJ_CONTENT_FETCH_CONCURRENCY` at a time. A request's texts are fetched before the
+        poll's results are handled, so one by one a large request held up every assessment of
+        the instance (2,000 essays at 20 ms a fetch: 40 s)."""
+        wanted: dict[str, str] = {}  # storage id -> the first essay naming it, for errors
+        for essay in essays:
+            if essay.text is None:
+                wanted.setdefault(essay.text_storage_id or "", essay.essay_id)
+        if not wanted:
+            return {}
+        gate = asyncio.Semaphore(self._settings.content_fetch_concurrency)
+
+        async def fetch(storage_id: str, essay_id: str) -> tuple[str, str]:
+            async with gate:
+                return storage_id, await self._content.fetch(essay_id, storage_id)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(fetch(s, e)) for s, e in wanted.items()]
+        except ExceptionGroup as failed:
+            # The first failure refuses the request; the other fetches were cancelled.
+            raise failed.exceptions[0] from None
+        return dict(task.result() for task in tasks)
+
     def _check_commits_progress(self) -> None:
         """Handled records whose offsets the group refuses for too long (a coordinator that
         never comes back, topics gone from under the group): this process is alive but can
@@ -703,13 +728,10 @@ class EventConsumer:
             max_count=config.max_comparisons,
             max_bytes=s.kafka_max_message_bytes,
         )
+        fetched = await self._fetch_texts(essays)
         texts = []
         for essay in essays:
-            text = (
-                essay.text
-                if essay.text is not None
-                else await self._content.fetch(essay.essay_id, essay.text_storage_id or "")
-            )
+            text = essay.text if essay.text is not None else fetched[essay.text_storage_id or ""]
             texts.append(
                 (
                     essay.essay_id,

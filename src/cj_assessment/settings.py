@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     )
     content_fetch_timeout_seconds: float = Field(5.0, gt=0, description="Per-attempt timeout")
     content_fetch_attempts: int = Field(3, ge=1, description="Attempts before the fetch fails")
+    content_fetch_concurrency: int = Field(
+        8, ge=1, le=64, description="Texts of one request fetched at once (1-64)"
+    )
 
     # HTTP
     http_host: str = Field("0.0.0.0", description="Address of the health/metrics server")

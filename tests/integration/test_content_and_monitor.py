@@ -92,6 +92,48 @@ async def test_essays_without_inline_text_are_fetched_and_a_missing_one_fails_na
     assert "not decodable" in info["error_message"]
 
 
+async def test_a_requests_texts_are_fetched_once_per_storage_id_several_at_a_time(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    texts = {f"doc-{k}": body for k, body in enumerate(_essays(6).values())}
+    hits: dict[str, int] = {}
+    running, most = [0], [0]
+
+    async def get(request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        hits[key] = hits.get(key, 0) + 1
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            await asyncio.sleep(0.05)
+            return web.Response(text=texts[key])
+        finally:
+            running[0] -= 1
+
+    # Twelve essays, two by two on the same stored text.
+    envelope = request_envelope(bos_batch_id="shared", essays={f"e{k}": "x" for k in range(12)})
+    for k, essay in enumerate(envelope["data"]["essays_for_cj"]):
+        essay.pop("text")
+        essay["text_storage_id"] = f"doc-{k // 2}"
+    async with _served("/v1/content/{key}", get) as origin:
+        settings = system_settings(
+            kafka_bootstrap,
+            database_url,
+            content_service_url=f"{origin}/v1/content",
+            content_fetch_concurrency=4,
+        )
+        async with running_system(settings, provider_config(settings)) as system:
+            await system.submit(envelope)
+            outcome = (await system.watcher.wait_for(["shared"], timeout=60))["shared"]
+            stored = await system.rows(
+                "SELECT els_essay_id, assessment_input_text FROM cj_processed_essays"
+            )
+    assert outcome["data"]["status"] == "completed_successfully"
+    assert hits == dict.fromkeys(texts, 1)
+    assert 1 < most[0] <= 4
+    assert dict(stored) == {f"e{k}": texts[f"doc-{k // 2}"] for k in range(12)}
+
+
 @pytest.mark.parametrize(
     "storage_id", ["..", ".", "../../admin", "a/b", "doc?page=2", "doc#1", "50%25 off", "é ü"]
 )
