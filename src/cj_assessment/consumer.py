@@ -282,6 +282,9 @@ class EventConsumer:
         slowest partition's clock (`StuckAssessmentMonitor.run_once`)."""
         if time.monotonic() - self._watermarks_noted < WATERMARK_SECONDS:
             return
+        # Noted or not, the next try waits its turn: with the database away, every idle poll
+        # would otherwise wait out a connection attempt.
+        self._watermarks_noted = time.monotonic()
         topic = self._settings.topic_llm_comparison_result
         last_handled: dict[int, int] = {}
         for record in handled:
@@ -308,8 +311,6 @@ class EventConsumer:
                     await AssessmentRepository(session).note_result_watermarks(moments)
         except Exception as exc:  # noqa: BLE001 - only the monitor's clock waits for the next try
             log.warning("result_watermarks_not_noted", error_class=type(exc).__name__)
-            return
-        self._watermarks_noted = time.monotonic()
 
     async def _fetch_texts(self, essays: Sequence[Any]) -> dict[str, str]:
         """The texts of essays sent without one, by storage id: each distinct id fetched once,
