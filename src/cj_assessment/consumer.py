@@ -308,7 +308,7 @@ class EventConsumer:
                     )
             if moments:
                 async with transaction(self._sessions) as session:
-                    await AssessmentRepository(session).note_result_watermarks(moments)
+                    await AssessmentRepository(session).note_result_watermarks(topic, moments)
         except Exception as exc:  # noqa: BLE001 - only the monitor's clock waits for the next try
             log.warning("result_watermarks_not_noted", error_class=type(exc).__name__)
 

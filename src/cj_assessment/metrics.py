@@ -138,6 +138,11 @@ class Metrics:
         self.assessments_started = held(
             "cj_assessments_started_total", "Assessments accepted and started"
         )
+        self.results_handled_behind = Gauge(
+            "cj_results_handled_behind_seconds",
+            "How far behind now the slowest result partition is handled (the monitor's clock)",
+            registry=r,
+        )
         self.assessments_by_state = Gauge(
             "cj_assessments_in_state",
             "Running assessments per workflow state",

@@ -75,15 +75,19 @@ class StuckAssessmentMonitor:
 
     async def run_once(self) -> int:
         now = self._clock()
+        timeout = timedelta(seconds=self._settings.callback_wait_timeout_seconds)
         async with self._sessions() as session:
-            handled_through = await AssessmentRepository(session).results_handled_through()
+            handled_through, left_out = await AssessmentRepository(session).results_handled_through(
+                self._settings.topic_llm_comparison_result, stale=timeout
+            )
+        if left_out:
+            log.warning("result_watermarks_stale", partitions=left_out)
         # An attempt is overdue once its wait has passed on the clock of the results handled:
         # while answers sit on the topic unhandled (the database away, a lock held, a backlog
         # after a pause), they are not taken for missing ones and paid for again.
         answers_seen_until = now if handled_through is None else min(now, handled_through)
-        overdue_since = answers_seen_until - timedelta(
-            seconds=self._settings.callback_wait_timeout_seconds
-        )
+        self._metrics.results_handled_behind.set((now - answers_seen_until).total_seconds())
+        overdue_since = answers_seen_until - timeout
         actions = 0
         # Forget failures not seen again for an hour after their pause (finished elsewhere, or
         # mended): the record stays as small as what currently fails.

@@ -7,7 +7,7 @@ import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import TextClause, event, func, select, text, update
@@ -526,11 +526,22 @@ _IDLE_STATES = text(
     " ORDER BY last_activity_at LIMIT :limit FOR UPDATE SKIP LOCKED"
 )
 _NOTE_WATERMARKS = text(
-    "INSERT INTO cj_result_watermarks (partition, handled_through)"
-    " SELECT * FROM unnest(CAST(:partitions AS integer[]), CAST(:moments AS timestamptz[]))"
-    " ON CONFLICT (partition) DO UPDATE SET handled_through = excluded.handled_through"
+    "INSERT INTO cj_result_watermarks (topic, partition, handled_through, noted_at)"
+    " SELECT :topic, p, m, now()"
+    " FROM unnest(CAST(:partitions AS integer[]), CAST(:moments AS timestamptz[])) AS v(p, m)"
+    " ON CONFLICT (topic, partition) DO UPDATE"
+    " SET handled_through = excluded.handled_through, noted_at = excluded.noted_at"
 )
-_HANDLED_THROUGH = text("SELECT min(handled_through) FROM cj_result_watermarks")
+# A row not written for `stale` seconds while another was is a partition nobody here owns any
+# more (a topic recreated with fewer partitions, an instance of an older build): left out, so
+# that it cannot stop every timeout. Rows all equally old (after a database outage) all count.
+_HANDLED_THROUGH = text(
+    "WITH w AS (SELECT partition, handled_through, noted_at, max(noted_at) OVER () AS newest"
+    " FROM cj_result_watermarks WHERE topic = :topic)"
+    " SELECT min(handled_through) FILTER (WHERE noted_at >= newest - CAST(:stale AS interval)),"
+    " coalesce(array_agg(partition ORDER BY partition)"
+    " FILTER (WHERE noted_at < newest - CAST(:stale AS interval)), '{}') FROM w"
+)
 _COUNT_RUNNING_BY_STATE = text(
     f"SELECT state, count(*) FROM cj_batch_states WHERE {_RUNNING} GROUP BY state"
 )
@@ -827,18 +838,22 @@ class AssessmentRepository:
         )
         return list(rows.scalars())
 
-    async def note_result_watermarks(self, moments: dict[int, datetime]) -> None:
+    async def note_result_watermarks(self, topic: str, moments: dict[int, datetime]) -> None:
         """Per partition of the result topic: every result on it up to this moment is handled."""
         partitions = sorted(moments)
         await self.session.execute(
             _NOTE_WATERMARKS,
-            {"partitions": partitions, "moments": [moments[p] for p in partitions]},
+            {"topic": topic, "partitions": partitions, "moments": [moments[p] for p in partitions]},
         )
 
-    async def results_handled_through(self) -> datetime | None:
+    async def results_handled_through(
+        self, topic: str, stale: timedelta
+    ) -> tuple[datetime | None, list[int]]:
         """The moment up to which every partition of the result topic has been handled, as
-        far as their consumers have said; None before any has."""
-        return (await self.session.execute(_HANDLED_THROUGH)).scalar()
+        far as their consumers have said (None before any has), and the partitions left out
+        because their rows were not written for `stale` while another's was."""
+        row = (await self.session.execute(_HANDLED_THROUGH, {"topic": topic, "stale": stale})).one()
+        return row[0], list(row[1])
 
     async def count_running_by_state(self) -> dict[str, int]:
         """Running assessments per state. Finished ones are not counted: they only grow, and

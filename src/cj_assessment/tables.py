@@ -229,5 +229,9 @@ class ResultWatermark(Base):
 
     __tablename__ = "cj_result_watermarks"
 
+    topic: Mapped[str] = mapped_column(String(255), primary_key=True)
     partition: Mapped[int] = mapped_column(Integer, primary_key=True)
     handled_through: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    noted_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )

@@ -186,7 +186,9 @@ async def test_answers_the_service_has_not_handled_yet_are_not_taken_for_missing
 
     async def handled_through(*moments: datetime) -> None:
         async with transaction(path.sessions) as session:
-            await AssessmentRepository(session).note_result_watermarks(dict(enumerate(moments)))
+            await AssessmentRepository(session).note_result_watermarks(
+                path.settings.topic_llm_comparison_result, dict(enumerate(moments))
+            )
 
     # The database was away from 100 s to 900 s: one partition's results were handled up to
     # 100 s, the other's are all handled. Answers to the requests of 0 s may wait there.
@@ -197,6 +199,31 @@ async def test_answers_the_service_has_not_handled_yet_are_not_taken_for_missing
     await handled_through(at(350), at(899))
     await path.monitor(at(901)).run_once()
     assert {a.status for a in await path.attempts() if a.attempt == 1} == {"timed_out"}
+
+
+async def test_a_partition_no_longer_handled_here_does_not_stop_every_timeout(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(callback_wait_timeout_seconds=300)
+    await path.start("leftover", 4, at(0))
+    topic = path.settings.topic_llm_comparison_result
+    async with transaction(path.sessions) as session:
+        repo = AssessmentRepository(session)
+        # A renamed topic's rows, and a partition nobody has written for longer than the
+        # timeout while the others are written (a topic recreated with fewer partitions).
+        await repo.note_result_watermarks(f"{topic}.old", {0: at(1)})
+        await repo.note_result_watermarks(topic, {0: at(899), 1: at(899), 6: at(1)})
+        await session.execute(
+            text(
+                "UPDATE cj_result_watermarks SET noted_at = now() - interval '301 seconds'"
+                " WHERE topic = :t AND partition = 6"
+            ),
+            {"t": topic},
+        )
+    await path.monitor(at(900)).run_once()
+    assert {a.status for a in await path.attempts() if a.attempt == 1} == {"timed_out"}
+    behind = path.metrics.registry.get_sample_value("cj_results_handled_behind_seconds")
+    assert behind == 1.0
 
 
 async def test_an_idle_assessment_waits_for_attempts_not_yet_overdue(
