@@ -277,8 +277,9 @@ class EventConsumer:
         self, consumer: AIOKafkaConsumer, handled: list[Any], polled_at: datetime
     ) -> None:
         """Tell the monitor, about once a second, how far each result partition this instance
-        owns has been handled: to the poll's start less a margin when nothing is left on it,
-        else to the last handled result's timestamp. The monitor times attempts out on the
+        owns has been handled: when nothing is left on it, to the poll's start or the broker's
+        report of its end, whichever is older, less a margin; else to the last handled result's
+        timestamp. The monitor times attempts out on the
         slowest partition's clock (`StuckAssessmentMonitor.run_once`)."""
         if time.monotonic() - self._watermarks_noted < WATERMARK_SECONDS:
             return
@@ -293,15 +294,18 @@ class EventConsumer:
                     last_handled.get(record.partition, 0), record.timestamp
                 )
         moments: dict[int, datetime] = {}
-        caught_up_through = polled_at - WATERMARK_MARGIN
         try:
             for tp in consumer.assignment():
                 highwater = consumer.highwater(tp) if tp.topic == topic else None
-                if highwater is None:
+                seen_ms = consumer.last_poll_timestamp(tp) if highwater is not None else None
+                if highwater is None or seen_ms is None:
                     continue  # not fetched since it was assigned: nothing known yet
                 position = await asyncio.wait_for(consumer.position(tp), timeout=1)
                 if position >= highwater:
-                    moments[tp.partition] = caught_up_through
+                    # Handled up to the partition's end as the broker reported it: as of that
+                    # report, which may predate the poll (records buffered before a pause).
+                    seen = datetime.fromtimestamp(seen_ms / 1000, UTC)
+                    moments[tp.partition] = min(polled_at, seen) - WATERMARK_MARGIN
                 elif tp.partition in last_handled:
                     moments[tp.partition] = datetime.fromtimestamp(
                         last_handled[tp.partition] / 1000, UTC
