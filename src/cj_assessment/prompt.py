@@ -8,9 +8,9 @@ import re
 import secrets
 
 # Possessive quantifiers over classes that cannot hold the next token's first character: each
-# character is looked at a bounded number of times, so an essay or assignment of marker
-# fragments costs linear time (`\s*/?\s*` backtracked quadratically over a run of blanks:
-# 9 s for one 50,000-character essay, in every prompt it appeared in).
+# character is looked at a bounded number of times, so even an essay or assignment made of
+# marker fragments costs linear time. It runs for every prompt, inside the releasing
+# transaction; a backtracking pattern would let one request stall the instance.
 _MARKER_RE = re.compile(r"<<<[\s/]*+ESSAY[^<>]*+>>>", re.IGNORECASE)
 _MARKER_START = "<<<"
 _NEUTRAL_START = "\u2039\u2039\u2039"  # ‹‹‹: looks alike to a reader, opens no marker
@@ -30,8 +30,8 @@ def sanitise_essay(text: str) -> str:
 
     One pass removes the look-alikes; removing one can join its neighbours into a new one
     (`<<<<<</ESSAY A x>>>/ESSAY A …>>>`), so every `<<<` left is then replaced by `‹‹‹`. Every
-    marker starts with `<<<`, so none can start in the result, however deep the nesting, and
-    the cost stays linear in the text (repeating the removal until stable did not)."""
+    marker starts with `<<<`, so none can start in the result, however deep the nesting, in
+    one linear pass (removing until stable would take a pass per level of nesting)."""
     text = _MARKER_RE.sub("", text.replace("\x00", ""))
     return text.replace(_MARKER_START, _NEUTRAL_START)
 
