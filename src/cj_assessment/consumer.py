@@ -51,7 +51,9 @@ from cj_assessment.contracts import (
     MAX_ID_CHARS,
     ComparisonResultEnvelope,
     ELSCJAssessmentRequestV1,
+    ErrorDetail,
     EventEnvelope,
+    LLMComparisonResultV1,
     bos_batch_id_of,
     deterministic_event_id,
     unstorable,
@@ -912,50 +914,21 @@ def _decode_result(record: Any) -> ComparisonResultEnvelope:
 
 
 # Fields of a result the service only records or ignores: a value that does not fit is
-# dropped (the field's default applies) rather than the paid answer refused. The verdict,
-# the correlation id and an error's code are never dropped.
-_DROPPABLE = frozenset(
-    [
-        *(
-            (name,)
-            for name in (
-                "event_type",
-                "event_timestamp",
-                "source_service",
-                "schema_version",
-                "correlation_id",
-                "data_schema_uri",
-                "metadata",
-            )
-        ),
-        *(
-            ("data", name)
-            for name in (
-                "request_id",
-                "justification",
-                "provider",
-                "model",
-                "response_time_ms",
-                "token_usage",
-                "cost_estimate",
-                "requested_at",
-                "completed_at",
-                "trace_id",
-                "request_metadata",
-            )
-        ),
-        *(
+# dropped (the field's default applies) rather than the paid answer refused. Every field of
+# the models but the verdict, the correlation id and an error's code, so a field added to a
+# model is covered too.
+_STRICT = {("data",), ("data", "correlation_id"), ("data", "winner"), ("data", "error_detail")}
+_DROPPABLE = (
+    frozenset(
+        {(name,) for name in ComparisonResultEnvelope.model_fields}
+        | {("data", name) for name in LLMComparisonResultV1.model_fields}
+        | {
             ("data", "error_detail", name)
-            for name in (
-                "message",
-                "correlation_id",
-                "timestamp",
-                "service",
-                "operation",
-                "details",
-            )
-        ),
-    ]
+            for name in ErrorDetail.model_fields
+            if name != "error_code"
+        }
+    )
+    - _STRICT
 )
 
 
@@ -970,20 +943,16 @@ def _result_as_far_as_readable(record: Any, error: ValidationError) -> Compariso
       `response_time_ms`, a null error message, a list for `metadata`, ...) are dropped,
       and the field names logged (`result_fields_dropped`).
     Everything else (the verdict, the correlation id, winner and error together) is refused."""
-    if any(e["type"] == "json_invalid" for e in error.errors()):
-        try:
-            data = json.loads(record.value, parse_constant=_no_constant)
-        except (ValueError, UnicodeDecodeError):
-            raise _invalid(ComparisonResultEnvelope, error) from error
-        try:
-            return ComparisonResultEnvelope.model_validate(data)
-        except ValidationError as exc:
-            error = exc
-    else:
-        try:
-            data = json.loads(record.value)
-        except (ValueError, UnicodeDecodeError):  # ints beyond the standard library's limit
-            raise _invalid(ComparisonResultEnvelope, error) from error
+    try:
+        # Refuses what pydantic's parser refused but for the surrogates (NaN, trailing bytes),
+        # and integers beyond the standard library's limit.
+        data = json.loads(record.value, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError):
+        raise _invalid(ComparisonResultEnvelope, error) from error
+    try:
+        return ComparisonResultEnvelope.model_validate(data)
+    except ValidationError as exc:
+        error = exc
     dropped = _drop_unfitting(data, error)
     if not dropped:
         raise _invalid(ComparisonResultEnvelope, error) from error
