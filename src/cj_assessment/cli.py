@@ -21,6 +21,7 @@ from cj_assessment.settings import Settings  # noqa: E402
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    from sqlalchemy import make_url
     from sqlalchemy.exc import DBAPIError
 
     from cj_assessment.database import migrate
@@ -33,7 +34,7 @@ def _migrate(args: argparse.Namespace) -> int:
         print(f"cj-assessment migrate: {exc}", file=sys.stderr)
         return 2
     except (OSError, TimeoutError, DBAPIError) as exc:
-        where = settings.database_url.split("@")[-1]
+        where = make_url(settings.database_url).render_as_string(hide_password=True)
         print(
             f"cj-assessment migrate: database {where} unreachable: {type(exc).__name__}",
             file=sys.stderr,

@@ -119,6 +119,19 @@ def test_serve_without_its_database_or_broker_exits_1_with_one_clear_line(
     assert "Traceback" not in stderr
 
 
+def test_migrate_without_its_database_names_it_as_serve_does_without_the_password() -> None:
+    url = f"postgresql+asyncpg://cj:s3cret@127.0.0.1:{free_port()}/cj_assessment"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CJ_")},
+        "CJ_DATABASE_URL": url,
+    }
+    run = subprocess.run([*CLI, "migrate"], env=env, capture_output=True, timeout=60)
+    stderr = run.stderr.decode()
+    assert run.returncode == 1, stderr[-2000:]
+    assert stderr.startswith(f"cj-assessment migrate: database {url.replace('s3cret', '***')}")
+    assert "s3cret" not in stderr and "Traceback" not in stderr
+
+
 @pytest.mark.parametrize("command", ["serve", "migrate", "demo"])
 def test_a_setting_out_of_its_range_stops_the_command_with_one_line_per_setting(
     command: str,
