@@ -328,6 +328,12 @@ _PRUNE_INBOX = text(
     " WHERE handled_at < :before ORDER BY handled_at LIMIT :limit FOR UPDATE SKIP LOCKED))"
 )
 
+_PRUNE_UNMATCHED = text(
+    "DELETE FROM cj_unmatched_results WHERE ctid = ANY(ARRAY(SELECT ctid FROM"
+    " cj_unmatched_results WHERE received_at < :before ORDER BY received_at LIMIT :limit"
+    " FOR UPDATE SKIP LOCKED))"
+)
+
 
 # An attempt with one of these statuses has its winner, or may still get one.
 _ALIVE = frozenset(
@@ -677,6 +683,11 @@ class AssessmentRepository:
     async def prune_inbox(self, before: datetime, limit: int) -> int:
         """Delete up to `limit` inbox rows handled before `before`."""
         result = await self.session.execute(_PRUNE_INBOX, {"before": before, "limit": limit})
+        return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def prune_unmatched(self, before: datetime, limit: int) -> int:
+        """Delete up to `limit` unmatched results received before `before`."""
+        result = await self.session.execute(_PRUNE_UNMATCHED, {"before": before, "limit": limit})
         return int(result.rowcount)  # type: ignore[attr-defined]
 
     # --- uploads and essays ---------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Retention: delivery bookkeeping is deleted once it has done its job.
 
 Published outbox rows are kept `outbox_retention_seconds` (their payloads are prompts holding
-essay text) and inbox rows `inbox_retention_seconds`; 0 keeps them. Unpublished outbox rows
+essay text), inbox rows `inbox_retention_seconds` and unmatched results (a provider's raw
+output, which may quote essays) `unmatched_retention_seconds`; 0 keeps them. Unpublished outbox rows
 are never deleted. Pruning the inbox gives up no guarantee, because it is not the only guard:
 a result redelivered after its event id was pruned finds its attempt already resolved, and a
 request finds its bos_batch_id already taken. Assessments, essays, attempts and scores stay."""
@@ -40,6 +41,11 @@ class Retention:
         self._tables: list[tuple[str, float, _Prune]] = [
             ("outbox", settings.outbox_retention_seconds, AssessmentRepository.prune_outbox),
             ("inbox", settings.inbox_retention_seconds, AssessmentRepository.prune_inbox),
+            (
+                "unmatched",
+                settings.unmatched_retention_seconds,
+                AssessmentRepository.prune_unmatched,
+            ),
         ]
 
     async def prune(self, now: datetime) -> dict[str, int]:

@@ -202,6 +202,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Inbox rows (handled event ids) older than this are deleted (0 keeps)",
     )
+    unmatched_retention_seconds: float = Field(
+        7 * 86400.0,
+        ge=0,
+        description="Stored unmatched results older than this are deleted (0 keeps)",
+    )
 
     # LLM defaults forwarded to the provider
     # Bounded as a request's own overrides are (CONTRACT §4): every request inherits these,

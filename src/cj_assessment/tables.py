@@ -222,6 +222,10 @@ class UnmatchedResult(Base):
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
 
+    __table_args__ = (
+        Index("ix_cj_unmatched_results_received_at", "received_at"),  # pruning (migration 0009)
+    )
+
 
 class ResultWatermark(Base):
     """Per partition of the result topic, the moment up to which every result on it has been

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 from aiohttp import web
+from sqlalchemy import text
 
 from cj_assessment.content import HttpContentClient
 from cj_assessment.embedded import free_port
@@ -179,7 +180,7 @@ async def test_monitor_times_out_unanswered_comparisons_and_fails_the_assessment
     assert {a.error_code for a in attempts} == {"TIMEOUT"}
 
 
-async def test_monitor_prunes_published_outbox_rows_and_handled_event_ids_after_retention(
+async def test_monitor_prunes_delivery_bookkeeping_and_unmatched_results_after_retention(
     kafka_bootstrap: str, database_url: str
 ) -> None:
     settings = system_settings(
@@ -188,22 +189,31 @@ async def test_monitor_prunes_published_outbox_rows_and_handled_event_ids_after_
         monitor_interval_seconds=0.3,
         outbox_retention_seconds=1.0,
         inbox_retention_seconds=1.0,
+        unmatched_retention_seconds=1.0,
     )
     async with running_system(settings, provider_config(settings)) as system:
+        async with system.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO cj_unmatched_results (correlation_id, reason, payload)"
+                    " VALUES ('nobody-asked', 'unknown_correlation_id', '{}')"
+                )
+            )
         await system.submit(request_envelope(bos_batch_id="pruned", essays=_essays(6)))
         await system.watcher.wait_for(["pruned"], timeout=60)
         counts: list[int] = []
         for _ in range(100):
             rows = await system.rows(
                 "SELECT (SELECT count(*) FROM cj_event_outbox),"
-                " (SELECT count(*) FROM cj_event_inbox)"
+                " (SELECT count(*) FROM cj_event_inbox),"
+                " (SELECT count(*) FROM cj_unmatched_results)"
             )
             counts = list(rows[0])
-            if counts == [0, 0]:
+            if counts == [0, 0, 0]:
                 break
             await asyncio.sleep(0.2)
         comparisons = await system.rows("SELECT count(*) FROM cj_comparison_pairs")
-    assert counts == [0, 0]
+    assert counts == [0, 0, 0]
     # Only delivery bookkeeping went: the assessment's own rows stay.
     assert comparisons[0][0] > 0
     assert len(system.watcher.outcomes_for("pruned")) == 1

@@ -161,3 +161,20 @@ async def test_an_interrupted_build_of_a_prune_index_is_built_again(database_url
         pass
     await asyncio.to_thread(command.upgrade, config, "head")
     assert await _prune_indexes(database_url) == PRUNE_INDEXES
+
+
+async def test_unmatched_results_get_their_prune_index_and_lose_it_on_downgrade(
+    database_url: str,
+) -> None:
+    config = _alembic_config(database_url)
+    query = (
+        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " WHERE c.relname = 'ix_cj_unmatched_results_received_at'"
+    )
+    assert await _rows(database_url, query) == [(True,)]
+
+    await asyncio.to_thread(command.downgrade, config, "0008")
+    assert await _rows(database_url, query) == []
+
+    await asyncio.to_thread(command.upgrade, config, "head")
+    assert await _rows(database_url, query) == [(True,)]

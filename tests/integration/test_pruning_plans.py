@@ -10,14 +10,19 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from cj_assessment.repository import _PRUNE_INBOX, _PRUNE_OUTBOX
+from cj_assessment.repository import _PRUNE_INBOX, _PRUNE_OUTBOX, _PRUNE_UNMATCHED
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 ROWS = 100_000  # one in a thousand past retention, in random places
 
 
 @pytest.mark.parametrize(
-    ("table", "statement"), [("cj_event_inbox", _PRUNE_INBOX), ("cj_event_outbox", _PRUNE_OUTBOX)]
+    ("table", "statement"),
+    [
+        ("cj_event_inbox", _PRUNE_INBOX),
+        ("cj_event_outbox", _PRUNE_OUTBOX),
+        ("cj_unmatched_results", _PRUNE_UNMATCHED),
+    ],
 )
 async def test_a_prune_reads_the_rows_it_deletes_not_the_table(
     database_url: str, table: str, statement: object
@@ -31,6 +36,8 @@ async def test_a_prune_reads_the_rows_it_deletes_not_the_table(
         f" outcome, handled_at) SELECT md5(g::text), 't', 0, g, 'handled', {when}",
         "cj_event_outbox": "INSERT INTO cj_event_outbox (event_id, topic, message_key, payload,"
         f" created_at, published_at) SELECT gen_random_uuid(), 't', 'k', '{{}}', {when}, now()",
+        "cj_unmatched_results": "INSERT INTO cj_unmatched_results (correlation_id, reason,"
+        f" payload, received_at) SELECT md5(g::text), 'unknown_correlation_id', '{{}}', {when}",
     }[table]
     engine = create_async_engine(database_url, isolation_level="AUTOCOMMIT")
     try:

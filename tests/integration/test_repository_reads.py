@@ -160,6 +160,30 @@ async def test_pruning_deletes_only_published_outbox_rows_and_inbox_rows_older_t
     assert kept == (["old-unpublished", "recent-published"], ["recent-event"])
 
 
+async def test_pruning_deletes_unmatched_results_received_before_the_cutoff(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    async with sessions() as session, session.begin():
+        for correlation_id, received in (("old", NOW - timedelta(days=8)), ("recent", NOW)):
+            await session.execute(
+                text(
+                    "INSERT INTO cj_unmatched_results (correlation_id, reason, payload,"
+                    " received_at) VALUES (:id, 'unknown_correlation_id', '{}',"
+                    " CAST(:at AS timestamptz))"
+                ),
+                {"id": correlation_id, "at": received},
+            )
+    async with sessions() as session, session.begin():
+        pruned = await AssessmentRepository(session).prune_unmatched(NOW - timedelta(days=7), 100)
+        kept = (
+            await session.execute(text("SELECT correlation_id FROM cj_unmatched_results"))
+        ).scalars()
+        kept_ids = list(kept)
+
+    assert pruned == 1
+    assert kept_ids == ["recent"]
+
+
 async def test_pruning_stops_at_its_limit(sessions: async_sessionmaker[AsyncSession]) -> None:
     async with sessions() as session, session.begin():
         await session.execute(
