@@ -14,6 +14,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
+from typing import Protocol
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -31,6 +32,17 @@ from cj_assessment.workflow_orchestrator import WorkflowOrchestrator, context_of
 log = structlog.get_logger(__name__)
 
 CLAIM_LIMIT = 50
+
+
+class TopicPartitions(Protocol):
+    """The partitions a topic has, as the broker reports them."""
+
+    async def of(self, topic: str) -> frozenset[int] | None:
+        """The topic's partition numbers; None when the broker cannot say (unreachable, or
+        the topic unknown)."""
+        ...
+
+
 # The gauge's states: finished assessments are counted by `cj_assessments_total{outcome}`.
 RUNNING_STATES = ("INITIALIZING", "GENERATING_PAIRS", "WAITING_CALLBACKS", "SCORING")
 
@@ -45,10 +57,13 @@ class StuckAssessmentMonitor:
         metrics: Metrics,
         retention: Retention,
         clock: Callable[[], datetime],
+        *,
+        partitions: TopicPartitions,
         on_commit: Callable[[], None] = lambda: None,
         claim_limit: int = CLAIM_LIMIT,
     ) -> None:
         self._settings = settings
+        self._partitions = partitions
         self._sessions = sessions
         self._callbacks = callbacks
         self._orchestrator = orchestrator
@@ -76,15 +91,21 @@ class StuckAssessmentMonitor:
     async def run_once(self) -> int:
         now = self._clock()
         timeout = timedelta(seconds=self._settings.callback_wait_timeout_seconds)
+        topic = self._settings.topic_llm_comparison_result
+        # Only a partition the topic no longer has is left out of the clock (a topic recreated
+        # with fewer of them); one that is merely not written (its owner killed, frozen or
+        # between owners) holds it back, since its answers may be waiting there.
+        partitions = await self._partitions.of(topic)
         async with self._sessions() as session:
-            handled_through, left_out = await AssessmentRepository(session).results_handled_through(
-                self._settings.topic_llm_comparison_result, stale=timeout
+            handled_through, behind = await AssessmentRepository(session).results_handled_through(
+                topic, partitions, stale=timeout
             )
-        if left_out:
-            log.warning("result_watermarks_stale", partitions=left_out)
+        if behind:
+            log.warning("result_watermarks_stale", partitions=behind)
         # An attempt is overdue once its wait has passed on the clock of the results handled:
         # while answers sit on the topic unhandled (the database away, a lock held, a backlog
-        # after a pause), they are not taken for missing ones and paid for again.
+        # after a pause, a partition between owners), they are not taken for missing ones and
+        # paid for again.
         answers_seen_until = now if handled_through is None else min(now, handled_through)
         self._metrics.results_handled_behind.set((now - answers_seen_until).total_seconds())
         overdue_since = answers_seen_until - timeout

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -538,13 +538,15 @@ _NOTE_WATERMARKS = text(
     " ON CONFLICT (topic, partition) DO UPDATE"
     " SET handled_through = excluded.handled_through, noted_at = excluded.noted_at"
 )
-# A row not written for `stale` seconds while another was is a partition nobody here owns any
-# more (a topic recreated with fewer partitions, an instance of an older build): left out, so
-# that it cannot stop every timeout. Rows all equally old (after a database outage) all count.
+# The slowest partition's moment, over the partitions the topic has (all rows when the broker
+# could not say), and the partitions whose rows were not written for `stale` while another's
+# was: they still count, so their owner is named in a warning rather than passed over.
 _HANDLED_THROUGH = text(
     "WITH w AS (SELECT partition, handled_through, noted_at, max(noted_at) OVER () AS newest"
-    " FROM cj_result_watermarks WHERE topic = :topic)"
-    " SELECT min(handled_through) FILTER (WHERE noted_at >= newest - CAST(:stale AS interval)),"
+    " FROM cj_result_watermarks WHERE topic = :topic"
+    " AND (CAST(:partitions AS integer[]) IS NULL"
+    " OR partition = ANY(CAST(:partitions AS integer[]))))"
+    " SELECT min(handled_through),"
     " coalesce(array_agg(partition ORDER BY partition)"
     " FILTER (WHERE noted_at < newest - CAST(:stale AS interval)), '{}') FROM w"
 )
@@ -858,12 +860,18 @@ class AssessmentRepository:
         )
 
     async def results_handled_through(
-        self, topic: str, stale: timedelta
+        self, topic: str, partitions: Collection[int] | None, stale: timedelta
     ) -> tuple[datetime | None, list[int]]:
-        """The moment up to which every partition of the result topic has been handled, as
-        far as their consumers have said (None before any has), and the partitions left out
-        because their rows were not written for `stale` while another's was."""
-        row = (await self.session.execute(_HANDLED_THROUGH, {"topic": topic, "stale": stale})).one()
+        """The moment up to which every partition of the result topic among `partitions`
+        (None: every one with a row) has been handled, as far as their consumers have said
+        (None before any has), and those of them whose rows were not written for `stale`
+        while another's was."""
+        params = {
+            "topic": topic,
+            "partitions": None if partitions is None else sorted(partitions),
+            "stale": stale,
+        }
+        row = (await self.session.execute(_HANDLED_THROUGH, params)).one()
         return row[0], list(row[1])
 
     async def count_running_by_state(self) -> dict[str, int]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import TopicAlreadyExistsError
 
 from cj_assessment.errors import TopicsNotCreated
@@ -60,3 +62,21 @@ def raise_refused_topics(response: Any) -> None:
     ]
     if refused:
         raise TopicsNotCreated("the broker refused to create " + "; ".join(refused))
+
+
+class BrokerPartitions:
+    """A topic's partitions from the broker's metadata, through a started client (the
+    producer's). Asked once per monitor pass; an unreachable broker is an unknown answer,
+    not an error."""
+
+    def __init__(self, client: AIOKafkaClient, timeout_seconds: float = 5.0) -> None:
+        self._client = client
+        self._timeout = timeout_seconds
+
+    async def of(self, topic: str) -> frozenset[int] | None:
+        try:
+            cluster = await asyncio.wait_for(self._client.fetch_all_metadata(), self._timeout)
+        except Exception:  # noqa: BLE001 - unknown, and the caller counts every partition
+            return None
+        partitions = cluster.partitions_for_topic(topic)
+        return frozenset(partitions) if partitions else None

@@ -21,6 +21,7 @@ from cj_assessment.monitor import StuckAssessmentMonitor, UnsentAttempts
 from cj_assessment.outbox import OutboxRelay
 from cj_assessment.retention import Retention
 from cj_assessment.settings import Settings
+from cj_assessment.topics import BrokerPartitions
 from cj_assessment.workflow_orchestrator import WorkflowOrchestrator
 
 log = structlog.get_logger(__name__)
@@ -173,6 +174,7 @@ class ServiceProvider(Provider):
         relay: OutboxRelay,
         retention: Retention,
         clock: Clock,
+        producer: AIOKafkaProducer,
     ) -> StuckAssessmentMonitor:
         return StuckAssessmentMonitor(
             settings,
@@ -182,6 +184,7 @@ class ServiceProvider(Provider):
             metrics,
             retention,
             clock,
+            partitions=BrokerPartitions(producer.client),
             on_commit=relay.notify,
         )
 

@@ -201,7 +201,7 @@ async def test_answers_the_service_has_not_handled_yet_are_not_taken_for_missing
     assert {a.status for a in await path.attempts() if a.attempt == 1} == {"timed_out"}
 
 
-async def test_a_partition_no_longer_handled_here_does_not_stop_every_timeout(
+async def test_a_partition_the_topic_no_longer_has_does_not_stop_every_timeout(
     decision_path: Callable[..., DecisionPath],
 ) -> None:
     path = decision_path(callback_wait_timeout_seconds=300)
@@ -209,21 +209,46 @@ async def test_a_partition_no_longer_handled_here_does_not_stop_every_timeout(
     topic = path.settings.topic_llm_comparison_result
     async with transaction(path.sessions) as session:
         repo = AssessmentRepository(session)
-        # A renamed topic's rows, and a partition nobody has written for longer than the
-        # timeout while the others are written (a topic recreated with fewer partitions).
+        # A renamed topic's rows, and a partition the topic no longer has (recreated with
+        # fewer partitions): its row will never be written again.
         await repo.note_result_watermarks(f"{topic}.old", {0: at(1)})
         await repo.note_result_watermarks(topic, {0: at(899), 1: at(899), 6: at(1)})
-        await session.execute(
-            text(
-                "UPDATE cj_result_watermarks SET noted_at = now() - interval '301 seconds'"
-                " WHERE topic = :t AND partition = 6"
-            ),
-            {"t": topic},
-        )
+    path.result_partitions.partitions = frozenset({0, 1})
     await path.monitor(at(900)).run_once()
     assert {a.status for a in await path.attempts() if a.attempt == 1} == {"timed_out"}
     behind = path.metrics.registry.get_sample_value("cj_results_handled_behind_seconds")
     assert behind == 1.0
+
+
+async def test_a_partition_between_owners_holds_timeouts_back_however_long_it_goes_unwritten(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    # Its owner was killed or frozen: until another instance takes it over and handles it,
+    # answers to these requests may be waiting there. Timing them out would pay twice.
+    path = decision_path(callback_wait_timeout_seconds=300)
+    await path.start("orphaned", 4, at(0))
+    topic = path.settings.topic_llm_comparison_result
+    async with transaction(path.sessions) as session:
+        await AssessmentRepository(session).note_result_watermarks(
+            topic, {0: at(899), 1: at(899), 2: at(100)}
+        )
+        await session.execute(
+            text(
+                "UPDATE cj_result_watermarks SET noted_at = now() - interval '301 seconds'"
+                " WHERE topic = :t AND partition = 2"
+            ),
+            {"t": topic},
+        )
+    path.result_partitions.partitions = frozenset({0, 1, 2})
+    await path.monitor(at(900)).run_once()
+    assert {a.status for a in await path.attempts()} == {"in_flight"}
+    behind = path.metrics.registry.get_sample_value("cj_results_handled_behind_seconds")
+    assert behind == 800.0
+    # Taken over and handled past the deadline: the wait is over.
+    async with transaction(path.sessions) as session:
+        await AssessmentRepository(session).note_result_watermarks(topic, {2: at(899)})
+    await path.monitor(at(901)).run_once()
+    assert {a.status for a in await path.attempts() if a.attempt == 1} == {"timed_out"}
 
 
 async def test_an_idle_assessment_waits_for_attempts_not_yet_overdue(

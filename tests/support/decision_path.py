@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,6 +34,17 @@ def at(seconds: float) -> datetime:
 
 
 @dataclass
+class KnownPartitions:
+    """The broker's answer about the result topic's partitions, as a test sets it (None: the
+    broker cannot say)."""
+
+    partitions: frozenset[int] | None = None
+
+    async def of(self, topic: str) -> frozenset[int] | None:
+        return self.partitions
+
+
+@dataclass
 class DecisionPath:
     settings: Settings
     sessions: async_sessionmaker[AsyncSession]
@@ -42,6 +53,7 @@ class DecisionPath:
     metrics: Metrics
     decoded: DecodedStates
     broker_away: bool = False  # the relay publishes nothing until `publish_pending`
+    result_partitions: KnownPartitions = field(default_factory=KnownPartitions)
 
     @classmethod
     def build(
@@ -70,6 +82,7 @@ class DecisionPath:
             self.metrics,
             retention,
             now if callable(now) else lambda: now,
+            partitions=self.result_partitions,
             claim_limit=claim_limit,
         )
         return RelayedMonitor(monitor, self)
