@@ -103,8 +103,10 @@ def classify(exc: BaseException) -> type[TransientError] | type[PermanentError] 
 # SQLSTATE classes: 08 connection, 40 rollback (serialization, deadlock), 53 resources,
 # 57 operator intervention (shutdown), 58 system error: retrying can succeed.
 _TRANSIENT_SQLSTATE_CLASSES = {"08", "40", "53", "57", "58"}
-# 55P03 lock_not_available: CJ_DATABASE_LOCK_TIMEOUT_SECONDS passed waiting for a lock.
-_TRANSIENT_SQLSTATES = {"55P03"}
+# 55P03 lock_not_available: CJ_DATABASE_LOCK_TIMEOUT_SECONDS passed waiting for a lock;
+# 25P03 idle_in_transaction_session_timeout and 25P04 transaction_timeout: PostgreSQL ended a
+# session that sat too long in its transaction (this instance was frozen, or overloaded).
+_TRANSIENT_SQLSTATES = {"55P03", "25P03", "25P04"}
 # 22 data exception (e.g. NUL in text), 23 integrity violation: the same record fails again.
 _PERMANENT_SQLSTATE_CLASSES = {"22", "23"}
 

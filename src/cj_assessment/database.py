@@ -36,7 +36,15 @@ def create_engine(settings: Settings) -> AsyncEngine:
             # and without bound; past this its transaction fails, is logged and counted as a
             # transient retry (SQLSTATE 55P03), and is tried again.
             "server_settings": {
-                "lock_timeout": str(max(1, int(settings.database_lock_timeout_seconds * 1000)))
+                "lock_timeout": str(max(1, int(settings.database_lock_timeout_seconds * 1000))),
+                # An instance frozen inside a transaction (SIGSTOP, a paused container, a VM
+                # stall) keeps its row locks while Kafka hands its partitions on; results of
+                # any assessment reach every instance, so each would soon wait on them and
+                # nothing would be handled anywhere until it woke. PostgreSQL ends such a
+                # session after this; the frozen instance's transaction fails and is retried.
+                "idle_in_transaction_session_timeout": str(
+                    int(settings.database_idle_in_transaction_timeout_seconds * 1000)
+                ),
             },
         },
     )

@@ -58,6 +58,7 @@ _MARK = text(
     " WHERE o.id = v.id"
 )
 _YIELD_EVERY = 50
+_NO_IDLE_TIMEOUT = text("SET LOCAL idle_in_transaction_session_timeout = 0")
 _BACKLOG = text(
     "SELECT count(*), min(created_at) FROM cj_event_outbox"
     " WHERE published_at IS NULL AND undeliverable IS NULL"
@@ -129,21 +130,28 @@ class OutboxRelay:
     async def publish_pending(self) -> int:
         """Publish one round of pending rows; the number of rows published or set aside."""
         async with self._sessions() as session, session.begin():
+            # The round's transaction waits for the broker's acknowledgements, as long as the
+            # broker takes: it holds only the claimed outbox rows, which everyone else skips,
+            # so it is exempt from the idle-in-transaction timeout. Ended halfway, it would
+            # send the round a second time.
+            await session.execute(_NO_IDLE_TIMEOUT)
             rows = (await session.execute(_CLAIM, {"limit": self._batch_size})).all()
             if not rows:
                 return 0
-            # Before sending, while no answer to these requests can exist yet to lock their
-            # attempts in another transaction; undone with the round if the sends fail.
             taken_at = datetime.now(UTC)
-            await wait_from_publication(
-                session,
-                [
-                    (json.loads(payload)["data"]["correlation_id"], taken_at)
-                    for _, topic, _, payload, created_at in rows
-                    if topic == self._comparison_topic
-                    and (taken_at - created_at).total_seconds() > HELD_SECONDS
-                ],
-            )
+            held = [
+                (json.loads(payload)["data"]["correlation_id"], taken_at)
+                for _, topic, _, payload, created_at in rows
+                if topic == self._comparison_topic
+                and (taken_at - created_at).total_seconds() > HELD_SECONDS
+            ]
+            if held:
+                # Committed on its own before sending, so that no lock on an attempt is held
+                # across the send (an answer's transaction would wait on it). Harmless if the
+                # sends fail: an attempt whose request is still in the outbox is never
+                # overdue, and the round that does send it moves its wait again.
+                async with self._sessions() as attempts, attempts.begin():
+                    await wait_from_publication(attempts, held)
             sent: list[tuple[int, str]] = []
             futures = []
             aside: list[tuple[int, str, str]] = []  # id, topic, payload

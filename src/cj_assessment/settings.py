@@ -108,6 +108,12 @@ class Settings(BaseSettings):
         description="Longest a statement waits for a row or table lock before its transaction"
         " is retried (PostgreSQL lock_timeout)",
     )
+    database_idle_in_transaction_timeout_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="A session idle this long inside a transaction is ended by PostgreSQL,"
+        " releasing its locks (idle_in_transaction_session_timeout; 0: never)",
+    )
 
     # Content Service
     content_service_url: str = Field(

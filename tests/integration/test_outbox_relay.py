@@ -6,13 +6,16 @@ import asyncio
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from cj_assessment.database import create_engine, session_factory
 from cj_assessment.metrics import Metrics
 from cj_assessment.outbox import OutboxRelay
+from cj_assessment.settings import Settings
 from cj_assessment.topics import ensure_topics
 from tests.support.decision_path import DecisionPath, at
 
@@ -65,6 +68,58 @@ async def test_backlog_gauges_follow_a_backlog_while_the_relay_publishes_without
             text("SELECT count(*) FROM cj_event_outbox WHERE published_at IS NULL")
         )
     assert pending == 0
+
+
+class _SlowAcknowledgements(AIOKafkaProducer):
+    """The real producer, whose acknowledgements arrive `delay` seconds late (a broker under
+    strain, or away for a while with an idempotent producer waiting for it)."""
+
+    delay = 1.5
+
+    async def send(self, *args: Any, **kwargs: Any) -> Any:
+        delivery = await super().send(*args, **kwargs)
+
+        async def late() -> Any:
+            result = await delivery
+            await asyncio.sleep(self.delay)
+            return result
+
+        return asyncio.ensure_future(late())
+
+
+async def test_a_round_waiting_longer_for_acknowledgements_than_the_idle_timeout_completes(
+    database_url: str, kafka_bootstrap: str
+) -> None:
+    # Ended halfway by PostgreSQL, the round would be sent again: paid requests, twice.
+    topic = f"relay-slow-{uuid.uuid4().hex[:8]}"
+    await ensure_topics(kafka_bootstrap, [topic], 1)
+    engine = create_engine(
+        Settings(database_url=database_url, database_idle_in_transaction_timeout_seconds=0.5)
+    )
+    sessions = session_factory(engine)
+    producer = _SlowAcknowledgements(bootstrap_servers=kafka_bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        async with sessions() as session, session.begin():
+            await session.execute(
+                text(
+                    "INSERT INTO cj_event_outbox (event_id, topic, message_key, payload)"
+                    " SELECT gen_random_uuid(), :topic, NULL, '{}' FROM generate_series(1, 5)"
+                ),
+                {"topic": topic},
+            )
+        relay = OutboxRelay(
+            sessions, producer, Metrics(), batch_size=10, poll_interval=0.05, comparison_topic=topic
+        )
+        published = await relay.publish_pending()
+        async with sessions() as session:
+            pending = await session.scalar(
+                text("SELECT count(*) FROM cj_event_outbox WHERE published_at IS NULL")
+            )
+    finally:
+        await producer.stop()
+        await engine.dispose()
+    assert (published, pending) == (5, 0)
 
 
 async def test_a_comparison_request_published_late_restarts_its_attempts_wait_for_an_answer(

@@ -10,11 +10,15 @@ import urllib.request
 import uuid
 
 import numpy as np
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
-from cj_assessment.database import migrate
+from cj_assessment.consumer import classify
+from cj_assessment.database import create_engine, migrate
 from cj_assessment.embedded import EmbeddedPostgres
+from cj_assessment.errors import TransientError
 from cj_assessment.pipeline_client import request_envelope, sleep_until
 from cj_assessment.settings import Settings
 from tests.integration.test_assessment_flow import _essays
@@ -465,6 +469,43 @@ async def test_a_lock_held_elsewhere_is_waited_out_visibly_and_the_assessment_co
         and settings.topic_llm_comparison_result in line
     ]
     assert sum(retries) > 0
+
+
+async def test_a_transaction_frozen_while_holding_locks_is_ended_and_holds_up_no_one(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    # The lock timeout alone would have waiters fail and queue again behind the same lock for
+    # as long as the holder stays frozen; the idle timeout ends the holder.
+    settings = system_settings(
+        kafka_bootstrap,
+        database_url,
+        database_idle_in_transaction_timeout_seconds=1.0,
+        database_lock_timeout_seconds=120.0,
+    )
+    async with running_system(settings, provider_config(settings, latency_median_ms=50)) as system:
+        await system.submit(request_envelope(bos_batch_id="frozen-out", essays=_essays(12)))
+
+        async def underway() -> bool:
+            done = await system.rows(
+                "SELECT count(*) FROM cj_comparison_pairs WHERE status = 'succeeded'"
+            )
+            return done[0][0] >= 5
+
+        assert await sleep_until(underway, timeout=60)
+        # A session opened as the service opens its own, frozen after taking the
+        # assessment's row: like an instance stopped in the middle of its transaction.
+        frozen = create_engine(settings)
+        try:
+            async with frozen.connect() as conn:
+                await conn.execute(text("BEGIN"))
+                await conn.execute(text("SELECT 1 FROM cj_batch_states FOR UPDATE"))
+                outcome = (await system.watcher.wait_for(["frozen-out"], timeout=60))["frozen-out"]
+                with pytest.raises(DBAPIError) as ended:
+                    await conn.execute(text("SELECT 1"))
+        finally:
+            await frozen.dispose()
+    assert outcome["data"]["status"] == "completed_successfully"
+    assert classify(ended.value) is TransientError
 
 
 def _metrics_text(port: int) -> str:
