@@ -12,6 +12,7 @@ from enum import StrEnum
 import structlog
 
 from cj_assessment import batch_state
+from cj_assessment.batch_config import BatchConfig
 from cj_assessment.batch_state import (
     AttemptStatus,
     AttemptView,
@@ -148,9 +149,12 @@ class BatchCallbackHandler:
             state = states[cj_batch_id]
             indices = by_assessment[cj_batch_id]
             if state.state in TERMINAL_STATES:
+                final = state.progress()
+                max_retry = BatchConfig.from_json(state.batch_config).max_retry_attempts
                 for i in indices:
                     attempt = attempts[wanted[i]]  # type: ignore[index]
-                    outcomes[i] = self._store_late(attempt, results[i][0], now)
+                    resolved = _attempt_view(attempt, final, max_retry).comparison_resolved
+                    outcomes[i] = self._store_late(attempt, results[i][0], now, resolved=resolved)
                     if outcomes[i] is ResultOutcome.LATE:
                         written.append(attempt)
                 continue
@@ -252,12 +256,19 @@ class BatchCallbackHandler:
             self._contexts.pop(state.cj_batch_id, None)
 
     def _store_late(
-        self, attempt: AttemptRecord, result: LLMComparisonResultV1, now: datetime
+        self,
+        attempt: AttemptRecord,
+        result: LLMComparisonResultV1,
+        now: datetime,
+        *,
+        resolved: bool,
     ) -> ResultOutcome:
         if attempt.status not in _ANSWERABLE_AFTER_THE_END:
             return ResultOutcome.DUPLICATE
-        if AttemptStatus.SUCCEEDED.value in attempt.siblings.values():
-            # Another attempt of its comparison already succeeded: one success per comparison.
+        if resolved:
+            # Its comparison succeeded through another attempt, or was counted as failed for
+            # good (out of retries, or given up over budget) in the published outcome: the
+            # stored rows keep one success per comparison and agree with the counts.
             disposition = Disposition.SUPERSEDED
         else:
             disposition = Disposition.SUCCEEDED if result.winner else Disposition.RETRY_POOLED

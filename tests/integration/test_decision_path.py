@@ -495,6 +495,54 @@ async def test_two_attempts_of_one_comparison_answered_late_in_one_poll_store_on
     assert sorted(statuses) == ["succeeded", "superseded"]
 
 
+async def test_a_late_answer_to_a_comparison_given_up_over_budget_is_stored_as_superseded(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(callback_wait_timeout_seconds=300)
+    # 10 comparisons and a budget of 12 calls: room for two retries.
+    await path.start("late-given-up", 20, at(0), batch_size=10, max_comparisons=12)
+    first = await path.in_flight()
+    await path.answer([(a, True) for a in first[:7]], at(5))
+    await path.monitor(at(400)).run_once()  # 3 time out: 2 retried, 1 over the budget
+    retries = [a for a in await path.in_flight() if a.attempt == 2]
+    await path.answer([(a, True) for a in retries], at(410))
+    assert (await path.state()).state == "COMPLETED"
+    retried = {a.comparison_id for a in retries}
+    (given_up,) = [a for a in first[7:] if a.comparison_id not in retried]
+    assert await path.answer([(given_up, True)], at(420)) == ["late"]
+    stored = next(a for a in await path.attempts() if a.id == given_up.id)
+    assert (stored.status, stored.is_late) == ("superseded", True)
+    summary = await path.completed_summary()
+    succeeded = await path.rows(
+        "SELECT count(*) FROM cj_comparison_pairs WHERE status = 'succeeded'"
+    )
+    assert (summary["comparisons_succeeded"], summary["comparisons_failed"]) == (9, 1)
+    assert succeeded[0][0] == 9
+
+
+async def test_a_late_answer_to_a_comparison_out_of_retries_is_stored_as_superseded(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path(
+        callback_wait_timeout_seconds=300, max_retry_attempts=1, min_success_rate=0.5
+    )
+    # 2 comparisons and a budget of 3 calls: one retry.
+    await path.start("late-exhausted", 4, at(0), batch_size=10, max_comparisons=3)
+    first = await path.in_flight()
+    await path.answer([(first[0], True)], at(5))
+    await path.monitor(at(400)).run_once()  # the other times out; its one retry goes out
+    (retry,) = [a for a in await path.in_flight() if a.attempt == 2]
+    await path.monitor(at(800)).run_once()  # the retry times out: failed for good
+    assert (await path.state()).state == "COMPLETED"
+    assert await path.answer([(retry, True)], at(820)) == ["late"]
+    stored = next(a for a in await path.attempts() if a.id == retry.id)
+    assert (stored.status, stored.is_late) == ("superseded", True)
+    succeeded = await path.rows(
+        "SELECT count(*) FROM cj_comparison_pairs WHERE status = 'succeeded'"
+    )
+    assert succeeded[0][0] == (await path.completed_summary())["comparisons_succeeded"] == 1
+
+
 async def test_an_idle_assessment_with_nothing_left_to_wait_for_fails_as_stuck(
     decision_path: Callable[..., DecisionPath],
 ) -> None:
