@@ -22,7 +22,7 @@ from cj_assessment.errors import TransientError
 from cj_assessment.pipeline_client import request_envelope, sleep_until
 from cj_assessment.settings import Settings
 from tests.integration.test_assessment_flow import _essays
-from tests.support.harness import provider_config, running_system, system_settings
+from tests.support.harness import RunningSystem, provider_config, running_system, system_settings
 from tests.support.replaying_judge import (
     ReplayingJudge,
     result_envelope,
@@ -440,20 +440,25 @@ async def test_answers_written_carelessly_are_kept_for_their_verdicts(
     assert unmatched[-1][0] <= 65_536
 
 
+async def _submitted_and_underway(system: RunningSystem, bos_batch_id: str) -> None:
+    """A 12-essay assessment submitted, with a few of its comparisons answered."""
+    await system.submit(request_envelope(bos_batch_id=bos_batch_id, essays=_essays(12)))
+
+    async def underway() -> bool:
+        done = await system.rows(
+            "SELECT count(*) FROM cj_comparison_pairs WHERE status = 'succeeded'"
+        )
+        return done[0][0] >= 5
+
+    assert await sleep_until(underway, timeout=60)
+
+
 async def test_a_lock_held_elsewhere_is_waited_out_visibly_and_the_assessment_completes(
     kafka_bootstrap: str, database_url: str
 ) -> None:
     settings = system_settings(kafka_bootstrap, database_url, database_lock_timeout_seconds=0.5)
     async with running_system(settings, provider_config(settings, latency_median_ms=50)) as system:
-        await system.submit(request_envelope(bos_batch_id="locked-out", essays=_essays(12)))
-
-        async def underway() -> bool:
-            done = await system.rows(
-                "SELECT count(*) FROM cj_comparison_pairs WHERE status = 'succeeded'"
-            )
-            return done[0][0] >= 5
-
-        assert await sleep_until(underway, timeout=60)
+        await _submitted_and_underway(system, "locked-out")
         # Someone else's session holds the assessment's row: results for it cannot be stored.
         async with system.engine.connect() as conn, conn.begin():
             await conn.execute(text("SELECT 1 FROM cj_batch_states FOR UPDATE"))
@@ -483,15 +488,7 @@ async def test_a_transaction_frozen_while_holding_locks_is_ended_and_holds_up_no
         database_lock_timeout_seconds=120.0,
     )
     async with running_system(settings, provider_config(settings, latency_median_ms=50)) as system:
-        await system.submit(request_envelope(bos_batch_id="frozen-out", essays=_essays(12)))
-
-        async def underway() -> bool:
-            done = await system.rows(
-                "SELECT count(*) FROM cj_comparison_pairs WHERE status = 'succeeded'"
-            )
-            return done[0][0] >= 5
-
-        assert await sleep_until(underway, timeout=60)
+        await _submitted_and_underway(system, "frozen-out")
         # A session opened as the service opens its own, frozen after taking the
         # assessment's row: like an instance stopped in the middle of its transaction.
         frozen = create_engine(settings)
