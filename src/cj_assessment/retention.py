@@ -2,10 +2,11 @@
 
 Published outbox rows are kept `outbox_retention_seconds` (their payloads are prompts holding
 essay text), inbox rows `inbox_retention_seconds` and unmatched results (a provider's raw
-output, which may quote essays) `unmatched_retention_seconds`; 0 keeps them. Unpublished outbox rows
-are never deleted. Pruning the inbox gives up no guarantee, because it is not the only guard:
-a result redelivered after its event id was pruned finds its attempt already resolved, and a
-request finds its bos_batch_id already taken. Assessments, essays, attempts and scores stay."""
+output, which may quote essays) `unmatched_retention_seconds`; 0 keeps them. Unpublished
+outbox rows are never deleted. Pruning the inbox gives up no guarantee, because it is not the
+only guard: a result redelivered after its event id was pruned finds its attempt already
+resolved, and a request finds its bos_batch_id already taken. Assessments, essays, attempts
+and scores stay."""
 
 from __future__ import annotations
 
