@@ -58,7 +58,13 @@ _MARK = text(
     " WHERE o.id = v.id"
 )
 _YIELD_EVERY = 50
-_NO_IDLE_TIMEOUT = text("SET LOCAL idle_in_transaction_session_timeout = 0")
+_ROUND_IDLE_LIMIT = text(
+    "SELECT set_config('idle_in_transaction_session_timeout', :milliseconds, true)"
+)
+# How long a round may wait for the broker's acknowledgements before PostgreSQL ends it: far
+# above any acknowledgement of a live broker, yet a relay cut off from the database (a network
+# partition, which TCP notices only after hours) releases its claimed rows to the others.
+ROUND_IDLE_LIMIT_SECONDS = 600.0
 _BACKLOG = text(
     "SELECT count(*), min(created_at) FROM cj_event_outbox"
     " WHERE published_at IS NULL AND undeliverable IS NULL"
@@ -84,6 +90,7 @@ class OutboxRelay:
         unsent: UnsentComparisons | None = None,
         kill_after_ack: bool = False,
         backlog_refresh_seconds: float = 1.0,
+        idle_in_transaction_timeout_seconds: float = 0.0,
     ) -> None:
         self._sessions = sessions
         self._producer = producer
@@ -95,6 +102,13 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._kill_after_ack = kill_after_ack
         self._backlog_refresh_seconds = backlog_refresh_seconds
+        # The connections' own idle limit (0: none) is too short for a round waiting on the
+        # broker: ended halfway, the round would be sent a second time.
+        self._round_idle_limit = (
+            0.0
+            if idle_in_transaction_timeout_seconds <= 0
+            else max(idle_in_transaction_timeout_seconds, ROUND_IDLE_LIMIT_SECONDS)
+        )
 
     def notify(self) -> None:
         """A handler committed outbox rows: publish without waiting for the next poll."""
@@ -130,11 +144,12 @@ class OutboxRelay:
     async def publish_pending(self) -> int:
         """Publish one round of pending rows; the number of rows published or set aside."""
         async with self._sessions() as session, session.begin():
-            # The round's transaction waits for the broker's acknowledgements, as long as the
-            # broker takes: it holds only the claimed outbox rows, which everyone else skips,
-            # so it is exempt from the idle-in-transaction timeout. Ended halfway, it would
-            # send the round a second time.
-            await session.execute(_NO_IDLE_TIMEOUT)
+            # The round's transaction waits for the broker's acknowledgements: it holds only
+            # the claimed outbox rows, which everyone else skips, so it gets a longer idle
+            # limit than the connections' own.
+            await session.execute(
+                _ROUND_IDLE_LIMIT, {"milliseconds": str(int(self._round_idle_limit * 1000))}
+            )
             rows = (await session.execute(_CLAIM, {"limit": self._batch_size})).all()
             if not rows:
                 return 0

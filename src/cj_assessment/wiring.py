@@ -120,6 +120,9 @@ class ServiceProvider(Provider):
             comparison_topic=settings.topic_llm_comparison_request,
             unsent=unsent,
             kill_after_ack=settings.fault_kill_after_relay_ack,
+            idle_in_transaction_timeout_seconds=(
+                settings.database_idle_in_transaction_timeout_seconds
+            ),
         )
 
     @provide

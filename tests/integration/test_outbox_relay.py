@@ -8,10 +8,13 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from cj_assessment import outbox
 from cj_assessment.database import create_engine, session_factory
 from cj_assessment.metrics import Metrics
 from cj_assessment.outbox import OutboxRelay
@@ -87,15 +90,16 @@ class _SlowAcknowledgements(AIOKafkaProducer):
         return asyncio.ensure_future(late())
 
 
-async def test_a_round_waiting_longer_for_acknowledgements_than_the_idle_timeout_completes(
+async def _round_with_late_acknowledgements(
     database_url: str, kafka_bootstrap: str
-) -> None:
-    # Ended halfway by PostgreSQL, the round would be sent again: paid requests, twice.
+) -> tuple[int | None, int]:
+    """One relay round of 5 rows on connections with a 0.5 s idle-in-transaction timeout,
+    acknowledged 1.5 s late: the rows it published (None: the round failed) and the rows
+    left pending."""
     topic = f"relay-slow-{uuid.uuid4().hex[:8]}"
     await ensure_topics(kafka_bootstrap, [topic], 1)
-    engine = create_engine(
-        Settings(database_url=database_url, database_idle_in_transaction_timeout_seconds=0.5)
-    )
+    settings = Settings(database_url=database_url, database_idle_in_transaction_timeout_seconds=0.5)
+    engine = create_engine(settings)
     sessions = session_factory(engine)
     producer = _SlowAcknowledgements(bootstrap_servers=kafka_bootstrap, enable_idempotence=False)
     await producer.start()
@@ -109,9 +113,20 @@ async def test_a_round_waiting_longer_for_acknowledgements_than_the_idle_timeout
                 {"topic": topic},
             )
         relay = OutboxRelay(
-            sessions, producer, Metrics(), batch_size=10, poll_interval=0.05, comparison_topic=topic
+            sessions,
+            producer,
+            Metrics(),
+            batch_size=10,
+            poll_interval=0.05,
+            comparison_topic=topic,
+            idle_in_transaction_timeout_seconds=(
+                settings.database_idle_in_transaction_timeout_seconds
+            ),
         )
-        published = await relay.publish_pending()
+        try:
+            published: int | None = await relay.publish_pending()
+        except DBAPIError:
+            published = None
         async with sessions() as session:
             pending = await session.scalar(
                 text("SELECT count(*) FROM cj_event_outbox WHERE published_at IS NULL")
@@ -119,7 +134,23 @@ async def test_a_round_waiting_longer_for_acknowledgements_than_the_idle_timeout
     finally:
         await producer.stop()
         await engine.dispose()
-    assert (published, pending) == (5, 0)
+    return published, int(pending or 0)
+
+
+async def test_a_round_waiting_longer_for_acknowledgements_than_the_idle_timeout_completes(
+    database_url: str, kafka_bootstrap: str
+) -> None:
+    # Ended halfway by PostgreSQL, the round would be sent again: paid requests, twice.
+    assert await _round_with_late_acknowledgements(database_url, kafka_bootstrap) == (5, 0)
+
+
+async def test_a_round_waiting_past_its_own_limit_is_ended_and_releases_its_rows(
+    database_url: str, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A relay cut off from the database (which TCP notices only after hours) must not keep
+    # its claimed rows from the other relays for that long.
+    monkeypatch.setattr(outbox, "ROUND_IDLE_LIMIT_SECONDS", 1.0)
+    assert await _round_with_late_acknowledgements(database_url, kafka_bootstrap) == (None, 5)
 
 
 async def test_a_comparison_request_published_late_restarts_its_attempts_wait_for_an_answer(
