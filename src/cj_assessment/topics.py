@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import TopicAlreadyExistsError
 
 from cj_assessment.errors import TopicsNotCreated
@@ -65,18 +65,18 @@ def raise_refused_topics(response: Any) -> None:
 
 
 class BrokerPartitions:
-    """A topic's partitions from the broker's metadata, through a started client (the
-    producer's). Asked once per monitor pass; an unreachable broker is an unknown answer,
-    not an error."""
+    """A topic's partitions from the metadata the producer's client keeps: refreshed in the
+    background (`metadata_max_age_ms`), so asking once per monitor pass costs no request, and
+    only this topic's metadata is ever fetched for it. An unreachable broker or an unknown
+    topic is an unknown answer, not an error."""
 
-    def __init__(self, client: AIOKafkaClient, timeout_seconds: float = 5.0) -> None:
-        self._client = client
+    def __init__(self, producer: AIOKafkaProducer, timeout_seconds: float = 5.0) -> None:
+        self._producer = producer
         self._timeout = timeout_seconds
 
     async def of(self, topic: str) -> frozenset[int] | None:
         try:
-            cluster = await asyncio.wait_for(self._client.fetch_all_metadata(), self._timeout)
+            partitions = await asyncio.wait_for(self._producer.partitions_for(topic), self._timeout)
         except Exception:  # noqa: BLE001 - unknown, and the caller counts every partition
             return None
-        partitions = cluster.partitions_for_topic(topic)
         return frozenset(partitions) if partitions else None

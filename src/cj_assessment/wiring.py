@@ -187,7 +187,7 @@ class ServiceProvider(Provider):
             metrics,
             retention,
             clock,
-            partitions=BrokerPartitions(producer.client),
+            partitions=BrokerPartitions(producer),
             on_commit=relay.notify,
         )
 
