@@ -144,15 +144,15 @@ class OutboxRelay:
     async def publish_pending(self) -> int:
         """Publish one round of pending rows; the number of rows published or set aside."""
         async with self._sessions() as session, session.begin():
-            # The round's transaction waits for the broker's acknowledgements: it holds only
-            # the claimed outbox rows, which everyone else skips, so it gets a longer idle
-            # limit than the connections' own.
-            await session.execute(
-                _ROUND_IDLE_LIMIT, {"milliseconds": str(int(self._round_idle_limit * 1000))}
-            )
             rows = (await session.execute(_CLAIM, {"limit": self._batch_size})).all()
             if not rows:
                 return 0
+            # The round's transaction waits for the broker's acknowledgements: it holds only
+            # the claimed outbox rows, which everyone else skips, so it gets a longer idle
+            # limit than the connections' own. Set once there is a round, not on idle polls.
+            await session.execute(
+                _ROUND_IDLE_LIMIT, {"milliseconds": str(int(self._round_idle_limit * 1000))}
+            )
             taken_at = datetime.now(UTC)
             held = [
                 (json.loads(payload)["data"]["correlation_id"], taken_at)
