@@ -1,6 +1,7 @@
 """batch_processor: turns planned comparisons into submission batches of at most `batch_size`
 (never above 200), keeps at most `max_concurrent_batches` in flight per assessment, and writes
-each released comparison as an attempt row plus an outbox message in the caller's transaction.
+each released comparison as an attempt row plus an outbox message in the caller's transaction;
+stores the assessment's `CJBatchState` row.
 
 The attempt row (with its own correlation id) is written before the request can be sent, so
 every result can be matched to exactly one comparison."""
@@ -28,7 +29,7 @@ from cj_assessment.contracts import (
 )
 from cj_assessment.metrics import Metrics
 from cj_assessment.prompt import new_boundary_token, render_comparison_prompt
-from cj_assessment.repository import AssessmentRepository, NewAttempt, OutboxRow
+from cj_assessment.repository import AssessmentRepository, NewAttempt, OutboxRow, StateRow
 from cj_assessment.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -187,6 +188,20 @@ class BatchProcessor:
                     batch_id=str(row.submission_batch_id),
                     threshold=ctx.config.partial_completion_threshold,
                 )
+
+    async def store(
+        self,
+        repo: AssessmentRepository,
+        state: StateRow,
+        progress: Progress,
+        *,
+        phase: str,
+        now: datetime,
+    ) -> None:
+        """Store the assessment's `CJBatchState`: its progress (batches, attempts counted,
+        failed pool) in `processing_metadata` and its counters, in the caller's transaction
+        and under the row lock the caller holds."""
+        await repo.save_progress(state, progress, state=phase, now=now)
 
     def _request_event_id(self, correlation_id: uuid.UUID) -> uuid.UUID:
         """The event id of an attempt's request: the same for every publication of it."""

@@ -215,7 +215,7 @@ class WorkflowOrchestrator:
                     progress = await self._batches.plan_retries(repo, ctx, progress)
                 progress = await self._batches.release(repo, ctx, progress, now=now)
             if not iteration_done(progress, config):
-                await repo.save_progress(state, progress, state="WAITING_CALLBACKS", now=now)
+                await self._batches.store(repo, state, progress, phase="WAITING_CALLBACKS", now=now)
                 self._metrics.failed_pool_size.observe(len(progress.pool.entries))
                 return
             # Read once per iteration close: scoring, the stop decision and the next pairs
@@ -401,7 +401,7 @@ class WorkflowOrchestrator:
         *,
         now: datetime,
     ) -> None:
-        await repo.save_progress(state, progress, state="SCORING", now=now)
+        await self._batches.store(repo, state, progress, phase="SCORING", now=now)
         if not await repo.finish_state(state, state="COMPLETED", now=now):
             return
         await repo.finish_upload(ctx.cj_batch_id, status="COMPLETED", now=now)
@@ -503,7 +503,7 @@ class WorkflowOrchestrator:
         now: datetime,
         message: str | None = None,
     ) -> None:
-        await repo.save_progress(state, progress, state="SCORING", now=now)
+        await self._batches.store(repo, state, progress, phase="SCORING", now=now)
         if not await repo.finish_state(state, state="FAILED", now=now):
             return
         settled = progress.completed + progress.failed

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from cj_assessment.batch_config import BatchConfig
-from cj_assessment.batch_processor import AssessmentContext
+from cj_assessment.batch_processor import AssessmentContext, BatchProcessor
 from cj_assessment.batch_state import Progress
 from cj_assessment.completion_policy import Decision, Verdict
 from cj_assessment.metrics import Metrics
@@ -76,7 +76,8 @@ async def test_completed_summary_reports_both_reliabilities_position_bias_and_st
         judgements.append((ids[a], ids[b], bool(a_won)))
     scoring = score_judgements(ids, judgements)
     repo = _Repository()
-    orchestrator = WorkflowOrchestrator(Settings(), None, Metrics())  # type: ignore[arg-type]
+    settings, metrics = Settings(), Metrics()
+    orchestrator = WorkflowOrchestrator(settings, BatchProcessor(settings, metrics), metrics)
     ctx = AssessmentContext(
         cj_batch_id=1,
         bos_batch_id="summary-1",
