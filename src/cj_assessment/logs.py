@@ -39,7 +39,7 @@ def configure_logging(
     root.setLevel(level.upper())
     # Chatty libraries: their warnings at most, and nothing below the level asked for.
     quiet = max(logging.WARNING, logging.getLevelName(level.upper()))
-    for noisy in ("aiokafka", "kafka", "sqlalchemy.engine", "alembic"):
+    for noisy in ("aiokafka", "kafka", "sqlalchemy", "alembic"):
         logging.getLogger(noisy).setLevel(quiet)
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, *stamped, renderer],
