@@ -8,11 +8,13 @@ assessment's state row is locked; finishing is a compare-and-set on that row."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import structlog
@@ -55,6 +57,22 @@ from cj_assessment.settings import Settings
 from cj_assessment.tables import CJBatchUpload
 
 log = structlog.get_logger(__name__)
+
+_Result = TypeVar("_Result")
+
+# From this many essays, scoring and pair generation run on a worker thread. They take
+# seconds at the largest sizes (scoring 2,000 essays: 2-3.5 s), and on the event loop that
+# would stall everything else the process does meanwhile: other assessments' results, the
+# relay, the group heartbeat and the HTTP probes. Below it they take milliseconds, less than
+# a thread hand-off is worth.
+OFF_LOOP_MIN_ESSAYS = 200
+
+
+async def _computed(essays: int, compute: Callable[[], _Result]) -> _Result:
+    """``compute()``, on a worker thread for large assessments (see OFF_LOOP_MIN_ESSAYS)."""
+    if essays < OFF_LOOP_MIN_ESSAYS:
+        return compute()
+    return await asyncio.to_thread(compute)
 
 
 @dataclass(frozen=True)
@@ -273,14 +291,18 @@ class WorkflowOrchestrator:
         estimates = None
         if latest is not None and latest.scores and latest.standard_errors:
             estimates = AbilityEstimates(latest.scores, latest.standard_errors)
-        pairs = generate_pairs(
-            essay_ids,
-            history,
-            rng,
-            matchings=ctx.config.matchings_per_iteration,
-            max_pairs=size,
-            strategy=PairingStrategy(ctx.config.pairing_strategy),
-            estimates=estimates,
+        pairs = await _computed(
+            len(essay_ids),
+            partial(
+                generate_pairs,
+                essay_ids,
+                history,
+                rng,
+                matchings=ctx.config.matchings_per_iteration,
+                max_pairs=size,
+                strategy=PairingStrategy(ctx.config.pairing_strategy),
+                estimates=estimates,
+            ),
         )
         return await self._batches.plan_iteration(
             repo,
@@ -321,7 +343,7 @@ class WorkflowOrchestrator:
                 all_pairs_seen=False,
             )
             return progress, decision, None
-        scoring = score_judgements(essay_ids, judgements)
+        scoring = await _computed(len(essay_ids), partial(score_judgements, essay_ids, judgements))
         scores = scoring.scores()
         previous = next(
             (

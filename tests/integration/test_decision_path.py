@@ -3,12 +3,15 @@ is sent, timed out and decided when answers, timeouts and monitors interleave.""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
 
+from cj_assessment import workflow_orchestrator
 from cj_assessment.assessment_request import OUTCOME_FIXED_BYTES, outcome_bytes_bound
 from cj_assessment.contracts import ErrorDetail, LLMComparisonResultV1, TokenUsage
 from cj_assessment.database import transaction
@@ -710,3 +713,35 @@ async def test_a_completed_event_stays_within_the_size_bound_the_request_was_che
     essay_ids = [f"e{i:02d}" for i in range(8)]
     bound = outcome_bytes_bound("sized", essay_ids, path.settings.comparisons_per_essay * 8)
     assert len(payload[0].encode()) <= bound - OUTCOME_FIXED_BYTES // 2
+
+
+async def test_a_large_iteration_is_scored_and_planned_while_the_event_loop_serves_others(
+    decision_path: Callable[..., DecisionPath], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each step first asks the event loop to run a callback and waits for it: on the loop's
+    # own thread nothing else can run until the step returns, so the wait would time out.
+    loop = asyncio.get_running_loop()
+    served: dict[str, list[bool]] = {"score_judgements": [], "generate_pairs": []}
+
+    def needing_the_loop(name: str) -> Callable[..., object]:
+        real = getattr(workflow_orchestrator, name)
+
+        def step(*args: object, **kwargs: object) -> object:
+            ran = threading.Event()
+            loop.call_soon_threadsafe(ran.set)
+            served[name].append(ran.wait(timeout=5.0))
+            return real(*args, **kwargs)
+
+        return step
+
+    for name in served:
+        monkeypatch.setattr(workflow_orchestrator, name, needing_the_loop(name))
+    path = decision_path()
+    essays = workflow_orchestrator.OFF_LOOP_MIN_ESSAYS + 40
+    await path.start("large", essays, at(0))
+    sent = await path.in_flight()
+    assert len(sent) == essays // 2  # one matching
+    await path.answer([(a, True) for a in sent], at(10))
+    assert (await path.state()).current_iteration == 2
+    # Pairing the first iteration (no estimates yet), then scoring it and pairing the next.
+    assert served == {"score_judgements": [True], "generate_pairs": [True, True]}
