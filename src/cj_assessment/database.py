@@ -50,6 +50,20 @@ def create_engine(settings: Settings) -> AsyncEngine:
     )
 
 
+_IDLE_LIMIT = text("SELECT set_config('idle_in_transaction_session_timeout', :milliseconds, true)")
+
+
+def longer_idle_limit(configured_seconds: float, at_least_seconds: float) -> float:
+    """The idle-in-transaction limit for a transaction known to pause longer than the rest:
+    at least ``at_least_seconds``, unless the connections have no limit at all (0)."""
+    return 0.0 if configured_seconds <= 0 else max(configured_seconds, at_least_seconds)
+
+
+async def set_idle_limit(session: AsyncSession, seconds: float) -> None:
+    """This transaction's idle-in-transaction limit (0: none); it ends with the transaction."""
+    await session.execute(_IDLE_LIMIT, {"milliseconds": str(int(seconds * 1000))})
+
+
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 

@@ -26,6 +26,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from cj_assessment.database import longer_idle_limit, set_idle_limit
 from cj_assessment.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -58,9 +59,6 @@ _MARK = text(
     " WHERE o.id = v.id"
 )
 _YIELD_EVERY = 50
-_ROUND_IDLE_LIMIT = text(
-    "SELECT set_config('idle_in_transaction_session_timeout', :milliseconds, true)"
-)
 # How long a round may wait for the broker's acknowledgements before PostgreSQL ends it: far
 # above any acknowledgement of a live broker, yet a relay cut off from the database (a network
 # partition, which TCP notices only after hours) releases its claimed rows to the others.
@@ -104,10 +102,8 @@ class OutboxRelay:
         self._backlog_refresh_seconds = backlog_refresh_seconds
         # The connections' own idle limit (0: none) is too short for a round waiting on the
         # broker: ended halfway, the round would be sent a second time.
-        self._round_idle_limit = (
-            0.0
-            if idle_in_transaction_timeout_seconds <= 0
-            else max(idle_in_transaction_timeout_seconds, ROUND_IDLE_LIMIT_SECONDS)
+        self._round_idle_limit = longer_idle_limit(
+            idle_in_transaction_timeout_seconds, ROUND_IDLE_LIMIT_SECONDS
         )
 
     def notify(self) -> None:
@@ -150,9 +146,7 @@ class OutboxRelay:
             # The round's transaction waits for the broker's acknowledgements: it holds only
             # the claimed outbox rows, which everyone else skips, so it gets a longer idle
             # limit than the connections' own. Set once there is a round, not on idle polls.
-            await session.execute(
-                _ROUND_IDLE_LIMIT, {"milliseconds": str(int(self._round_idle_limit * 1000))}
-            )
+            await set_idle_limit(session, self._round_idle_limit)
             taken_at = datetime.now(UTC)
             held = [
                 (json.loads(payload)["data"]["correlation_id"], taken_at)

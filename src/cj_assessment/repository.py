@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from cj_assessment.batch_state import AttemptStatus, Progress, Unanswered
+from cj_assessment.database import set_idle_limit
 from cj_assessment.tables import (
     TERMINAL_STATES,
     CJBatchState,
@@ -628,6 +629,11 @@ class AssessmentRepository:
             _CHANGED_STATES, {}
         )
         return changed
+
+    async def allow_idle(self, seconds: float) -> None:
+        """Let this transaction pause up to ``seconds`` between statements (0: without limit)
+        before PostgreSQL ends it; the connections' own limit returns with the next one."""
+        await set_idle_limit(self.session, seconds)
 
     async def write_states(self) -> None:
         """Write the state rows changed so far (otherwise written just before the commit)."""

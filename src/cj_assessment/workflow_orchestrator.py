@@ -42,6 +42,7 @@ from cj_assessment.contracts import (
     outcome_header,
     utc_iso,
 )
+from cj_assessment.database import longer_idle_limit
 from cj_assessment.errors import RequestRejected
 from cj_assessment.metrics import Metrics, after_commit
 from cj_assessment.pair_generation import (
@@ -61,18 +62,15 @@ log = structlog.get_logger(__name__)
 _Result = TypeVar("_Result")
 
 # From this many essays, scoring and pair generation run on a worker thread. They take
-# seconds at the largest sizes (scoring 2,000 essays: 2-3.5 s), and on the event loop that
-# would stall everything else the process does meanwhile: other assessments' results, the
-# relay, the group heartbeat and the HTTP probes. Below it they take milliseconds, less than
-# a thread hand-off is worth.
+# seconds at the largest sizes (scoring 2,000 essays: 2-10 s, longest with few judgements),
+# and on the event loop that would stall the relay, the group heartbeat, the HTTP probes and
+# the rest of the poll. Below it they take milliseconds, less than a thread hand-off is worth.
 OFF_LOOP_MIN_ESSAYS = 200
-
-
-async def _computed(essays: int, compute: Callable[[], _Result]) -> _Result:
-    """``compute()``, on a worker thread for large assessments (see OFF_LOOP_MIN_ESSAYS)."""
-    if essays < OFF_LOOP_MIN_ESSAYS:
-        return compute()
-    return await asyncio.to_thread(compute)
+# They run inside the transaction that holds the assessment's row, and queue for the worker
+# one at a time. Ended by the connections' idle limit
+# (CJ_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS), the poll would be retried, computed again
+# and ended again, for ever; such a transaction may pause this long instead.
+LARGE_CLOSE_IDLE_LIMIT_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +111,13 @@ def context_of(upload: CJBatchUpload, state: StateRow) -> AssessmentContext:
 class WorkflowOrchestrator:
     def __init__(self, settings: Settings, batch_processor: BatchProcessor, metrics: Metrics):
         self._settings = settings
+        # One large computation at a time: two at once took twice as long each (the cores
+        # are shared with PostgreSQL, the broker and the interpreter lock) and held both
+        # dense posteriors in memory, so the first to start would finish no sooner.
+        self._off_loop = asyncio.Semaphore(1)
+        self._large_close_idle_limit = longer_idle_limit(
+            settings.database_idle_in_transaction_timeout_seconds, LARGE_CLOSE_IDLE_LIMIT_SECONDS
+        )
         self._batches = batch_processor
         self._metrics = metrics
 
@@ -273,6 +278,18 @@ class WorkflowOrchestrator:
                         size=decision.next_comparisons,
                     )
 
+    async def _computed(
+        self, repo: AssessmentRepository, essays: int, compute: Callable[[], _Result]
+    ) -> _Result:
+        """``compute()``, for large assessments on a worker thread, one at a time, in a
+        transaction allowed to pause that long (see OFF_LOOP_MIN_ESSAYS)."""
+        if essays < OFF_LOOP_MIN_ESSAYS:
+            return compute()
+        if self._large_close_idle_limit > 0:
+            await repo.allow_idle(self._large_close_idle_limit)
+        async with self._off_loop:
+            return await asyncio.to_thread(compute)
+
     async def _plan_next_iteration(
         self,
         repo: AssessmentRepository,
@@ -291,7 +308,8 @@ class WorkflowOrchestrator:
         estimates = None
         if latest is not None and latest.scores and latest.standard_errors:
             estimates = AbilityEstimates(latest.scores, latest.standard_errors)
-        pairs = await _computed(
+        pairs = await self._computed(
+            repo,
             len(essay_ids),
             partial(
                 generate_pairs,
@@ -343,7 +361,9 @@ class WorkflowOrchestrator:
                 all_pairs_seen=False,
             )
             return progress, decision, None
-        scoring = await _computed(len(essay_ids), partial(score_judgements, essay_ids, judgements))
+        scoring = await self._computed(
+            repo, len(essay_ids), partial(score_judgements, essay_ids, judgements)
+        )
         scores = scoring.scores()
         previous = next(
             (

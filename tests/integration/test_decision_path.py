@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -14,8 +15,9 @@ from sqlalchemy import text
 from cj_assessment import workflow_orchestrator
 from cj_assessment.assessment_request import OUTCOME_FIXED_BYTES, outcome_bytes_bound
 from cj_assessment.contracts import ErrorDetail, LLMComparisonResultV1, TokenUsage
-from cj_assessment.database import transaction
+from cj_assessment.database import create_engine, session_factory, transaction
 from cj_assessment.repository import AssessmentRepository
+from cj_assessment.settings import Settings
 from tests.support.decision_path import DecisionPath, at
 
 
@@ -745,3 +747,75 @@ async def test_a_large_iteration_is_scored_and_planned_while_the_event_loop_serv
     assert (await path.state()).current_iteration == 2
     # Pairing the first iteration (no estimates yet), then scoring it and pairing the next.
     assert served == {"score_judgements": [True], "generate_pairs": [True, True]}
+
+
+async def test_a_large_close_that_outlasts_the_connections_idle_limit_is_not_ended(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Scoring pauses the transaction that holds the assessment's row; ended by the idle
+    # limit, the same poll would be retried and ended again for ever.
+    limits = {"database_idle_in_transaction_timeout_seconds": 0.5}
+    real = workflow_orchestrator.score_judgements
+
+    def slow_scoring(*args: object, **kwargs: object) -> object:
+        time.sleep(1.5)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(workflow_orchestrator, "score_judgements", slow_scoring)
+    engine = create_engine(Settings(database_url=database_url, **limits))
+    try:
+        path = DecisionPath.build(session_factory(engine), database_url, **limits)
+        essays = workflow_orchestrator.OFF_LOOP_MIN_ESSAYS
+        await path.start("large-and-slow", essays, at(0))
+        sent = await path.in_flight()
+        await path.answer([(a, True) for a in sent], at(10))
+        assert (await path.state()).current_iteration == 2
+        assert len(await path.in_flight()) == essays // 2
+    finally:
+        await engine.dispose()
+
+
+async def test_large_closes_in_concurrent_transactions_are_scored_one_at_a_time(
+    decision_path: Callable[..., DecisionPath], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two at once take twice as long each on shared cores and hold two dense posteriors.
+    real = workflow_orchestrator.score_judgements
+    guard = threading.Lock()
+    running, most = [0], [0]
+
+    def counted_scoring(*args: object, **kwargs: object) -> object:
+        with guard:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.3)
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            with guard:
+                running[0] -= 1
+
+    monkeypatch.setattr(workflow_orchestrator, "score_judgements", counted_scoring)
+    path = decision_path()
+    essays = workflow_orchestrator.OFF_LOOP_MIN_ESSAYS
+    first = await path.start("large-1", essays, at(0))
+    await path.start("large-2", essays, at(0))
+    sent = await path.rows(
+        "SELECT cj_batch_id, request_correlation_id FROM cj_comparison_pairs"
+        " WHERE status = 'in_flight'"
+    )
+    by_assessment = [[row for row in sent if (row[0] == first) == own] for own in (True, False)]
+    await asyncio.gather(
+        *(
+            path.deliver(
+                [
+                    LLMComparisonResultV1(correlation_id=str(row[1]), winner="Essay A")
+                    for row in rows
+                ],
+                at(10),
+            )
+            for rows in by_assessment
+        )
+    )
+    iterations = await path.rows("SELECT current_iteration FROM cj_batch_states")
+    assert sorted(i[0] for i in iterations) == [2, 2]
+    assert most[0] == 1
