@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -480,17 +481,25 @@ async def test_errors_first_do_not_fail_an_assessment_whose_other_answers_are_st
     )
 
 
+async def _three_timed_out_two_retried(
+    name: str, path: DecisionPath
+) -> tuple[list[Any], list[Any]]:
+    """10 comparisons and a budget of 12 calls: 7 answered, then 3 time out at 400 s, of which
+    2 are retried and 1 is given up over the budget. The first attempts and the 2 retries."""
+    await path.start(name, 20, at(0), batch_size=10, max_comparisons=12)
+    first = await path.in_flight()
+    await path.answer([(a, True) for a in first[:7]], at(5))
+    await path.monitor(at(400)).run_once()
+    retries = [a for a in await path.in_flight() if a.attempt == 2]
+    assert len(retries) == 2
+    return first, retries
+
+
 async def test_two_attempts_of_one_comparison_answered_late_in_one_poll_store_one_success(
     decision_path: Callable[..., DecisionPath],
 ) -> None:
     path = decision_path(callback_wait_timeout_seconds=300)
-    # 10 comparisons and a budget of 12 calls: room for two retries.
-    await path.start("late-pair", 20, at(0), batch_size=10, max_comparisons=12)
-    first = await path.in_flight()
-    await path.answer([(a, True) for a in first[:7]], at(5))
-    await path.monitor(at(400)).run_once()  # 3 time out: 2 retried, 1 over the budget
-    retries = [a for a in await path.in_flight() if a.attempt == 2]
-    assert len(retries) == 2
+    first, retries = await _three_timed_out_two_retried("late-pair", path)
     await path.answer([(retries[0], True)], at(410))  # 9 of 10 resolved: done, budget spent
     assert (await path.state()).state == "COMPLETED"
     other = retries[1]
@@ -504,12 +513,7 @@ async def test_a_late_answer_to_a_comparison_given_up_over_budget_is_stored_as_s
     decision_path: Callable[..., DecisionPath],
 ) -> None:
     path = decision_path(callback_wait_timeout_seconds=300)
-    # 10 comparisons and a budget of 12 calls: room for two retries.
-    await path.start("late-given-up", 20, at(0), batch_size=10, max_comparisons=12)
-    first = await path.in_flight()
-    await path.answer([(a, True) for a in first[:7]], at(5))
-    await path.monitor(at(400)).run_once()  # 3 time out: 2 retried, 1 over the budget
-    retries = [a for a in await path.in_flight() if a.attempt == 2]
+    first, retries = await _three_timed_out_two_retried("late-given-up", path)
     await path.answer([(a, True) for a in retries], at(410))
     assert (await path.state()).state == "COMPLETED"
     retried = {a.comparison_id for a in retries}
