@@ -17,7 +17,6 @@ from cj_assessment import workflow_orchestrator
 from cj_assessment.assessment_request import OUTCOME_FIXED_BYTES, outcome_bytes_bound
 from cj_assessment.contracts import ErrorDetail, LLMComparisonResultV1, TokenUsage
 from cj_assessment.database import create_engine, session_factory, transaction
-from cj_assessment.repository import AssessmentRepository
 from cj_assessment.settings import Settings
 from tests.support.decision_path import DecisionPath, at
 
@@ -189,20 +188,13 @@ async def test_answers_the_service_has_not_handled_yet_are_not_taken_for_missing
 ) -> None:
     path = decision_path(callback_wait_timeout_seconds=300)
     await path.start("unhandled", 4, at(0))
-
-    async def handled_through(*moments: datetime) -> None:
-        async with transaction(path.sessions) as session:
-            await AssessmentRepository(session).note_result_watermarks(
-                path.settings.topic_llm_comparison_result, dict(enumerate(moments))
-            )
-
     # The database was away from 100 s to 900 s: one partition's results were handled up to
     # 100 s, the other's are all handled. Answers to the requests of 0 s may wait there.
-    await handled_through(at(100), at(899))
+    await path.handled_through({0: at(100), 1: at(899)})
     await path.monitor(at(900)).run_once()
     assert {a.status for a in await path.attempts()} == {"in_flight"}
     # Once every partition is handled past the deadline, the wait is over.
-    await handled_through(at(350), at(899))
+    await path.handled_through({0: at(350), 1: at(899)})
     await path.monitor(at(901)).run_once()
     assert {a.status for a in await path.attempts() if a.attempt == 1} == {"timed_out"}
 
@@ -212,13 +204,10 @@ async def test_a_partition_the_topic_no_longer_has_does_not_stop_every_timeout(
 ) -> None:
     path = decision_path(callback_wait_timeout_seconds=300)
     await path.start("leftover", 4, at(0))
-    topic = path.settings.topic_llm_comparison_result
-    async with transaction(path.sessions) as session:
-        repo = AssessmentRepository(session)
-        # A renamed topic's rows, and a partition the topic no longer has (recreated with
-        # fewer partitions): its row will never be written again.
-        await repo.note_result_watermarks(f"{topic}.old", {0: at(1)})
-        await repo.note_result_watermarks(topic, {0: at(899), 1: at(899), 6: at(1)})
+    # A renamed topic's rows, and a partition the topic no longer has (recreated with fewer
+    # partitions): its row will never be written again.
+    await path.handled_through({0: at(1)}, topic=f"{path.settings.topic_llm_comparison_result}.old")
+    await path.handled_through({0: at(899), 1: at(899), 6: at(1)})
     path.result_partitions.partitions = frozenset({0, 1})
     await path.monitor(at(900)).run_once()
     assert {a.status for a in await path.attempts() if a.attempt == 1} == {"timed_out"}
@@ -234,10 +223,8 @@ async def test_a_partition_between_owners_holds_timeouts_back_however_long_it_go
     path = decision_path(callback_wait_timeout_seconds=300)
     await path.start("orphaned", 4, at(0))
     topic = path.settings.topic_llm_comparison_result
+    await path.handled_through({0: at(899), 1: at(899), 2: at(100)})
     async with transaction(path.sessions) as session:
-        await AssessmentRepository(session).note_result_watermarks(
-            topic, {0: at(899), 1: at(899), 2: at(100)}
-        )
         await session.execute(
             text(
                 "UPDATE cj_result_watermarks SET noted_at = now() - interval '301 seconds'"
@@ -251,8 +238,7 @@ async def test_a_partition_between_owners_holds_timeouts_back_however_long_it_go
     behind = path.metrics.registry.get_sample_value("cj_results_handled_behind_seconds")
     assert behind == 800.0
     # Taken over and handled past the deadline: the wait is over.
-    async with transaction(path.sessions) as session:
-        await AssessmentRepository(session).note_result_watermarks(topic, {2: at(899)})
+    await path.handled_through({2: at(899)})
     await path.monitor(at(901)).run_once()
     assert {a.status for a in await path.attempts() if a.attempt == 1} == {"timed_out"}
 

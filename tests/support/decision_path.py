@@ -102,6 +102,16 @@ class DecisionPath:
             )
         return published.rowcount
 
+    async def handled_through(
+        self, moments: dict[int, datetime], *, topic: str | None = None
+    ) -> None:
+        """Result partitions handled up to these moments, as their consumers note it (the
+        result topic unless another is named)."""
+        async with transaction(self.sessions) as session:
+            await AssessmentRepository(session).note_result_watermarks(
+                topic or self.settings.topic_llm_comparison_result, moments
+            )
+
     async def publish_pending(self, now: datetime) -> int:
         """The broker is back: every pending outbox row is published at `now`, and the
         comparison requests held up restart their attempts' wait, as the relay does."""
