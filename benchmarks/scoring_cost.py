@@ -3,7 +3,7 @@
 What the orchestrator computes (in-process, no I/O) when an iteration closes:
 `score_judgements` over every successful comparison so far (Bradley–Terry with the judge's
 position bias, standard errors, calibrated reliability and SSR), `PairingHistory.from_pairs`
-once, `all_pairs_seen` and adaptive `generate_pairs` for the next iteration (5 matchings).
+once, `covers_all_pairs` and adaptive `generate_pairs` for the next iteration (5 matchings).
 `score_comparisons` (the plain Bradley–Terry MAP fit) is broken down into fit, standard errors
 and the rest for comparison.
 
@@ -113,8 +113,8 @@ def measure(n: int, repeats: int, *, only_score: bool = False) -> dict[str, floa
         None if any(p is None for p in parts) else max(0.0, parts[0] - parts[1] - parts[2])  # type: ignore[operator]
     )
     row["history"] = _timed(lambda: pair_generation.PairingHistory.from_pairs(planned), repeats)
-    full_history = pair_generation.PairingHistory.from_pairs(planned)
-    row["seen"] = _timed(lambda: pair_generation.all_pairs_seen(ids, full_history), repeats)
+    # The orchestrator asks whether the settled pairs cover every pair of essays.
+    row["seen"] = _timed(lambda: pair_generation.covers_all_pairs(ids, planned), repeats)
     kwargs: dict[str, Any] = {"matchings": MATCHINGS, "max_pairs": per_iteration}
     if "estimates" in inspect.signature(pair_generation.generate_pairs).parameters:
         scored = scoring_ranking.score_judgements(ids, judgements)
@@ -170,7 +170,7 @@ COLUMNS = [
     ("judgements", "score_judgements"),
     ("history", "history"),
     ("generate", "generate_pairs"),
-    ("seen", "all_pairs_seen"),
+    ("seen", "covers_all_pairs"),
     ("total", "per iteration"),
     ("score_default", "score_comp. default BLAS"),
 ]
@@ -211,7 +211,7 @@ def report(rows: dict[int, dict[str, float | None]], repeats: int, limited: bool
         "  reliability, i.e. a second, Bayesian fit, and bookkeeping; = total - fit - SEs);",
         "score_judgements = what the orchestrator calls (with the judge's position bias); "
         "history = PairingHistory.from_pairs;",
-        "  per iteration = score_judgements + history + all_pairs_seen + generate_pairs.",
+        "  per iteration = score_judgements + history + covers_all_pairs + generate_pairs.",
         "",
         f"{'essays':>6} {'compars':>7} "
         + " ".join(f"{title:>{max(len(title), 8)}}" for _, title in COLUMNS),

@@ -15,3 +15,33 @@ def test_every_listed_benchmark_has_a_run_taking_quick(name: str) -> None:
     run = getattr(importlib.import_module(BENCHMARKS[name]), "run", None)
     assert callable(run), f"{name} cannot be run by `python -m benchmarks {name}`"
     assert "quick" in inspect.signature(run).parameters
+
+
+def test_the_scoring_benchmark_measures_every_column_against_the_current_core() -> None:
+    # Its cells turn n/a when a function it times is renamed; that must fail here, not in a
+    # table someone reads weeks later.
+    from benchmarks import scoring_cost
+
+    row = scoring_cost.measure(20, repeats=1)
+
+    missing = [
+        title
+        for key, title in scoring_cost.COLUMNS
+        if key != "score_default" and row.get(key) is None
+    ]
+    assert missing == []
+
+
+def test_the_time_to_result_benchmark_times_steps_that_exist() -> None:
+    # A step renamed by refactoring is silently not timed (its column reads n/a).
+    from benchmarks import time_to_result
+
+    missing = []
+    for module_name, class_name, attribute, _, _ in time_to_result._TIMED:
+        owner = importlib.import_module(module_name)
+        if class_name is not None:
+            owner = getattr(owner, class_name, None)
+        found = vars(owner).get(attribute) if owner is not None else None
+        if not callable(found):
+            missing.append(f"{module_name}.{class_name or ''}.{attribute}")
+    assert missing == []
