@@ -25,6 +25,7 @@ from cj_assessment.metrics import Metrics
 from cj_assessment.repository import AssessmentRepository, AttemptRecord, StateRow
 from cj_assessment.tables import TERMINAL_STATES
 from cj_assessment.workflow_orchestrator import (
+    OFF_LOOP_MIN_ESSAYS,
     AssessmentContext,
     WorkflowOrchestrator,
     context_of,
@@ -87,6 +88,15 @@ class BatchCallbackHandler:
         self._orchestrator = orchestrator
         self._metrics = metrics
         self._contexts: dict[int, AssessmentContext] = {}
+        # The bos_batch_ids of the large assessments among the contexts read (insertion order,
+        # the oldest forgotten first, like the contexts).
+        self._large: dict[str, None] = {}
+
+    def is_large(self, bos_batch_id: str) -> bool:
+        """Whether results of this assessment were seen and it has `OFF_LOOP_MIN_ESSAYS`
+        essays or more: its iteration closes take seconds, and the consumer gives its results
+        transactions of their own, so that a close holds no other assessment's rows."""
+        return bos_batch_id in self._large
 
     async def _contexts_of(
         self, repo: AssessmentRepository, states: dict[int, StateRow]
@@ -101,8 +111,12 @@ class BatchCallbackHandler:
             uploads = await repo.uploads(missing)
             for i in missing:
                 contexts[i] = self._contexts[i] = context_of(uploads[i], states[i])
+                if uploads[i].expected_essay_count >= OFF_LOOP_MIN_ESSAYS:
+                    self._large[uploads[i].bos_batch_id] = None
             while len(self._contexts) > CONTEXTS_KEPT:
                 del self._contexts[next(iter(self._contexts))]
+            while len(self._large) > CONTEXTS_KEPT:
+                del self._large[next(iter(self._large))]
         return contexts
 
     async def handle_results(

@@ -78,6 +78,13 @@ log = structlog.get_logger(__name__)
 # the poll may not have reached the fetch that reported the partition's end.
 WATERMARK_SECONDS = 1.0
 WATERMARK_MARGIN = timedelta(seconds=2)
+# How long the loop waits for a poll's requests and large assessments' results (an iteration
+# close of a large assessment, or a 2,000-essay request, takes seconds) before it fetches the
+# next poll beside them. The rest of a poll's results are handled before the next poll, so
+# that bursts are still handled a poll per transaction.
+POLL_PATIENCE_SECONDS = 0.5
+# Requests are handled one after another, as one chain of work.
+_REQUESTS = "\x00requests"
 
 Clock = Callable[[], datetime]
 MAX_UNKNOWN_ERROR_ATTEMPTS = 3
@@ -157,20 +164,58 @@ class _RebalanceListener(ConsumerRebalanceListener):
 
 
 class HandledOffsets:
-    """Per partition, the offset past its last handled record ({tp: offset + 1}), kept until
-    it is committed."""
+    """Per partition, the records fetched and not yet handled, and the offset past the last
+    handled record ({tp: offset + 1}), kept until it is committed.
+
+    A partition commits only up to its oldest record still open: while one assessment's long
+    iteration close holds its records, later records of the same partition are handled, and
+    an offset past the open record would skip it after a restart."""
 
     def __init__(self) -> None:
         self._next: dict[TopicPartition, int] = {}
+        # Per partition: offset -> (record timestamp in ms, monotonic time it was fetched).
+        self._open: dict[TopicPartition, dict[int, tuple[int, float]]] = {}
+        # Handled and not yet committed: (offset, monotonic time fetched), in handling order.
+        self._waiting: dict[TopicPartition, list[tuple[int, float]]] = {}
+        self._taken: dict[TopicPartition, int] = {}
+        self._last_handled_ms: dict[TopicPartition, int] = {}
+
+    def fetched(self, records: Sequence[Any], at: float) -> None:
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            self._open.setdefault(tp, {})[record.offset] = (_timestamp_ms(record), at)
 
     def mark(self, records: Sequence[Any]) -> None:
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
             self._next[tp] = max(self._next.get(tp, 0), record.offset + 1)
+            self._last_handled_ms[tp] = max(self._last_handled_ms.get(tp, 0), _timestamp_ms(record))
+            opened = self._open.get(tp)
+            entry = opened.pop(record.offset, None) if opened is not None else None
+            if opened is not None and not opened:
+                del self._open[tp]
+            if entry is not None:
+                self._waiting.setdefault(tp, []).append((record.offset, entry[1]))
+
+    def open_records(self) -> int:
+        """Records fetched and not yet handled."""
+        return sum(len(offsets) for offsets in self._open.values())
+
+    def oldest_open_ms(self, tp: TopicPartition) -> int | None:
+        """The earliest timestamp among the partition's records not yet handled, if any."""
+        opened = self._open.get(tp)
+        return min(timestamp for timestamp, _ in opened.values()) if opened else None
+
+    def last_handled_ms(self, tp: TopicPartition) -> int | None:
+        return self._last_handled_ms.get(tp)
+
+    def _committable(self, tp: TopicPartition) -> int:
+        opened = self._open.get(tp)
+        return min(self._next[tp], min(opened)) if opened else self._next[tp]
 
     def pending(self) -> bool:
-        """Offsets handled and not yet committed."""
-        return bool(self._next)
+        """Offsets handled that could be committed and are not yet."""
+        return any(self._committable(tp) > self._taken.get(tp, -1) for tp in self._next)
 
     def keep(self, offsets: dict[TopicPartition, int]) -> None:
         """Offsets taken but not committed: committed with the next ones."""
@@ -180,16 +225,44 @@ class HandledOffsets:
     def take(
         self, assigned: set[TopicPartition], only: set[TopicPartition] | None = None
     ) -> dict[TopicPartition, int]:
-        """The offsets to commit now (of `only`, if given), forgotten here. Partitions no
-        longer assigned are forgotten too: taken away while their records were being handled,
-        they are the new owner's to commit, and an offset kept here would be committed should
-        the partition come back, behind what the other instance committed meanwhile."""
-        for tp in [tp for tp in self._next if tp not in assigned]:
-            del self._next[tp]
-        taken = {tp: offset for tp, offset in self._next.items() if only is None or tp in only}
-        for tp in taken:
-            del self._next[tp]
+        """The offsets to commit now (of `only`, if given), forgotten here once they reach the
+        last handled record. Partitions no longer assigned are forgotten too: taken away while
+        their records were being handled, they are the new owner's to commit, and an offset
+        kept here would be committed should the partition come back, behind what the other
+        instance committed meanwhile."""
+        for kept in (self._next, self._open, self._waiting, self._taken, self._last_handled_ms):
+            for tp in [tp for tp in kept if tp not in assigned]:
+                del kept[tp]
+        taken = {}
+        for tp in self._next:
+            if only is not None and tp not in only:
+                continue
+            offset = self._committable(tp)
+            if offset > self._taken.get(tp, -1):
+                taken[tp] = offset
+        for tp, offset in taken.items():
+            if offset >= self._next[tp]:
+                del self._next[tp]
         return taken
+
+    def committed(self, offsets: dict[TopicPartition, int]) -> list[float]:
+        """Offsets the group took: the monotonic fetch times of the handled records they
+        cover, forgotten."""
+        fetched = []
+        for tp, offset in offsets.items():
+            self._taken[tp] = max(self._taken.get(tp, -1), offset)
+            waiting = self._waiting.get(tp, [])
+            fetched += [at for record_offset, at in waiting if record_offset < offset]
+            rest = [(o, at) for o, at in waiting if o >= offset]
+            if rest:
+                self._waiting[tp] = rest
+            else:
+                self._waiting.pop(tp, None)
+        return fetched
+
+
+def _timestamp_ms(record: Any) -> int:
+    return int(getattr(record, "timestamp", 0) or 0)
 
 
 class EventConsumer:
@@ -218,6 +291,16 @@ class EventConsumer:
         # State rows decoded by earlier transactions, reused while their stored text is the same.
         self._decoded = decoded if decoded is not None else DecodedStates()
         self._handled = HandledOffsets()
+        # Work in hand: tasks handling fetched records, and per assessment (or the request
+        # chain) the latest of them, which the next records of that assessment wait for.
+        self._work: set[asyncio.Task[None]] = set()
+        self._tails: dict[str, asyncio.Task[None]] = {}
+        self._patient: set[asyncio.Task[None]] = set()  # requests and large assessments' work
+        self._slots = asyncio.Semaphore(settings.consumer_result_transactions)
+        # Large assessments' transactions, beside those: mostly waiting for the worker process.
+        self._large_slots = asyncio.Semaphore(settings.consumer_result_transactions)
+        self._halted = False  # work stopped during a transient retry: the service is stopping
+        self._failure: BaseException | None = None
         # When the oldest handled offset still uncommitted was first refused (monotonic).
         self._uncommitted_since: float | None = None
         self._watermarks_noted = float("-inf")
@@ -240,63 +323,93 @@ class EventConsumer:
             [s.topic_assessment_requested, s.topic_llm_comparison_result],
             listener=_RebalanceListener(self._metrics, self._commit_handled, consumer),
         )
+        # Records fetched and not yet handled, at most: a poll waits for room below this.
+        most_open = 2 * s.kafka_max_poll_records
         try:
-            while not stop.is_set():
+            while not stop.is_set() and not self._halted:
+                self._raise_if_failed()
+                room = most_open - self._handled.open_records()
+                if room <= 0:
+                    await self._wait_for_work(set(self._work), first=True)
+                    await self._commit_and_check(consumer)
+                    continue
                 polled_at = self._clock()
-                batch = await consumer.getmany(timeout_ms=500)
+                batch = await consumer.getmany(timeout_ms=500, max_records=room)
                 assigned = consumer.assignment()
                 records = [r for tp, rs in batch.items() if tp in assigned for r in rs]
-                if not records:
-                    if self._handled.pending():
-                        # Offsets refused before: tried again while idle, not only when the
-                        # next records come, so that a stall is measured on real attempts.
-                        await self._commit_handled(consumer)
-                        self._check_commits_progress()
-                    await self._note_watermarks(consumer, records, polled_at)
-                    continue
-                fetched = time.perf_counter()
-                self._metrics.poll_records.observe(len(records))
-                if not await self._process_poll(records, stop):
-                    return  # stopping during a transient retry: the rest is redelivered
-                await self._note_watermarks(consumer, records, polled_at)
-                committed = await self._commit_handled(consumer)
-                self._check_commits_progress()
-                if committed:
-                    waited = time.perf_counter() - fetched
-                    for _ in records:
-                        self._metrics.consume_to_commit.observe(waited)
+                if records:
+                    self._metrics.poll_records.observe(len(records))
+                    self._handled.fetched(records, time.perf_counter())
+                    started = await self._dispatch(records, stop)
+                    if started is None:
+                        break  # stopping during a dead-letter retry: the rest is redelivered
+                    # Requests and large assessments' results may take seconds: the next
+                    # poll comes in beside them, for the other assessments.
+                    if ordinary := started - self._patient:
+                        await asyncio.wait(ordinary)
+                    await self._wait_for_work(started & self._patient)
+                self._raise_if_failed()
+                await self._note_watermarks(consumer, polled_at)
+                if records or self._handled.pending():
+                    # Offsets refused before are tried again while idle too, not only when
+                    # the next records come, so that a stall is measured on real attempts.
+                    await self._commit_and_check(consumer)
         finally:
             # Stopping, perhaps with the broker away; `serve` may cancel this task at its
             # deadline, and the group is left (consumer.stop) even then.
             budget = s.shutdown_timeout_seconds / 5
             try:
+                await self._settle_work(budget)
                 await self._commit_handled(consumer, timeout=budget)
             finally:
                 try:
                     await asyncio.wait_for(consumer.stop(), timeout=budget)
                 except TimeoutError:
                     log.warning("consumer_close_timed_out")
+        self._raise_if_failed()
 
-    async def _note_watermarks(
-        self, consumer: AIOKafkaConsumer, handled: list[Any], polled_at: datetime
-    ) -> None:
+    async def _commit_and_check(self, consumer: AIOKafkaConsumer) -> None:
+        await self._commit_handled(consumer)
+        self._check_commits_progress()
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    async def _wait_for_work(self, work: set[asyncio.Task[None]], *, first: bool = False) -> None:
+        """Until `work` is done (or the first of it, with `first`), at most
+        `POLL_PATIENCE_SECONDS`."""
+        if work:
+            await asyncio.wait(
+                work,
+                timeout=POLL_PATIENCE_SECONDS,
+                return_when=asyncio.FIRST_COMPLETED if first else asyncio.ALL_COMPLETED,
+            )
+
+    async def _settle_work(self, budget: float) -> None:
+        """On the way out: work in hand gets `budget` seconds to finish (it stops at its next
+        retry, the service stopping), then is cancelled; its records are redelivered."""
+        if not self._work:
+            return
+        _, unfinished = await asyncio.wait(set(self._work), timeout=budget)
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            await asyncio.wait(unfinished, timeout=budget)
+
+    async def _note_watermarks(self, consumer: AIOKafkaConsumer, polled_at: datetime) -> None:
         """Tell the monitor, about once a second, how far each result partition this instance
-        owns has been handled: when nothing is left on it, to the poll's start or the broker's
-        report of its end, whichever is older, less a margin; else to the last handled result's
-        timestamp. The monitor times attempts out on the
-        slowest partition's clock (`StuckAssessmentMonitor.run_once`)."""
+        owns has been handled: while records fetched from it are still being handled, to just
+        before the oldest of them; when nothing is left on it, to the poll's start or the
+        broker's report of its end, whichever is older, less a margin; else to the last handled
+        result's timestamp. The monitor times attempts out on the slowest partition's clock
+        (`StuckAssessmentMonitor.run_once`)."""
         if time.monotonic() - self._watermarks_noted < WATERMARK_SECONDS:
             return
         # Noted or not, the next try waits its turn: with the database away, every idle poll
         # would otherwise wait out a connection attempt.
         self._watermarks_noted = time.monotonic()
         topic = self._settings.topic_llm_comparison_result
-        last_handled: dict[int, int] = {}
-        for record in handled:
-            if record.topic == topic:
-                last_handled[record.partition] = max(
-                    last_handled.get(record.partition, 0), record.timestamp
-                )
         moments: dict[int, datetime] = {}
         try:
             for tp in consumer.assignment():
@@ -304,16 +417,19 @@ class EventConsumer:
                 seen_ms = consumer.last_poll_timestamp(tp) if highwater is not None else None
                 if highwater is None or seen_ms is None:
                     continue  # not fetched since it was assigned: nothing known yet
+                if (oldest_open := self._handled.oldest_open_ms(tp)) is not None:
+                    moments[tp.partition] = datetime.fromtimestamp(
+                        oldest_open / 1000, UTC
+                    ) - timedelta(milliseconds=1)
+                    continue
                 position = await asyncio.wait_for(consumer.position(tp), timeout=1)
                 if position >= highwater:
                     # Handled up to the partition's end as the broker reported it: as of that
                     # report, which may predate the poll (records buffered before a pause).
                     seen = datetime.fromtimestamp(seen_ms / 1000, UTC)
                     moments[tp.partition] = min(polled_at, seen) - WATERMARK_MARGIN
-                elif tp.partition in last_handled:
-                    moments[tp.partition] = datetime.fromtimestamp(
-                        last_handled[tp.partition] / 1000, UTC
-                    )
+                elif (last_handled := self._handled.last_handled_ms(tp)) is not None:
+                    moments[tp.partition] = datetime.fromtimestamp(last_handled / 1000, UTC)
             if moments:
                 async with transaction(self._sessions) as session:
                     await AssessmentRepository(session).note_result_watermarks(topic, moments)
@@ -322,9 +438,8 @@ class EventConsumer:
 
     async def _fetch_texts(self, essays: Sequence[Any]) -> dict[str, str]:
         """The texts of essays sent without one, by storage id: each distinct id fetched once,
-        `CJ_CONTENT_FETCH_CONCURRENCY` at a time. A request's texts are fetched before the
-        poll's results are handled, so one by one a large request held up every assessment of
-        the instance (2,000 essays at 20 ms a fetch: 40 s)."""
+        `CJ_CONTENT_FETCH_CONCURRENCY` at a time: one by one, a large request's texts took
+        40 s (2,000 essays at 20 ms a fetch), and the requests after it wait for it."""
         wanted: dict[str, str] = {}  # storage id -> the first essay naming it, for errors
         for essay in essays:
             if essay.text is None:
@@ -379,6 +494,8 @@ class EventConsumer:
             # The partitions moved on; the new owner re-reads these records and its inbox
             # recognises them as handled.
             log.warning("offset_commit_skipped", error_class=type(exc).__name__)
+            self._uncommitted_since = None
+            return True
         except (KafkaError, TimeoutError) as exc:
             # The coordinator or broker is away for a moment: the next commit carries these
             # offsets too (the handling is committed in the database; a redelivery meanwhile
@@ -389,58 +506,134 @@ class EventConsumer:
             log.warning("offset_commit_deferred", error_class=type(exc).__name__)
             return False
         self._uncommitted_since = None
+        now = time.perf_counter()
+        for fetched in self._handled.committed(offsets):
+            self._metrics.consume_to_commit.observe(now - fetched)
         return True
 
-    async def _process_poll(self, records: list[Any], stop: asyncio.Event) -> bool:
+    async def _dispatch(
+        self, records: list[Any], stop: asyncio.Event
+    ) -> set[asyncio.Task[None]] | None:
+        """Hand a poll's records to work in hand, which handles them concurrently:
+        - requests one after another, after the requests of earlier polls, beside the
+          results' transactions;
+        - results by assessment in up to `CJ_CONSUMER_RESULT_TRANSACTIONS` transactions at a
+          time; a large assessment's results in a transaction of their own, in slots of their
+          own, so that its iteration close (seconds, from `OFF_LOOP_MIN_ESSAYS` essays) holds
+          no other assessment's rows or slot;
+        - results of an assessment whose earlier results are still being handled after
+          them, so that two transactions of this instance never wait for one row.
+        Returns the work started, or None if the service stopped while an unreadable result
+        was being dead-lettered."""
         results_topic = self._settings.topic_llm_comparison_result
-        results = [r for r in records if r.topic == results_topic]
-        for record in (r for r in records if r.topic != results_topic):
-            if not await self._process_one(record, stop):
-                return False
-        if not results:
-            return True
-        if not self._settings.consumer_batch_transactions:
-            for record in results:
-                if not await self._process_one(record, stop):
-                    return False
-            return True
+        requests = [r for r in records if r.topic != results_topic]
+        started = set()
+        if requests:
+            started.add(
+                self._start({_REQUESTS}, partial(self._handle_each, requests, stop), slots=None)
+            )
         decoded = []
-        poison = []
-        for record in results:
+        for record in (r for r in records if r.topic == results_topic):
             try:
                 decoded.append((record, _decode_result(record)))
             except Exception as exc:  # noqa: BLE001 - unreadable: dead-lettered, never a crash loop
                 if not await self._dead_letter(record, exc, stop):
-                    return False
-                poison.append(record)
-        groups = _by_assessment(decoded, self._settings.consumer_result_transactions)
-        # The groups' transactions overlap: while one waits for PostgreSQL, another computes.
-        # Their assessments differ, so they seldom wait for each other's row locks.
-        outcomes = await asyncio.gather(
-            *(
-                self._attempt(partial(self._handle_results, group), stop, [r for r, _ in group])
-                for group in groups
+                    return None
+                self._handled.mark([record])
+        following: dict[asyncio.Task[None], list[tuple[Any, ComparisonResultEnvelope]]] = {}
+        large: dict[str, list[tuple[Any, ComparisonResultEnvelope]]] = {}
+        rest = []
+        for item in decoded:
+            key = _assessment_key(item[1])
+            if (earlier := self._tails.get(key)) is not None:
+                following.setdefault(earlier, []).append(item)
+            elif self._callbacks.is_large(key):
+                large.setdefault(key, []).append(item)
+            else:
+                rest.append(item)
+        groups = _by_assessment(rest, self._settings.consumer_result_transactions)
+        for group in [*groups, *following.values(), *large.values()]:
+            keys = {_assessment_key(envelope) for _, envelope in group}
+            started.add(
+                self._start(
+                    keys,
+                    partial(self._handle_group, group, stop),
+                    slots=self._large_slots
+                    if all(self._callbacks.is_large(key) for key in keys)
+                    else self._slots,
+                )
             )
-        )
-        if any(outcome is _Stopped for outcome in outcomes):
-            return False
-        failed = sorted(
-            (
-                record
-                for group, outcome in zip(groups, outcomes, strict=True)
-                if isinstance(outcome, BaseException)
-                for record, _ in group
-            ),
-            key=lambda record: (record.partition, record.offset),
-        )
-        # A record of a failed group cannot be stored: one transaction per record, in offset
-        # order, so that only it is dead-lettered and no offset passes an unhandled record.
-        for record in failed:
+        return started
+
+    def _start(
+        self,
+        keys: set[str],
+        work: Callable[[], Awaitable[None]],
+        *,
+        slots: asyncio.Semaphore | None,
+    ) -> asyncio.Task[None]:
+        """Run `work` once the work in hand on any of `keys` is done, holding one of `slots`
+        (None: the request chain, one transaction at a time by itself). Large assessments'
+        work has slots of its own, so that their closes (which take the worker process one
+        at a time, see `WorkflowOrchestrator._computed`) leave the others' slots free."""
+        earlier = {self._tails[key] for key in keys if key in self._tails}
+        task = asyncio.create_task(self._after(earlier, work, slots))
+        self._work.add(task)
+        if slots is not self._slots:
+            self._patient.add(task)
+        for key in keys:
+            self._tails[key] = task
+        task.add_done_callback(partial(self._work_done, keys))
+        return task
+
+    async def _after(
+        self,
+        earlier: set[asyncio.Task[None]],
+        work: Callable[[], Awaitable[None]],
+        slots: asyncio.Semaphore | None,
+    ) -> None:
+        if earlier:
+            await asyncio.wait(earlier)
+        if slots is None:
+            await work()
+            return
+        async with slots:
+            await work()
+
+    def _work_done(self, keys: set[str], task: asyncio.Task[None]) -> None:
+        self._work.discard(task)
+        self._patient.discard(task)
+        for key in keys:
+            if self._tails.get(key) is task:
+                del self._tails[key]
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Only the dead-letter path raises (a broker refusing the copy): the service
+            # stops rather than let a partition pass a record that is nowhere.
+            self._failure = self._failure or exc
+
+    async def _handle_group(
+        self, group: list[tuple[Any, ComparisonResultEnvelope]], stop: asyncio.Event
+    ) -> None:
+        records = [record for record, _ in group]
+        if not self._settings.consumer_batch_transactions:
+            await self._handle_each(records, stop)
+            return
+        outcome = await self._attempt(partial(self._handle_results, group), stop, records)
+        if outcome is _Stopped:
+            self._halted = True
+            return
+        if isinstance(outcome, BaseException):
+            # A record of the group cannot be stored: one transaction per record, in offset
+            # order, so that only it is dead-lettered and no offset passes an unhandled record.
+            await self._handle_each(sorted(records, key=lambda r: (r.partition, r.offset)), stop)
+            return
+        self._handled.mark(records)
+
+    async def _handle_each(self, records: list[Any], stop: asyncio.Event) -> None:
+        for record in records:
             if not await self._process_one(record, stop):
-                return False
-        self._handled.mark([r for r, _ in decoded])
-        self._handled.mark(poison)
-        return True
+                self._halted = True
+                return
 
     async def _process_one(self, record: Any, stop: asyncio.Event) -> bool:
         outcome = await self._attempt(lambda: self._process_record(record), stop, [record])
@@ -778,17 +971,21 @@ async def _duplicate(repo: AssessmentRepository, now: datetime) -> str:
     return "duplicate"
 
 
+def _assessment_key(envelope: ComparisonResultEnvelope) -> str:
+    """The assessment a result belongs to, as the echoed request metadata names it; a result
+    without it goes by its correlation id, which can only cost a lock wait."""
+    result = envelope.data
+    return str((result.request_metadata or {}).get("bos_batch_id") or result.correlation_id)
+
+
 def _by_assessment(
     decoded: list[tuple[Any, ComparisonResultEnvelope]], count: int
 ) -> list[list[tuple[Any, ComparisonResultEnvelope]]]:
-    """Split a poll's results into at most `count` groups, each assessment's results in one
-    group and in arrival order. The assessment is read from the echoed request metadata; a
-    result without it lands by its correlation id, which can only cost a lock wait."""
+    """Split results into at most `count` groups, each assessment's results in one group and
+    in arrival order."""
     groups: list[list[tuple[Any, ComparisonResultEnvelope]]] = [[] for _ in range(count)]
     for record, envelope in decoded:
-        result = envelope.data
-        key = (result.request_metadata or {}).get("bos_batch_id") or result.correlation_id
-        groups[hash(str(key)) % count].append((record, envelope))
+        groups[hash(_assessment_key(envelope)) % count].append((record, envelope))
     return [group for group in groups if group]
 
 

@@ -74,8 +74,10 @@ class Settings(BaseSettings):
         2,
         ge=1,
         le=8,
-        description="Concurrent transactions a poll's results are split into, by assessment"
-        " (1: one transaction per poll)",
+        description="Concurrent transactions a poll's results are split into, by assessment,"
+        " and the most that run at a time (1: one transaction per poll); requests are handled"
+        " one at a time beside them;"
+        " large assessments' results take as many again of their own",
     )
     consumer_batch_transactions: bool = Field(
         True, description="Handle a poll's results in one transaction (false: one per record)"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 
 import structlog
@@ -22,6 +22,7 @@ from cj_assessment.outbox import OutboxRelay
 from cj_assessment.retention import Retention
 from cj_assessment.settings import Settings
 from cj_assessment.topics import BrokerPartitions
+from cj_assessment.workers import WorkerProcess
 from cj_assessment.workflow_orchestrator import WorkflowOrchestrator
 
 log = structlog.get_logger(__name__)
@@ -91,10 +92,16 @@ class ServiceProvider(Provider):
         return BatchProcessor(settings, metrics)
 
     @provide
+    def worker(self) -> Iterator[WorkerProcess]:
+        worker = WorkerProcess()
+        yield worker
+        worker.close()
+
+    @provide
     def orchestrator(
-        self, settings: Settings, batches: BatchProcessor, metrics: Metrics
+        self, settings: Settings, batches: BatchProcessor, metrics: Metrics, worker: WorkerProcess
     ) -> WorkflowOrchestrator:
-        return WorkflowOrchestrator(settings, batches, metrics)
+        return WorkflowOrchestrator(settings, batches, metrics, worker)
 
     @provide
     def callbacks(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import structlog
@@ -56,21 +56,29 @@ from cj_assessment.repository import AssessmentRepository, Comparisons, OutboxRo
 from cj_assessment.scoring_ranking import ScoringResult, score_judgements
 from cj_assessment.settings import Settings
 from cj_assessment.tables import CJBatchUpload
+from cj_assessment.workers import WorkerThread
 
 log = structlog.get_logger(__name__)
 
 _Result = TypeVar("_Result")
 
-# From this many essays, scoring and pair generation run on a worker thread. They take
-# seconds at the largest sizes (scoring 2,000 essays: 2-10 s, longest with few judgements),
-# and on the event loop that would stall the relay, the group heartbeat, the HTTP probes and
-# the rest of the poll. Below it they take milliseconds, less than a thread hand-off is worth.
+# From this many essays, scoring and pair generation run on the worker (a child process in
+# `serve`, see `workers.py`). They take seconds at the largest sizes (scoring 2,000 essays:
+# 2-10 s, longest with few judgements), and on the event loop that would stall the relay, the
+# group heartbeat, the HTTP probes and the rest of the poll. Below it they take milliseconds,
+# less than the hand-off is worth.
 OFF_LOOP_MIN_ESSAYS = 200
 # They run inside the transaction that holds the assessment's row, and queue for the worker
 # one at a time. Ended by the connections' idle limit
 # (CJ_DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS), the poll would be retried, computed again
 # and ended again, for ever; such a transaction may pause this long instead.
 LARGE_CLOSE_IDLE_LIMIT_SECONDS = 600.0
+
+
+class Worker(Protocol):
+    """Where large computations run, off the event loop (`workers.WorkerProcess` in `serve`)."""
+
+    async def run(self, compute: Callable[[], _Result]) -> _Result: ...
 
 
 @dataclass(frozen=True)
@@ -109,8 +117,15 @@ def context_of(upload: CJBatchUpload, state: StateRow) -> AssessmentContext:
 
 
 class WorkflowOrchestrator:
-    def __init__(self, settings: Settings, batch_processor: BatchProcessor, metrics: Metrics):
+    def __init__(
+        self,
+        settings: Settings,
+        batch_processor: BatchProcessor,
+        metrics: Metrics,
+        worker: Worker | None = None,
+    ):
         self._settings = settings
+        self._worker = worker if worker is not None else WorkerThread()
         # One large computation at a time: two at once took twice as long each (the cores
         # are shared with PostgreSQL, the broker and the interpreter lock) and held both
         # dense posteriors in memory, so the first to start would finish no sooner.
@@ -281,14 +296,14 @@ class WorkflowOrchestrator:
     async def _computed(
         self, repo: AssessmentRepository, essays: int, compute: Callable[[], _Result]
     ) -> _Result:
-        """``compute()``, for large assessments on a worker thread, one at a time, in a
+        """``compute()``, for large assessments on the worker, one at a time, in a
         transaction allowed to pause that long (see OFF_LOOP_MIN_ESSAYS)."""
         if essays < OFF_LOOP_MIN_ESSAYS:
             return compute()
         if self._large_close_idle_limit > 0:
             await repo.allow_idle(self._large_close_idle_limit)
         async with self._off_loop:
-            return await asyncio.to_thread(compute)
+            return await self._worker.run(compute)
 
     async def _plan_next_iteration(
         self,

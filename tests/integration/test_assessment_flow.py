@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from cj_assessment.pipeline_client import request_envelope
+from cj_assessment import workflow_orchestrator
+from cj_assessment.pipeline_client import request_envelope, sleep_until
 from cj_assessment.samples import SAMPLE_INSTRUCTIONS, load_sample_essays
 from cj_assessment.simulated_judge import latent_quality
 from tests.support.harness import provider_config, running_system, system_settings
+from tests.support.slow_scoring import noted, slow_when_large
 
 SENTINEL = "SENTINEL-5e1f-aa07"
+# Long enough for a small assessment to go from request to completed event meanwhile.
+LARGE_CLOSE_SECONDS = 15.0
 
 
 def _essays(n: int) -> dict[str, str]:
@@ -364,3 +371,40 @@ async def test_with_an_idempotent_producer_on_real_kafka_an_assessment_completes
         await system.submit(request_envelope(bos_batch_id="idempotent", essays=_essays(10)))
         await system.watcher.wait_for(["idempotent"], timeout=90, settle=1.0)
         assert len(system.watcher.outcomes_for("idempotent")) == 1
+
+
+async def test_a_small_assessment_completes_while_a_large_ones_iteration_close_is_scoring(
+    kafka_bootstrap: str,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    # A large close takes seconds. The consumer used to handle a poll completely before it
+    # fetched the next, and scoring on a thread of the service starved its event loop: every
+    # other assessment of the instance waited for the close.
+    marker = str(tmp_path / "large-close")
+    monkeypatch.setattr(
+        workflow_orchestrator,
+        "score_judgements",
+        partial(slow_when_large, marker, LARGE_CLOSE_SECONDS),
+    )
+    settings = system_settings(kafka_bootstrap, database_url)
+    large = _essays(workflow_orchestrator.OFF_LOOP_MIN_ESSAYS)
+    async with running_system(settings, provider_config(settings)) as system:
+        # One iteration of 300 comparisons, then the budget ends it: one (slow) close.
+        await system.submit(
+            request_envelope(bos_batch_id="large", essays=large, metadata={"max_comparisons": 300})
+        )
+
+        async def large_close_started() -> bool:
+            return bool(noted(marker, "started"))
+
+        assert await sleep_until(large_close_started, timeout=120)
+        await system.submit(request_envelope(bos_batch_id="small", essays=_essays(6)))
+        await system.watcher.wait_for(["small"], timeout=LARGE_CLOSE_SECONDS)
+        small_done = time.time()
+        await system.watcher.wait_for(["large"], timeout=60, settle=1.0)
+    assert small_done < noted(marker, "ended")[0]
+    for bos_batch_id in ("small", "large"):
+        outcomes = system.watcher.outcomes_for(bos_batch_id)
+        assert [e["event_type"] for e in outcomes] == [settings.topic_assessment_completed]

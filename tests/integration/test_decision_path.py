@@ -4,10 +4,13 @@ is sent, timed out and decided when answers, timeouts and monitors interleave.""
 from __future__ import annotations
 
 import asyncio
+import math
+import os
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import pytest
@@ -17,7 +20,9 @@ from cj_assessment import workflow_orchestrator
 from cj_assessment.assessment_request import OUTCOME_FIXED_BYTES, outcome_bytes_bound
 from cj_assessment.contracts import ErrorDetail, LLMComparisonResultV1, TokenUsage
 from cj_assessment.database import create_engine, session_factory, transaction
+from cj_assessment.errors import TransientError
 from cj_assessment.settings import Settings
+from cj_assessment.workers import WorkerProcess
 from tests.support.decision_path import DecisionPath, at
 
 
@@ -809,3 +814,53 @@ async def test_large_closes_in_concurrent_transactions_are_scored_one_at_a_time(
     iterations = await path.rows("SELECT current_iteration FROM cj_batch_states")
     assert sorted(i[0] for i in iterations) == [2, 2]
     assert most[0] == 1
+
+
+async def test_the_callback_handler_knows_an_assessment_as_large_once_it_handled_its_results(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    # The consumer gives a large assessment's results transactions of their own, so that its
+    # seconds-long iteration closes hold no other assessment's rows.
+    path = decision_path()
+    await path.start("large", workflow_orchestrator.OFF_LOOP_MIN_ESSAYS, at(0))
+    await path.start("small", 6, at(0))
+    assert not path.callbacks.is_large("large")
+    await path.answer([(a, True) for a in await path.in_flight()], at(1))
+    assert path.callbacks.is_large("large")
+    assert not path.callbacks.is_large("small")
+
+
+async def test_a_large_close_is_scored_and_planned_in_the_worker_process(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    # `serve` computes large closes in a child process, so that the interpreter lock is not
+    # shared with the event loop; the inputs and results cross the process boundary.
+    essays = workflow_orchestrator.OFF_LOOP_MIN_ESSAYS
+    worker = WorkerProcess()
+    try:
+        path = decision_path(worker=worker)
+        await path.start("large", essays, at(0))
+        sent = await path.in_flight()
+        await path.answer([(a, True) for a in sent], at(10))
+        state = await path.state()
+        planned = [a for a in await path.in_flight() if a.iteration == 2]
+        scores = await path.rows(
+            "SELECT count(*) FROM cj_processed_essays WHERE current_bt_score IS NOT NULL"
+        )
+    finally:
+        worker.close()
+    assert state.current_iteration == 2
+    assert len(planned) == essays // 2
+    assert len({e for a in planned for e in (a.essay_a_els_id, a.essay_b_els_id)}) == essays
+    assert scores[0][0] == essays
+
+
+async def test_a_worker_process_that_died_is_a_transient_error_and_is_started_again() -> None:
+    worker = WorkerProcess()
+    try:
+        assert await worker.run(partial(math.sqrt, 16.0)) == 4.0
+        with pytest.raises(TransientError):
+            await worker.run(partial(os._exit, 1))
+        assert await worker.run(partial(math.sqrt, 9.0)) == 3.0
+    finally:
+        worker.close()

@@ -24,7 +24,7 @@ from cj_assessment.outbox import HELD_SECONDS, wait_from_publication
 from cj_assessment.repository import AssessmentRepository, DecodedStates
 from cj_assessment.retention import Retention
 from cj_assessment.settings import Settings
-from cj_assessment.workflow_orchestrator import NewAssessment, WorkflowOrchestrator
+from cj_assessment.workflow_orchestrator import NewAssessment, Worker, WorkflowOrchestrator
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -57,14 +57,20 @@ class DecisionPath:
 
     @classmethod
     def build(
-        cls, sessions: async_sessionmaker[AsyncSession], database_url: str, **settings: Any
+        cls,
+        sessions: async_sessionmaker[AsyncSession],
+        database_url: str,
+        *,
+        worker: Worker | None = None,
+        **settings: Any,
     ) -> DecisionPath:
         """One matching per iteration and no stopping on stability, unless `settings` say
-        otherwise: small iterations whose end the tests choose."""
+        otherwise: small iterations whose end the tests choose. Large computations run on a
+        thread unless a `worker` is given."""
         defaults = {"matchings_per_iteration": 1, "enable_stability_checking": False}
         s = Settings(database_url=database_url, log_level="WARNING", **(defaults | settings))
         metrics = Metrics()
-        orchestrator = WorkflowOrchestrator(s, BatchProcessor(s, metrics), metrics)
+        orchestrator = WorkflowOrchestrator(s, BatchProcessor(s, metrics), metrics, worker)
         callbacks = BatchCallbackHandler(orchestrator, metrics)
         return cls(s, sessions, orchestrator, callbacks, metrics, DecodedStates())
 

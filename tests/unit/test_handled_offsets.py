@@ -23,6 +23,7 @@ class Record:
     topic: str
     partition: int
     offset: int
+    timestamp: int = 0
 
 
 def test_each_partition_commits_past_its_last_handled_record_once() -> None:
@@ -47,6 +48,47 @@ def test_an_offset_of_a_partition_taken_away_is_never_committed_later() -> None:
     # Back again after the other instance committed 501: 101 must not be committed.
     handled.mark([Record("results", 1, 2)])
     assert handled.take({A, B}) == {B: 3}
+
+
+def test_a_partition_commits_only_up_to_its_oldest_record_still_being_handled() -> None:
+    handled = HandledOffsets()
+    handled.fetched([Record("results", 0, o) for o in range(10, 15)], at=0.0)
+    # 10 waits behind a long iteration close while the later records are handled.
+    handled.mark([Record("results", 0, o) for o in range(11, 15)])
+    offsets = handled.take({A})
+    assert offsets == {A: 10}
+    handled.committed(offsets)
+    assert not handled.pending()
+    assert handled.take({A}) == {}
+    handled.mark([Record("results", 0, 10)])
+    assert handled.pending()
+    assert handled.take({A}) == {A: 15}
+
+
+def test_the_oldest_open_record_bounds_the_partitions_watermark() -> None:
+    handled = HandledOffsets()
+    handled.fetched(
+        [Record("results", 0, 1, timestamp=5_000), Record("results", 0, 2, timestamp=4_000)],
+        at=0.0,
+    )
+    handled.mark([Record("results", 0, 1, timestamp=5_000)])
+    assert handled.oldest_open_ms(A) == 4_000
+    assert handled.last_handled_ms(A) == 5_000
+    handled.mark([Record("results", 0, 2, timestamp=4_000)])
+    assert handled.oldest_open_ms(A) is None
+    assert handled.open_records() == 0
+
+
+def test_committed_offsets_report_when_their_records_were_fetched() -> None:
+    handled = HandledOffsets()
+    handled.fetched([Record("results", 0, 0), Record("results", 0, 1)], at=7.0)
+    handled.mark([Record("results", 0, 1)])
+    offsets = handled.take({A})
+    assert offsets == {A: 0}
+    assert handled.committed(offsets) == []
+    handled.mark([Record("results", 0, 0)])
+    offsets = handled.take({A})
+    assert handled.committed(offsets) == [7.0, 7.0]
 
 
 def test_offsets_not_committed_are_committed_with_the_next_ones() -> None:

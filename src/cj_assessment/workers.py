@@ -1,0 +1,69 @@
+"""workers: where the computations of large assessments run, off the event loop.
+
+Scoring 2,000 essays takes seconds of numpy and LAPACK calls, many of which keep the
+interpreter lock. On a thread of the service's own process that starved the event loop: with
+the scoring on a worker thread, a 10 ms ticker on the loop ran 85 times in 3.9 s instead of
+390, so every other assessment's transactions, the relay and the probes crawled for the
+whole close. In a child process the same scoring took as long and the loop ran 378 times.
+
+The process is started on first use (from the `forkserver` context, so it inherits no
+threads, sockets or open transactions of the service) and started again when it dies: a
+computation whose process died raises `TransientError`, and the record that needed it is
+retried."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
+
+import structlog
+
+from cj_assessment.errors import TransientError
+
+log = structlog.get_logger(__name__)
+
+_Result = TypeVar("_Result")
+
+
+class WorkerThread:
+    """Runs callables on a thread of this process: for tests, whose stand-ins for the core's
+    functions need not be picklable. The interpreter lock stays shared with the loop."""
+
+    async def run(self, compute: Callable[[], _Result]) -> _Result:
+        return await asyncio.to_thread(compute)
+
+    def close(self) -> None:
+        pass
+
+
+class WorkerProcess:
+    """Runs picklable callables in one child process, one at a time (what `serve` uses)."""
+
+    def __init__(self, start_method: str = "forkserver") -> None:
+        self._start_method = start_method
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def run(self, compute: Callable[[], _Result]) -> _Result:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context(self._start_method)
+            )
+        pool = self._pool
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, compute)
+        except BrokenProcessPool as exc:
+            # Killed (out of memory, a signal): the next computation starts a fresh one.
+            if self._pool is pool:
+                self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+            log.warning("worker_process_died")
+            raise TransientError("the worker process for large computations died") from exc
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
