@@ -83,8 +83,8 @@ WATERMARK_MARGIN = timedelta(seconds=2)
 # next poll beside them. The rest of a poll's results are handled before the next poll, so
 # that bursts are still handled a poll per transaction.
 POLL_PATIENCE_SECONDS = 0.5
-# Requests are handled one after another, as one chain of work.
-_REQUESTS = "\x00requests"
+# Requests of one batch are handled one after another, as one chain of work per batch.
+_REQUESTS = "\x00requests:"
 
 Clock = Callable[[], datetime]
 MAX_UNKNOWN_ERROR_ATTEMPTS = 3
@@ -299,6 +299,7 @@ class EventConsumer:
         self._slots = asyncio.Semaphore(settings.consumer_result_transactions)
         # Large assessments' transactions, beside those: mostly waiting for the worker process.
         self._large_slots = asyncio.Semaphore(settings.consumer_result_transactions)
+        self._request_slots = asyncio.Semaphore(settings.consumer_result_transactions)
         self._halted = False  # work stopped during a transient retry: the service is stopping
         self._failure: BaseException | None = None
         # When the oldest handled offset still uncommitted was first refused (monotonic).
@@ -439,7 +440,7 @@ class EventConsumer:
     async def _fetch_texts(self, essays: Sequence[Any]) -> dict[str, str]:
         """The texts of essays sent without one, by storage id: each distinct id fetched once,
         `CJ_CONTENT_FETCH_CONCURRENCY` at a time: one by one, a large request's texts took
-        40 s (2,000 essays at 20 ms a fetch), and the requests after it wait for it."""
+        40 s (2,000 essays at 20 ms a fetch)."""
         wanted: dict[str, str] = {}  # storage id -> the first essay naming it, for errors
         for essay in essays:
             if essay.text is None:
@@ -515,8 +516,9 @@ class EventConsumer:
         self, records: list[Any], stop: asyncio.Event
     ) -> set[asyncio.Task[None]] | None:
         """Hand a poll's records to work in hand, which handles them concurrently:
-        - requests one after another, after the requests of earlier polls, beside the
-          results' transactions;
+        - requests of one batch one after another, after its requests of earlier polls;
+          requests of different batches side by side, in slots of their own (a 2,000-essay
+          request takes seconds to start, and the requests behind it are others' batches);
         - results by assessment in up to `CJ_CONSUMER_RESULT_TRANSACTIONS` transactions at a
           time; a large assessment's results in a transaction of their own, in slots of their
           own, so that its iteration close (seconds, from `OFF_LOOP_MIN_ESSAYS` essays) holds
@@ -526,12 +528,13 @@ class EventConsumer:
         Returns the work started, or None if the service stopped while an unreadable result
         was being dead-lettered."""
         results_topic = self._settings.topic_llm_comparison_result
-        requests = [r for r in records if r.topic != results_topic]
-        started = set()
-        if requests:
-            started.add(
-                self._start({_REQUESTS}, partial(self._handle_each, requests, stop), slots=None)
-            )
+        chains: dict[str, list[Any]] = {}
+        for record in (r for r in records if r.topic != results_topic):
+            chains.setdefault(_request_chain(record), []).append(record)
+        started = {
+            self._start({key}, partial(self._handle_each, chain, stop), slots=self._request_slots)
+            for key, chain in chains.items()
+        }
         decoded = []
         for record in (r for r in records if r.topic == results_topic):
             try:
@@ -570,12 +573,12 @@ class EventConsumer:
         keys: set[str],
         work: Callable[[], Awaitable[None]],
         *,
-        slots: asyncio.Semaphore | None,
+        slots: asyncio.Semaphore,
     ) -> asyncio.Task[None]:
-        """Run `work` once the work in hand on any of `keys` is done, holding one of `slots`
-        (None: the request chain, one transaction at a time by itself). Large assessments'
-        work has slots of its own, so that their closes (which take the worker process one
-        at a time, see `WorkflowOrchestrator._computed`) leave the others' slots free."""
+        """Run `work` once the work in hand on any of `keys` is done, holding one of `slots`.
+        Requests and large assessments' work have slots of their own, so that a request's
+        start or a large close (which takes the worker process one at a time, see
+        `WorkflowOrchestrator._computed`) leaves the other results' slots free."""
         earlier = {self._tails[key] for key in keys if key in self._tails}
         task = asyncio.create_task(self._after(earlier, work, slots))
         self._work.add(task)
@@ -590,13 +593,10 @@ class EventConsumer:
         self,
         earlier: set[asyncio.Task[None]],
         work: Callable[[], Awaitable[None]],
-        slots: asyncio.Semaphore | None,
+        slots: asyncio.Semaphore,
     ) -> None:
         if earlier:
             await asyncio.wait(earlier)
-        if slots is None:
-            await work()
-            return
         async with slots:
             await work()
 
@@ -969,6 +969,19 @@ class EventConsumer:
 
 async def _duplicate(repo: AssessmentRepository, now: datetime) -> str:
     return "duplicate"
+
+
+def _request_chain(record: Any) -> str:
+    """The chain of work a request joins: its batch's, so that a repeat finds the assessment
+    the first one created (run side by side, the second would fail on the batch's unique
+    key). A request whose batch cannot be read joins the chain of all such requests."""
+    try:
+        envelope, _ = _request_envelope(record)
+        data = envelope.data
+        identity = bos_batch_id_of(data) if isinstance(data, dict) else None
+    except Exception:  # noqa: BLE001 - unreadable: its own handling dead-letters it
+        identity = None
+    return _REQUESTS + (identity or "")
 
 
 def _assessment_key(envelope: ComparisonResultEnvelope) -> str:

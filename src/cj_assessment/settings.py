@@ -75,9 +75,8 @@ class Settings(BaseSettings):
         ge=1,
         le=8,
         description="Concurrent transactions a poll's results are split into, by assessment,"
-        " and the most that run at a time (1: one transaction per poll); requests are handled"
-        " one at a time beside them;"
-        " large assessments' results take as many again of their own",
+        " and the most that run at a time (1: one transaction per poll); as many requests of"
+        " different batches, and as many large assessments' transactions, run beside them",
     )
     consumer_batch_transactions: bool = Field(
         True, description="Handle a poll's results in one transaction (false: one per record)"

@@ -135,6 +135,49 @@ async def test_a_requests_texts_are_fetched_once_per_storage_id_several_at_a_tim
     assert dict(stored) == {f"e{k}": texts[f"doc-{k // 2}"] for k in range(12)}
 
 
+async def test_a_request_whose_texts_are_slow_to_fetch_holds_up_no_other_batchs_request(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    # A 2,000-essay request takes seconds to fetch and start; the requests behind it are
+    # mostly other batches', which used to wait for it.
+    asked, released = asyncio.Event(), asyncio.Event()
+    texts = dict(enumerate(_essays(6).values()))
+
+    async def get(request: web.Request) -> web.Response:
+        asked.set()
+        await released.wait()
+        return web.Response(text=texts[int(request.match_info["key"])])
+
+    slow = request_envelope(bos_batch_id="slow", essays={f"e{k}": "x" for k in texts})
+    for k, essay in enumerate(slow["data"]["essays_for_cj"]):
+        essay.pop("text")
+        essay["text_storage_id"] = str(k)
+    async with _served("/v1/content/{key}", get) as origin:
+        settings = system_settings(
+            kafka_bootstrap,
+            database_url,
+            content_service_url=f"{origin}/v1/content",
+            content_fetch_timeout_seconds=60,
+        )
+        async with running_system(settings, provider_config(settings)) as system:
+            # The repeat of the slow batch must wait for it, not fail beside it.
+            await system.submit(slow, slow | {"event_id": "repeat-of-slow"})
+            await asyncio.wait_for(asked.wait(), timeout=30)
+            await system.submit(request_envelope(bos_batch_id="quick", essays=_essays(6)))
+            await system.watcher.wait_for(["quick"], timeout=30)
+            assert system.watcher.outcomes_for("slow") == []
+            released.set()
+            await system.watcher.wait_for(["slow"], timeout=60, settle=1.0)
+            inbox = await system.rows(
+                "SELECT outcome, count(*) FROM cj_event_inbox WHERE topic = :t GROUP BY outcome",
+                t=settings.topic_assessment_requested,
+            )
+    for bos_batch_id in ("quick", "slow"):
+        outcomes = system.watcher.outcomes_for(bos_batch_id)
+        assert [e["event_type"] for e in outcomes] == [settings.topic_assessment_completed]
+    assert dict(inbox) == {"handled": 2, "duplicate": 1}
+
+
 @pytest.mark.parametrize(
     "storage_id", ["..", ".", "../../admin", "a/b", "doc?page=2", "doc#1", "50%25 off", "é ü"]
 )
