@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -13,6 +14,7 @@ from sqlalchemy import text
 from cj_assessment.content import HttpContentClient
 from cj_assessment.embedded import free_port
 from cj_assessment.pipeline_client import request_envelope, sleep_until
+from cj_assessment.settings import Settings
 from tests.integration.test_assessment_flow import _essays
 from tests.support.harness import provider_config, running_system, system_settings
 
@@ -49,6 +51,17 @@ async def _served(route: str, handler: Handler) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def _content_settings(
+    handler: Handler, kafka_bootstrap: str, database_url: str, **overrides: Any
+) -> AsyncIterator[Settings]:
+    """Test settings whose Content Service answers with `handler`, while it serves."""
+    async with _served("/v1/content/{key}", handler) as origin:
+        yield system_settings(
+            kafka_bootstrap, database_url, content_service_url=f"{origin}/v1/content", **overrides
+        )
 
 
 def _by_reference(envelope: dict, drop_text: set[str]) -> dict:
@@ -116,19 +129,17 @@ async def test_a_requests_texts_are_fetched_once_per_storage_id_several_at_a_tim
     for k, essay in enumerate(envelope["data"]["essays_for_cj"]):
         essay.pop("text")
         essay["text_storage_id"] = f"doc-{k // 2}"
-    async with _served("/v1/content/{key}", get) as origin:
-        settings = system_settings(
-            kafka_bootstrap,
-            database_url,
-            content_service_url=f"{origin}/v1/content",
-            content_fetch_concurrency=4,
+    async with (
+        _content_settings(
+            get, kafka_bootstrap, database_url, content_fetch_concurrency=4
+        ) as settings,
+        running_system(settings, provider_config(settings)) as system,
+    ):
+        await system.submit(envelope)
+        outcome = (await system.watcher.wait_for(["shared"], timeout=60))["shared"]
+        stored = await system.rows(
+            "SELECT els_essay_id, assessment_input_text FROM cj_processed_essays"
         )
-        async with running_system(settings, provider_config(settings)) as system:
-            await system.submit(envelope)
-            outcome = (await system.watcher.wait_for(["shared"], timeout=60))["shared"]
-            stored = await system.rows(
-                "SELECT els_essay_id, assessment_input_text FROM cj_processed_essays"
-            )
     assert outcome["data"]["status"] == "completed_successfully"
     assert hits == dict.fromkeys(texts, 1)
     assert 1 < most[0] <= 4
@@ -141,37 +152,32 @@ async def test_a_request_whose_texts_are_slow_to_fetch_holds_up_no_other_batchs_
     # A 2,000-essay request takes seconds to fetch and start; the requests behind it are
     # mostly other batches', which used to wait for it.
     asked, released = asyncio.Event(), asyncio.Event()
-    texts = dict(enumerate(_essays(6).values()))
+    essays = _essays(6)
 
     async def get(request: web.Request) -> web.Response:
         asked.set()
         await released.wait()
-        return web.Response(text=texts[int(request.match_info["key"])])
+        return web.Response(text=essays[request.match_info["key"].removeprefix("inline-")])
 
-    slow = request_envelope(bos_batch_id="slow", essays={f"e{k}": "x" for k in texts})
-    for k, essay in enumerate(slow["data"]["essays_for_cj"]):
-        essay.pop("text")
-        essay["text_storage_id"] = str(k)
-    async with _served("/v1/content/{key}", get) as origin:
-        settings = system_settings(
-            kafka_bootstrap,
-            database_url,
-            content_service_url=f"{origin}/v1/content",
-            content_fetch_timeout_seconds=60,
+    slow = _by_reference(request_envelope(bos_batch_id="slow", essays=essays), set(essays))
+    async with (
+        _content_settings(
+            get, kafka_bootstrap, database_url, content_fetch_timeout_seconds=60
+        ) as settings,
+        running_system(settings, provider_config(settings)) as system,
+    ):
+        # The repeat of the slow batch must wait for it, not fail beside it.
+        await system.submit(slow, slow | {"event_id": "repeat-of-slow"})
+        await asyncio.wait_for(asked.wait(), timeout=30)
+        await system.submit(request_envelope(bos_batch_id="quick", essays=essays))
+        await system.watcher.wait_for(["quick"], timeout=30)
+        assert system.watcher.outcomes_for("slow") == []
+        released.set()
+        await system.watcher.wait_for(["slow"], timeout=60, settle=1.0)
+        inbox = await system.rows(
+            "SELECT outcome, count(*) FROM cj_event_inbox WHERE topic = :t GROUP BY outcome",
+            t=settings.topic_assessment_requested,
         )
-        async with running_system(settings, provider_config(settings)) as system:
-            # The repeat of the slow batch must wait for it, not fail beside it.
-            await system.submit(slow, slow | {"event_id": "repeat-of-slow"})
-            await asyncio.wait_for(asked.wait(), timeout=30)
-            await system.submit(request_envelope(bos_batch_id="quick", essays=_essays(6)))
-            await system.watcher.wait_for(["quick"], timeout=30)
-            assert system.watcher.outcomes_for("slow") == []
-            released.set()
-            await system.watcher.wait_for(["slow"], timeout=60, settle=1.0)
-            inbox = await system.rows(
-                "SELECT outcome, count(*) FROM cj_event_inbox WHERE topic = :t GROUP BY outcome",
-                t=settings.topic_assessment_requested,
-            )
     for bos_batch_id in ("quick", "slow"):
         outcomes = system.watcher.outcomes_for(bos_batch_id)
         assert [e["event_type"] for e in outcomes] == [settings.topic_assessment_completed]
