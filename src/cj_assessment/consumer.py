@@ -183,13 +183,13 @@ class HandledOffsets:
     def fetched(self, records: Sequence[Any], at: float) -> None:
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
-            self._open.setdefault(tp, {})[record.offset] = (_timestamp_ms(record), at)
+            self._open.setdefault(tp, {})[record.offset] = (record.timestamp, at)
 
     def mark(self, records: Sequence[Any]) -> None:
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
             self._next[tp] = max(self._next.get(tp, 0), record.offset + 1)
-            self._last_handled_ms[tp] = max(self._last_handled_ms.get(tp, 0), _timestamp_ms(record))
+            self._last_handled_ms[tp] = max(self._last_handled_ms.get(tp, 0), record.timestamp)
             opened = self._open.get(tp)
             entry = opened.pop(record.offset, None) if opened is not None else None
             if opened is not None and not opened:
@@ -259,10 +259,6 @@ class HandledOffsets:
             else:
                 self._waiting.pop(tp, None)
         return fetched
-
-
-def _timestamp_ms(record: Any) -> int:
-    return int(getattr(record, "timestamp", 0) or 0)
 
 
 class EventConsumer:
