@@ -77,6 +77,8 @@ _EP_MIN_SPREAD = 1e-3
 _EP_MIN_PRECISION = 1e-10
 _HERMITE_NODES, _HERMITE_WEIGHTS = np.polynomial.hermite_e.hermegauss(32)
 _HERMITE_WEIGHTS = _HERMITE_WEIGHTS / _HERMITE_WEIGHTS.sum()
+_HERMITE_FIRST = _HERMITE_WEIGHTS * _HERMITE_NODES
+_HERMITE_SECOND = _HERMITE_FIRST * _HERMITE_NODES
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.intp]
@@ -540,19 +542,43 @@ def _prior_fixed_point(gaussian: _Gaussian, n: int, prior_variance: float) -> tu
 def _tilted_moments(
     edges: _Edges, cavity_mean: FloatArray, cavity_variance: FloatArray
 ) -> tuple[FloatArray, FloatArray]:
-    """Mean and variance of σ(x)^wins σ(−x)^losses · N(x; cavity) by Gauss–Hermite quadrature."""
+    """Mean and variance of σ(x)^wins σ(−x)^losses · N(x; cavity) by Gauss–Hermite quadrature.
+
+    The moments are taken in standard units of the cavity, x = m + s·z, so the three sums
+    over the nodes are one matrix product each: E z = Σ wᵢ Lᵢ zᵢ / Σ wᵢ Lᵢ, and so on.
+    Most edges hold one judgement, whose likelihood is a single σ(±x); the others are
+    weighted in log space, shifted by their largest node so that none underflows.
+    """
     spread = np.sqrt(cavity_variance)
     points = cavity_mean[:, None] + spread[:, None] * _HERMITE_NODES[None, :]
+    likelihood = np.empty_like(points)
+    single = edges.total == 1.0
+    sign = np.where(edges.a_wins > 0.0, 1.0, -1.0)
+    ones = np.flatnonzero(single)
+    likelihood[ones] = expit(points[ones] * sign[ones, None])
+    others = np.flatnonzero(~single)
+    if others.size:
+        likelihood[others] = _shifted_likelihood(edges, others, points[others])
+    total = likelihood @ _HERMITE_WEIGHTS
+    # A single σ(±x) underflows only with the whole cavity hundreds of logits on its
+    # losing side; those rows are weighted in log space too.
+    lost = np.flatnonzero(~(total > 1e-280))
+    if lost.size:
+        likelihood[lost] = _shifted_likelihood(edges, lost, points[lost])
+        total[lost] = likelihood[lost] @ _HERMITE_WEIGHTS
+    first = (likelihood @ _HERMITE_FIRST) / total
+    second = (likelihood @ _HERMITE_SECOND) / total
+    mean = cavity_mean + spread * first
+    return mean, np.maximum(cavity_variance * (second - first * first), 1e-12)
+
+
+def _shifted_likelihood(edges: _Edges, rows: IntArray, points: FloatArray) -> FloatArray:
+    """σ(x)^wins σ(−x)^losses of the given edges at their nodes, up to a factor per row."""
     # log σ(−x) = log σ(x) − x: one log-sigmoid for both outcomes.
-    log_likelihood = edges.total[:, None] * log_expit(points)
-    log_likelihood -= (edges.total - edges.a_wins)[:, None] * points
+    log_likelihood = edges.total[rows, None] * log_expit(points)
+    log_likelihood -= (edges.total[rows] - edges.a_wins[rows])[:, None] * points
     log_likelihood -= log_likelihood.max(axis=1, keepdims=True)
-    weights = _HERMITE_WEIGHTS[None, :] * np.exp(log_likelihood)
-    weights /= weights.sum(axis=1, keepdims=True)
-    mean = np.einsum("ij,ij->i", weights, points)
-    points -= mean[:, None]
-    variance = np.einsum("ij,ij,ij->i", weights, points, points)
-    return mean, np.maximum(variance, 1e-12)
+    return np.exp(log_likelihood)
 
 
 def _clamp(value: float, low: float, high: float) -> float:

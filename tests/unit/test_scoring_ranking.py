@@ -523,3 +523,40 @@ def test_outcomes_without_orientation_report_no_position_bias() -> None:
 def test_invalid_judgements_raise_value_error(judgements: list[tuple[str, str, bool]]) -> None:
     with pytest.raises(ValueError):
         score_judgements(["a", "b"], judgements)
+
+
+def test_expectation_propagations_tilted_moments_match_direct_integration() -> None:
+    # One judgement per edge takes a shortcut (a single sigmoid), repeated pairs go through
+    # log space, and a cavity hundreds of logits on the losing side would underflow the
+    # shortcut: each is checked against the moments integrated on a fine grid.
+    from cj_assessment import scoring_ranking
+
+    shown_a = np.array([0, 1, 2, 3, 0, 0, 4, 5])
+    shown_b = np.array([1, 2, 3, 4, 2, 2, 5, 0])
+    a_won = np.array([True, False, True, False, True, False, True, False])
+    edges = scoring_ranking._aggregate_edges(shown_a, shown_b, a_won, 6)
+    rng = np.random.default_rng(3)
+    cavity_mean = rng.normal(0.0, 2.0, edges.a.size)
+    cavity_variance = rng.uniform(0.05, 4.0, edges.a.size)
+    single = np.flatnonzero(edges.total == 1.0)
+    losing_side = -800.0 * np.where(edges.a_wins[single[0]] > 0, 1.0, -1.0)
+    cavity_mean[single[0]] = losing_side
+    cavity_variance[single[0]] = 1.0
+    assert np.any(edges.total > 1.0)
+
+    mean, variance = scoring_ranking._tilted_moments(edges, cavity_mean, cavity_variance)
+
+    for k in range(edges.a.size):
+        spread = math.sqrt(cavity_variance[k])
+        x = np.linspace(cavity_mean[k] - 12 * spread, cavity_mean[k] + 12 * spread, 200_001)
+        log_density = (
+            -0.5 * ((x - cavity_mean[k]) / spread) ** 2
+            - edges.a_wins[k] * np.logaddexp(0.0, -x)
+            - (edges.total[k] - edges.a_wins[k]) * np.logaddexp(0.0, x)
+        )
+        density = np.exp(log_density - log_density.max())
+        expected_mean = float(np.sum(density * x) / density.sum())
+        expected_variance = float(np.sum(density * (x - expected_mean) ** 2) / density.sum())
+        assert np.isfinite(mean[k]) and np.isfinite(variance[k])
+        assert mean[k] == pytest.approx(expected_mean, abs=1e-6 * max(1.0, spread))
+        assert variance[k] == pytest.approx(expected_variance, rel=1e-5)
