@@ -293,6 +293,10 @@ class BatchCallbackHandler:
             disposition=disposition,
             integrity_failure=_contradicts_pair(attempt, result),
         )
+        # The outcome it came too late for was published without it, and retention
+        # (CJ_TEXT_RETENTION_SECONDS) may have erased the assessment's texts already: a late
+        # answer keeps its verdict, tokens and cost, not the judge's words about the essays.
+        attempt.justification = None
         # Its siblings share this map: a sibling answered later in the same poll sees it.
         attempt.siblings[attempt.attempt] = attempt.status
         attempt.is_late = True

@@ -197,7 +197,8 @@ class Metrics:
         )
         self.rows_pruned = Counter(
             "cj_rows_pruned_total",
-            "Outbox and inbox rows deleted after their retention",
+            "Rows deleted after their retention (outbox, inbox, unmatched); for texts, the"
+            " assessments whose texts were erased",
             ["table"],
             registry=r,
         )

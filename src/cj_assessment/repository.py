@@ -335,6 +335,25 @@ _PRUNE_UNMATCHED = text(
     " FOR UPDATE SKIP LOCKED))"
 )
 
+# Texts of finished assessments: the assessments are chosen through the partial index
+# (ix_cj_batch_uploads_texts_due), oldest first; their essays and attempts are then found by
+# their assessment's id in an array, which keeps the index scans of the generic plan.
+_TEXTS_DUE = text(
+    "SELECT id FROM cj_batch_uploads WHERE completed_at < :before AND completed_at IS NOT NULL"
+    " AND texts_erased_at IS NULL ORDER BY completed_at LIMIT :limit FOR UPDATE SKIP LOCKED"
+)
+_ERASE_ESSAY_TEXTS = text(
+    "UPDATE cj_processed_essays SET assessment_input_text = ''"
+    " WHERE cj_batch_id = ANY(CAST(:ids AS bigint[])) AND assessment_input_text <> ''"
+)
+_ERASE_JUSTIFICATIONS = text(
+    "UPDATE cj_comparison_pairs SET justification = NULL"
+    " WHERE cj_batch_id = ANY(CAST(:ids AS bigint[])) AND justification IS NOT NULL"
+)
+_TEXTS_ERASED = text(
+    "UPDATE cj_batch_uploads SET essay_instructions = NULL, texts_erased_at = now()"
+    " WHERE id = ANY(CAST(:ids AS bigint[]))"
+)
 
 # An attempt with one of these statuses has its winner, or may still get one.
 _ALIVE = frozenset(
@@ -697,6 +716,18 @@ class AssessmentRepository:
         """Delete up to `limit` unmatched results received before `before`."""
         result = await self.session.execute(_PRUNE_UNMATCHED, {"before": before, "limit": limit})
         return int(result.rowcount)  # type: ignore[attr-defined]
+
+    async def erase_texts(self, before: datetime, limit: int) -> int:
+        """Erase the texts of up to `limit` assessments finished before `before`: their essays'
+        text, their instructions and the judge's justifications; the number of assessments."""
+        ids = list(
+            (await self.session.execute(_TEXTS_DUE, {"before": before, "limit": limit})).scalars()
+        )
+        if ids:
+            await self.session.execute(_ERASE_ESSAY_TEXTS, {"ids": ids})
+            await self.session.execute(_ERASE_JUSTIFICATIONS, {"ids": ids})
+            await self.session.execute(_TEXTS_ERASED, {"ids": ids})
+        return len(ids)
 
     # --- uploads and essays ---------------------------------------------------------------
 

@@ -214,6 +214,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Stored unmatched results older than this are deleted (0 keeps)",
     )
+    text_retention_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="Essay texts, instructions and justifications of assessments finished this"
+        " long ago are erased; ids, judgements and scores stay (0 keeps)",
+    )
 
     # LLM defaults forwarded to the provider
     # Bounded as a request's own overrides are (CONTRACT §4): every request inherits these,

@@ -52,6 +52,16 @@ class CJBatchUpload(Base):
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When retention erased the texts of this finished assessment (migration 0010).
+    texts_erased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index(
+            "ix_cj_batch_uploads_texts_due",
+            "completed_at",
+            postgresql_where=text("completed_at IS NOT NULL AND texts_erased_at IS NULL"),
+        ),
+    )
 
 
 class CJProcessedEssay(Base):

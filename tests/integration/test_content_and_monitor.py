@@ -270,6 +270,50 @@ async def test_monitor_prunes_delivery_bookkeeping_and_unmatched_results_after_r
     assert len(system.watcher.outcomes_for("pruned")) == 1
 
 
+async def test_monitor_erases_a_finished_assessments_texts_and_a_repeat_is_still_a_duplicate(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    settings = system_settings(
+        kafka_bootstrap, database_url, monitor_interval_seconds=0.3, text_retention_seconds=1.0
+    )
+    essays = _essays(6)
+    async with running_system(settings, provider_config(settings)) as system:
+        await system.submit(request_envelope(bos_batch_id="erased", essays=essays))
+        await system.watcher.wait_for(["erased"], timeout=60)
+
+        async def erased() -> bool:
+            rows = await system.rows("SELECT texts_erased_at IS NOT NULL FROM cj_batch_uploads")
+            return bool(rows[0][0])
+
+        assert await sleep_until(erased, timeout=60)
+        essay_rows = await system.rows(
+            "SELECT count(*) FILTER (WHERE assessment_input_text <> ''),"
+            " count(*) FILTER (WHERE rank IS NOT NULL AND current_bt_score IS NOT NULL)"
+            " FROM cj_processed_essays"
+        )
+        attempt_rows = await system.rows(
+            "SELECT count(justification), count(*) FILTER (WHERE winner IN ('essay_a', 'essay_b'))"
+            " FROM cj_comparison_pairs"
+        )
+        await system.submit(request_envelope(bos_batch_id="erased", essays=essays))
+
+        async def repeated() -> bool:
+            rows = await system.rows(
+                "SELECT count(*) FROM cj_event_inbox WHERE topic = :t AND outcome = 'duplicate'",
+                t=settings.topic_assessment_requested,
+            )
+            return bool(rows[0][0] == 1)
+
+        assert await sleep_until(repeated, timeout=60)
+        uploads = await system.rows("SELECT count(*) FROM cj_batch_uploads")
+    # The texts went; ranks, scores and verdicts stay, and the upload row still makes a repeated
+    # request a duplicate rather than a second paid run.
+    assert essay_rows == [(0, 6)]
+    assert attempt_rows[0][0] == 0 and attempt_rows[0][1] > 0
+    assert uploads[0][0] == 1
+    assert len(system.watcher.outcomes_for("erased")) == 1
+
+
 async def test_a_configured_url_with_a_space_or_an_umlaut_is_encoded_once() -> None:
     async def get(request: web.Request) -> web.Response:
         return web.Response(text=request.path)  # decoded once by the server

@@ -178,3 +178,28 @@ async def test_unmatched_results_get_their_prune_index_and_lose_it_on_downgrade(
 
     await asyncio.to_thread(command.upgrade, config, "head")
     assert await _rows(database_url, query) == [(True,)]
+
+
+async def test_finished_assessments_get_their_text_erasure_column_and_index_and_lose_them(
+    database_url: str,
+) -> None:
+    config = _alembic_config(database_url)
+    index = (
+        "SELECT i.indisvalid, pg_get_expr(i.indpred, i.indrelid) FROM pg_index i"
+        " JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = 'ix_cj_batch_uploads_texts_due'"
+    )
+    column = (
+        "SELECT count(*) FROM information_schema.columns"
+        " WHERE table_name = 'cj_batch_uploads' AND column_name = 'texts_erased_at'"
+    )
+    due = [(True, "((completed_at IS NOT NULL) AND (texts_erased_at IS NULL))")]
+    assert await _rows(database_url, index) == due
+    assert await _rows(database_url, column) == [(1,)]
+
+    await asyncio.to_thread(command.downgrade, config, "0009")
+    assert await _rows(database_url, index) == []
+    assert await _rows(database_url, column) == [(0,)]
+
+    await asyncio.to_thread(command.upgrade, config, "head")
+    assert await _rows(database_url, index) == due
+    assert await _rows(database_url, column) == [(1,)]

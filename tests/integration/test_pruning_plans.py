@@ -10,7 +10,13 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from cj_assessment.repository import _PRUNE_INBOX, _PRUNE_OUTBOX, _PRUNE_UNMATCHED
+from cj_assessment.repository import (
+    _ERASE_JUSTIFICATIONS,
+    _PRUNE_INBOX,
+    _PRUNE_OUTBOX,
+    _PRUNE_UNMATCHED,
+    _TEXTS_DUE,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 ROWS = 100_000  # one in a thousand past retention, in random places
@@ -64,3 +70,62 @@ async def test_a_prune_reads_the_rows_it_deletes_not_the_table(
         await engine.dispose()
     assert "Seq Scan" not in plan, plan
     assert "Tid Scan" in plan, plan
+
+
+async def test_erasing_texts_reads_the_assessments_due_and_their_attempts_not_the_tables(
+    database_url: str,
+) -> None:
+    # Steady state: most finished assessments erased long ago, some finished recently, some
+    # running, one in a thousand due; an attempt or two each.
+    due = "g % 1000 = 0"
+    uploads = (
+        "INSERT INTO cj_batch_uploads (id, bos_batch_id, event_correlation_id,"
+        " llm_config_overrides, expected_essay_count, status, completed_at, texts_erased_at)"
+        " SELECT g, 'b' || g, 'c', '{}', 2, 'COMPLETED',"
+        f" CASE WHEN g % 10 = 1 THEN NULL WHEN {due} THEN CAST(:t0 AS timestamptz)"
+        "  ELSE CAST(:t0 AS timestamptz) + (g % 7200) * interval '1 s' END,"
+        f" CASE WHEN g % 2 = 0 AND NOT {due} THEN CAST(:t0 AS timestamptz) END"
+        " FROM generate_series(1, :n) g ORDER BY random()"
+    )
+    attempts = (
+        "INSERT INTO cj_comparison_pairs (cj_batch_id, comparison_id, request_correlation_id,"
+        " essay_a_els_id, essay_b_els_id, iteration, attempt, submission_batch_id, status,"
+        " is_late, justification) SELECT 1 + g % :n, gen_random_uuid(), gen_random_uuid(), 'e1',"
+        " 'e2', 1, 1, gen_random_uuid(), 'succeeded', false, 'why'"
+        " FROM generate_series(1, 2 * :n) g"
+    )
+    engine = create_async_engine(database_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text(uploads), {"t0": T0, "n": ROWS})
+            await conn.execute(text(attempts), {"n": ROWS})
+            await conn.execute(text("VACUUM ANALYZE cj_batch_uploads"))
+            await conn.execute(text("VACUUM ANALYZE cj_comparison_pairs"))
+            chosen = _TEXTS_DUE.text.replace(":before", "$1").replace(":limit", "$2")
+            erase = _ERASE_JUSTIFICATIONS.text.replace(":ids", "$1")
+            await conn.exec_driver_sql(f"PREPARE due(timestamptz, int) AS {chosen}")
+            await conn.exec_driver_sql(f"PREPARE erase(bigint[]) AS {erase}")
+            before = (T0 + timedelta(minutes=30)).isoformat()
+            for _ in range(6):  # the sixth runs the generic plans
+                await conn.exec_driver_sql("BEGIN")
+                due_plan = "\n".join(
+                    (
+                        await conn.exec_driver_sql(
+                            f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE due('{before}', 10)"
+                        )
+                    ).scalars()
+                )
+                erase_plan = "\n".join(
+                    (
+                        await conn.exec_driver_sql(
+                            "EXPLAIN (ANALYZE, BUFFERS) EXECUTE erase('{1000,2000,3000}')"
+                        )
+                    ).scalars()
+                )
+                await conn.exec_driver_sql("ROLLBACK")
+    finally:
+        await engine.dispose()
+    assert "Seq Scan" not in due_plan, due_plan
+    assert "ix_cj_batch_uploads_texts_due" in due_plan, due_plan
+    assert "Seq Scan" not in erase_plan, erase_plan
+    assert "ix_cj_comparison_pairs_batch_status" in erase_plan, erase_plan

@@ -199,3 +199,91 @@ async def test_pruning_stops_at_its_limit(sessions: async_sessionmaker[AsyncSess
         rounds = [await repo.prune_inbox(NOW, 3) for _ in range(4)]
 
     assert rounds == [3, 3, 1, 0]
+
+
+async def test_erasing_texts_takes_only_assessments_finished_before_the_cutoff_and_keeps_ids(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    batch = uuid.uuid4()
+    async with sessions() as session, session.begin():
+        repo = AssessmentRepository(session)
+        ids = {name: await _assessment(repo, name) for name in ("old", "recent", "running")}
+        for cj_batch_id in ids.values():
+            await repo.insert_attempts(cj_batch_id, [_attempt("e1", "e2", batch)])
+        await session.execute(
+            text(
+                "UPDATE cj_comparison_pairs SET winner = 'essay_a', status = 'succeeded',"
+                " justification = 'e1 quotes its sources'"
+            )
+        )
+        await session.execute(text("UPDATE cj_batch_uploads SET essay_instructions = 'Argue.'"))
+        await repo.finish_upload(ids["old"], status="COMPLETED", now=NOW - timedelta(days=31))
+        await repo.finish_upload(ids["recent"], status="FAILED", now=NOW - timedelta(days=1))
+        # Running for ever so long: only a finished assessment's texts are done with.
+        await session.execute(
+            text("UPDATE cj_batch_uploads SET created_at = :at WHERE id = :id"),
+            {"at": NOW - timedelta(days=60), "id": ids["running"]},
+        )
+    cutoff = NOW - timedelta(days=30)
+
+    async with sessions() as session, session.begin():
+        repo = AssessmentRepository(session)
+        erased = [await repo.erase_texts(cutoff, 10), await repo.erase_texts(cutoff, 10)]
+        essays = (
+            await session.execute(
+                text(
+                    "SELECT u.bos_batch_id, e.els_essay_id, e.assessment_input_text"
+                    " FROM cj_processed_essays e JOIN cj_batch_uploads u ON u.id = e.cj_batch_id"
+                    " ORDER BY 1, 2"
+                )
+            )
+        ).all()
+        attempts = (
+            await session.execute(
+                text(
+                    "SELECT u.bos_batch_id, p.winner, p.justification FROM cj_comparison_pairs p"
+                    " JOIN cj_batch_uploads u ON u.id = p.cj_batch_id ORDER BY 1"
+                )
+            )
+        ).all()
+        uploads = (
+            await session.execute(
+                text(
+                    "SELECT bos_batch_id, essay_instructions, texts_erased_at IS NOT NULL"
+                    " FROM cj_batch_uploads ORDER BY 1"
+                )
+            )
+        ).all()
+
+    assert erased == [1, 0]
+    assert [tuple(r) for r in essays if r[0] == "old"] == [
+        ("old", "e1", ""),
+        ("old", "e2", ""),
+        ("old", "e3", ""),
+    ]
+    assert {r[2] for r in essays if r[0] != "old"} == {"text of e1", "text of e2", "text of e3"}
+    assert [tuple(r) for r in attempts] == [
+        ("old", "essay_a", None),
+        ("recent", "essay_a", "e1 quotes its sources"),
+        ("running", "essay_a", "e1 quotes its sources"),
+    ]
+    assert [tuple(r) for r in uploads] == [
+        ("old", None, True),
+        ("recent", "Argue.", False),
+        ("running", "Argue.", False),
+    ]
+
+
+async def test_erasing_texts_stops_at_its_limit_of_assessments(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    async with sessions() as session, session.begin():
+        repo = AssessmentRepository(session)
+        for k in range(3):
+            cj_batch_id = await _assessment(repo, f"done-{k}")
+            await repo.finish_upload(cj_batch_id, status="COMPLETED", now=NOW - timedelta(days=9))
+    async with sessions() as session, session.begin():
+        repo = AssessmentRepository(session)
+        rounds = [await repo.erase_texts(NOW, 2) for _ in range(3)]
+
+    assert rounds == [2, 1, 0]
