@@ -551,19 +551,16 @@ def _tilted_moments(
     """
     spread = np.sqrt(cavity_variance)
     points = cavity_mean[:, None] + spread[:, None] * _HERMITE_NODES[None, :]
-    likelihood = np.empty_like(points)
-    single = edges.total == 1.0
     sign = np.where(edges.a_wins > 0.0, 1.0, -1.0)
-    ones = np.flatnonzero(single)
-    likelihood[ones] = expit(points[ones] * sign[ones, None])
-    others = np.flatnonzero(~single)
+    likelihood = expit(points * sign[:, None])
+    others = np.flatnonzero(edges.total != 1.0)
     if others.size:
         likelihood[others] = _shifted_likelihood(edges, others, points[others])
     total = likelihood @ _HERMITE_WEIGHTS
     # A single σ(±x) underflows only with the whole cavity hundreds of logits on its
     # losing side; those rows are weighted in log space too.
-    lost = np.flatnonzero(~(total > 1e-280))
-    if lost.size:
+    if not total.min() > 1e-280:
+        lost = np.flatnonzero(~(total > 1e-280))
         likelihood[lost] = _shifted_likelihood(edges, lost, points[lost])
         total[lost] = likelihood[lost] @ _HERMITE_WEIGHTS
     first = (likelihood @ _HERMITE_FIRST) / total
