@@ -64,6 +64,14 @@ class WorkerProcess:
             raise TransientError("the worker process for large computations died") from exc
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        """Stop the child at once. Whatever it still computes belongs to a transaction being
+        abandoned (its record is redelivered), and the interpreter would wait for it at exit:
+        a large close takes seconds, beyond the shutdown's deadline on a slow machine."""
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        # No public way to stop a pool's processes before Python 3.14 (terminate_workers).
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()

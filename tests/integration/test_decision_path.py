@@ -21,6 +21,7 @@ from cj_assessment.assessment_request import OUTCOME_FIXED_BYTES, outcome_bytes_
 from cj_assessment.contracts import ErrorDetail, LLMComparisonResultV1, TokenUsage
 from cj_assessment.database import create_engine, session_factory, transaction
 from cj_assessment.errors import TransientError
+from cj_assessment.pipeline_client import sleep_until
 from cj_assessment.settings import Settings
 from cj_assessment.workers import WorkerProcess
 from tests.support.decision_path import DecisionPath, at
@@ -864,3 +865,32 @@ async def test_a_worker_process_that_died_is_a_transient_error_and_is_started_ag
         assert await worker.run(partial(math.sqrt, 9.0)) == 3.0
     finally:
         worker.close()
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_closing_the_worker_stops_a_computation_it_is_still_running() -> None:
+    # At shutdown the transaction that waits for the computation is abandoned; the
+    # interpreter would otherwise wait for the child at exit, as long as a large close takes.
+    worker = WorkerProcess()
+    try:
+        child = await worker.run(os.getpid)
+        computing = asyncio.create_task(worker.run(partial(time.sleep, 60.0)))
+        await asyncio.sleep(0.5)
+        computing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await computing
+    finally:
+        worker.close()
+
+    async def stopped() -> bool:
+        return not _running(child)
+
+    assert await sleep_until(stopped, timeout=10.0)
