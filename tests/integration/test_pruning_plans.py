@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from cj_assessment.repository import (
     _ERASE_JUSTIFICATIONS,
@@ -20,6 +20,22 @@ from cj_assessment.repository import (
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 ROWS = 100_000  # one in a thousand past retention, in random places
+
+
+async def _generic_plans(conn: AsyncConnection, *executions: str) -> list[str]:
+    """EXPLAIN ANALYZE of each prepared statement's EXECUTE on its sixth run, the first on
+    the generic plan; every run is rolled back."""
+    plans: list[str] = []
+    for _ in range(6):
+        await conn.exec_driver_sql("BEGIN")
+        plans = [
+            "\n".join(
+                (await conn.exec_driver_sql(f"EXPLAIN (ANALYZE, BUFFERS) {execution}")).scalars()
+            )
+            for execution in executions
+        ]
+        await conn.exec_driver_sql("ROLLBACK")
+    return plans
 
 
 @pytest.mark.parametrize(
@@ -56,16 +72,7 @@ async def test_a_prune_reads_the_rows_it_deletes_not_the_table(
             sql = statement.text.replace(":before", "$1").replace(":limit", "$2")  # type: ignore[attr-defined]
             await conn.exec_driver_sql(f"PREPARE prune(timestamptz, int) AS {sql}")
             before = (T0 + timedelta(minutes=30)).isoformat()
-            for _ in range(6):  # the sixth runs the generic plan
-                await conn.exec_driver_sql("BEGIN")
-                plan = "\n".join(
-                    (
-                        await conn.exec_driver_sql(
-                            f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE prune('{before}', 5000)"
-                        )
-                    ).scalars()
-                )
-                await conn.exec_driver_sql("ROLLBACK")
+            (plan,) = await _generic_plans(conn, f"EXECUTE prune('{before}', 5000)")
     finally:
         await engine.dispose()
     assert "Seq Scan" not in plan, plan
@@ -106,23 +113,9 @@ async def test_erasing_texts_reads_the_assessments_due_and_their_attempts_not_th
             await conn.exec_driver_sql(f"PREPARE due(timestamptz, int) AS {chosen}")
             await conn.exec_driver_sql(f"PREPARE erase(bigint[]) AS {erase}")
             before = (T0 + timedelta(minutes=30)).isoformat()
-            for _ in range(6):  # the sixth runs the generic plans
-                await conn.exec_driver_sql("BEGIN")
-                due_plan = "\n".join(
-                    (
-                        await conn.exec_driver_sql(
-                            f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE due('{before}', 10)"
-                        )
-                    ).scalars()
-                )
-                erase_plan = "\n".join(
-                    (
-                        await conn.exec_driver_sql(
-                            "EXPLAIN (ANALYZE, BUFFERS) EXECUTE erase('{1000,2000,3000}')"
-                        )
-                    ).scalars()
-                )
-                await conn.exec_driver_sql("ROLLBACK")
+            due_plan, erase_plan = await _generic_plans(
+                conn, f"EXECUTE due('{before}', 10)", "EXECUTE erase('{1000,2000,3000}')"
+            )
     finally:
         await engine.dispose()
     assert "Seq Scan" not in due_plan, due_plan
