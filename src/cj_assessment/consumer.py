@@ -331,7 +331,11 @@ class EventConsumer:
                     await self._commit_and_check(consumer)
                     continue
                 polled_at = self._clock()
-                batch = await consumer.getmany(timeout_ms=500, max_records=room)
+                # A poll is a transaction's worth: never more than the setting, even with
+                # room for two.
+                batch = await consumer.getmany(
+                    timeout_ms=500, max_records=min(room, s.kafka_max_poll_records)
+                )
                 assigned = consumer.assignment()
                 records = [r for tp, rs in batch.items() if tp in assigned for r in rs]
                 if records:

@@ -21,6 +21,7 @@ from cj_assessment.embedded import EmbeddedPostgres
 from cj_assessment.errors import TransientError
 from cj_assessment.pipeline_client import request_envelope, sleep_until
 from cj_assessment.settings import Settings
+from cj_assessment.topics import ensure_topics, service_topics
 from tests.integration.test_assessment_flow import _essays
 from tests.support.harness import RunningSystem, provider_config, running_system, system_settings
 from tests.support.replaying_judge import (
@@ -512,3 +513,45 @@ async def test_a_transaction_frozen_while_holding_locks_is_ended_and_holds_up_no
 def _metrics_text(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         return response.read().decode()
+
+
+async def test_a_poll_takes_no_more_records_than_configured(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    # CJ_KAFKA_MAX_POLL_RECORDS bounds a poll, and with it the transactions it is handled in,
+    # also while there is room for twice as many records in hand.
+    settings = system_settings(kafka_bootstrap, database_url, kafka_max_poll_records=10)
+    await ensure_topics(settings.kafka_bootstrap_servers, service_topics(settings), 3)
+    results = 60
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        for _ in range(results):
+            envelope = {
+                "event_id": str(uuid.uuid4()),
+                "event_type": settings.topic_llm_comparison_result,
+                "event_timestamp": "2026-01-01T12:00:00Z",
+                "source_service": "llm_provider_service",
+                "schema_version": 1,
+                "correlation_id": str(uuid.uuid4()),
+                "data": {"correlation_id": str(uuid.uuid4()), "winner": "Essay A"},
+            }
+            await producer.send(settings.topic_llm_comparison_result, json.dumps(envelope).encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+    async with running_system(settings, None) as system:
+
+        async def all_stored() -> bool:
+            rows = await system.rows("SELECT count(*) FROM cj_unmatched_results")
+            return bool(rows[0][0] == results)
+
+        assert await sleep_until(all_stored, timeout=60)
+        metrics = await asyncio.to_thread(_metrics_text, settings.http_port)
+    polls = {
+        line.split()[0]: float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith("cj_poll_records_")
+    }
+    assert polls["cj_poll_records_sum"] == results
+    assert polls['cj_poll_records_bucket{le="10.0"}'] == polls["cj_poll_records_count"]
