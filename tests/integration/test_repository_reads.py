@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -287,3 +288,28 @@ async def test_erasing_texts_stops_at_its_limit_of_assessments(
         rounds = [await repo.erase_texts(NOW, 2) for _ in range(3)]
 
     assert rounds == [2, 1, 0]
+
+
+async def test_two_instances_erase_texts_side_by_side_without_waiting_or_overlap(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    async with sessions() as session, session.begin():
+        repo = AssessmentRepository(session)
+        for k in range(3):
+            cj_batch_id = await _assessment(repo, f"done-{k}")
+            await repo.finish_upload(cj_batch_id, status="COMPLETED", now=NOW - timedelta(days=9))
+    async with sessions() as first, first.begin():
+        taken_first = await AssessmentRepository(first).erase_texts(NOW, 1)
+        # The other instance's monitor, while the first transaction is still open.
+        async with sessions() as second, second.begin():
+            taken_second = await asyncio.wait_for(
+                AssessmentRepository(second).erase_texts(NOW, 10), timeout=10
+            )
+    async with sessions() as session:
+        left = (
+            await session.execute(
+                text("SELECT count(*) FROM cj_batch_uploads WHERE texts_erased_at IS NULL")
+            )
+        ).scalar_one()
+
+    assert (taken_first, taken_second, left) == (1, 2, 0)
