@@ -240,8 +240,17 @@ class Span:
         return (self.end - self.start).total_seconds()
 
 
-# (module, class or None, attribute, span name, size of the call from (args, result))
-_TIMED: list[tuple[str, str | None, str, str, Any]] = [
+def _computed(args: Any) -> str:
+    """The span of `WorkflowOrchestrator._computed(repo, essays, compute)`: "bt" for scoring,
+    "pairs" for pair generation."""
+    compute = args[3]
+    name = getattr(getattr(compute, "func", compute), "__name__", "")
+    return {"score_judgements": "bt", "generate_pairs": "pairs"}.get(name, "compute")
+
+
+# (module, class or None, attribute, span name (or a function of the call's arguments giving
+# it), size of the call from (args, result))
+_TIMED: list[tuple[str, str | None, str, Any, Any]] = [
     ("cj_assessment.consumer", "EventConsumer", "_handle_results", "txn", lambda a, r: len(a[1])),
     (
         "cj_assessment.workflow_orchestrator",
@@ -250,7 +259,10 @@ _TIMED: list[tuple[str, str | None, str, str, Any]] = [
         "score",
         None,
     ),
-    ("cj_assessment.workflow_orchestrator", None, "score_judgements", "bt", None),
+    # Scoring and pairing are timed where the orchestrator hands them over: from 200 essays
+    # they run in the worker process, which takes only picklable module-level functions (a
+    # wrapper in their place would fail every large assessment's start and close).
+    ("cj_assessment.workflow_orchestrator", "WorkflowOrchestrator", "_computed", _computed, None),
     (
         "cj_assessment.workflow_orchestrator",
         "WorkflowOrchestrator",
@@ -258,7 +270,6 @@ _TIMED: list[tuple[str, str | None, str, str, Any]] = [
         "plan",
         None,
     ),
-    ("cj_assessment.workflow_orchestrator", None, "generate_pairs", "pairs", None),
     ("cj_assessment.batch_processor", "BatchProcessor", "release", "release", None),
     ("cj_assessment.outbox", "OutboxRelay", "publish_pending", "relay", lambda a, r: r),
 ]
@@ -288,7 +299,10 @@ def timed_internals(spans: list[Span]) -> Iterator[None]:
             setattr(owner, attribute, original)
 
 
-def _timing_wrapper(original: Any, name: str, size: Any, spans: list[Span]) -> Any:
+def _timing_wrapper(original: Any, name: Any, size: Any, spans: list[Span]) -> Any:
+    def span_name(args: Any) -> str:
+        return name(args) if callable(name) else str(name)
+
     if inspect.iscoroutinefunction(original):
 
         @functools.wraps(original)
@@ -300,7 +314,7 @@ def _timing_wrapper(original: Any, name: str, size: Any, spans: list[Span]) -> A
                 return result
             finally:
                 n = _size(size, args, result)
-                spans.append(Span(name, start, datetime.now(UTC), n))
+                spans.append(Span(span_name(args), start, datetime.now(UTC), n))
 
         return timed_async
 
@@ -312,7 +326,7 @@ def _timing_wrapper(original: Any, name: str, size: Any, spans: list[Span]) -> A
             result = original(*args, **kwargs)
             return result
         finally:
-            spans.append(Span(name, start, datetime.now(UTC), _size(size, args, result)))
+            spans.append(Span(span_name(args), start, datetime.now(UTC), _size(size, args, result)))
 
     return timed
 

@@ -45,3 +45,20 @@ def test_the_time_to_result_benchmark_times_steps_that_exist() -> None:
         if not callable(found):
             missing.append(f"{module_name}.{class_name or ''}.{attribute}")
     assert missing == []
+
+
+def test_the_time_to_result_benchmark_leaves_the_worker_processes_computations_picklable() -> None:
+    # From 200 essays scoring and pairing run in a worker process, which takes them by
+    # reference: a timing wrapper in their place failed every 500-essay start with a
+    # PicklingError, and the benchmark's 500-essay rows timed out.
+    import pickle
+    from functools import partial
+
+    from benchmarks import time_to_result
+    from cj_assessment import workflow_orchestrator
+
+    with time_to_result.timed_internals([]):
+        scoring = workflow_orchestrator.score_judgements
+        pairing = workflow_orchestrator.generate_pairs
+        for compute in (scoring, pairing):
+            pickle.dumps(partial(compute, ["e1", "e2"]))
