@@ -275,14 +275,19 @@ async def test_erasing_texts_takes_only_assessments_finished_before_the_cutoff_a
     ]
 
 
+async def _finished_long_ago(sessions: async_sessionmaker[AsyncSession], count: int) -> None:
+    """`count` assessments completed nine days before NOW."""
+    async with sessions() as session, session.begin():
+        repo = AssessmentRepository(session)
+        for k in range(count):
+            cj_batch_id = await _assessment(repo, f"done-{k}")
+            await repo.finish_upload(cj_batch_id, status="COMPLETED", now=NOW - timedelta(days=9))
+
+
 async def test_erasing_texts_stops_at_its_limit_of_assessments(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    async with sessions() as session, session.begin():
-        repo = AssessmentRepository(session)
-        for k in range(3):
-            cj_batch_id = await _assessment(repo, f"done-{k}")
-            await repo.finish_upload(cj_batch_id, status="COMPLETED", now=NOW - timedelta(days=9))
+    await _finished_long_ago(sessions, 3)
     async with sessions() as session, session.begin():
         repo = AssessmentRepository(session)
         rounds = [await repo.erase_texts(NOW, 2) for _ in range(3)]
@@ -293,11 +298,7 @@ async def test_erasing_texts_stops_at_its_limit_of_assessments(
 async def test_two_instances_erase_texts_side_by_side_without_waiting_or_overlap(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    async with sessions() as session, session.begin():
-        repo = AssessmentRepository(session)
-        for k in range(3):
-            cj_batch_id = await _assessment(repo, f"done-{k}")
-            await repo.finish_upload(cj_batch_id, status="COMPLETED", now=NOW - timedelta(days=9))
+    await _finished_long_ago(sessions, 3)
     async with sessions() as first, first.begin():
         taken_first = await AssessmentRepository(first).erase_texts(NOW, 1)
         # The other instance's monitor, while the first transaction is still open.
