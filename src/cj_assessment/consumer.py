@@ -543,20 +543,21 @@ class EventConsumer:
                 if not await self._dead_letter(record, exc, stop):
                     return None
                 self._handled.mark([record])
-        following: dict[asyncio.Task[None], list[tuple[Any, ComparisonResultEnvelope]]] = {}
-        large: dict[str, list[tuple[Any, ComparisonResultEnvelope]]] = {}
-        rest = []
-        for item in decoded:
-            key = _assessment_key(item[1])
+        following: dict[asyncio.Task[None], _Group] = {}
+        large: dict[str, _Group] = {}
+        rest: list[tuple[str, Any, ComparisonResultEnvelope]] = []
+        for record, envelope in decoded:
+            key = _assessment_key(envelope)
             if (earlier := self._tails.get(key)) is not None:
-                following.setdefault(earlier, []).append(item)
+                keys, items = following.setdefault(earlier, (set(), []))
+                keys.add(key)
+                items.append((record, envelope))
             elif self._callbacks.is_large(key):
-                large.setdefault(key, []).append(item)
+                large.setdefault(key, ({key}, []))[1].append((record, envelope))
             else:
-                rest.append(item)
+                rest.append((key, record, envelope))
         groups = _by_assessment(rest, self._settings.consumer_result_transactions)
-        for group in [*groups, *following.values(), *large.values()]:
-            keys = {_assessment_key(envelope) for _, envelope in group}
+        for keys, group in [*groups, *following.values(), *large.values()]:
             started.add(
                 self._start(
                     keys,
@@ -991,15 +992,21 @@ def _assessment_key(envelope: ComparisonResultEnvelope) -> str:
     return str((result.request_metadata or {}).get("bos_batch_id") or result.correlation_id)
 
 
+_Group = tuple[set[str], list[tuple[Any, ComparisonResultEnvelope]]]
+"""Results handled in one transaction, with the assessments (`_assessment_key`) they belong to."""
+
+
 def _by_assessment(
-    decoded: list[tuple[Any, ComparisonResultEnvelope]], count: int
-) -> list[list[tuple[Any, ComparisonResultEnvelope]]]:
-    """Split results into at most `count` groups, each assessment's results in one group and
-    in arrival order."""
-    groups: list[list[tuple[Any, ComparisonResultEnvelope]]] = [[] for _ in range(count)]
-    for record, envelope in decoded:
-        groups[hash(_assessment_key(envelope)) % count].append((record, envelope))
-    return [group for group in groups if group]
+    keyed: list[tuple[str, Any, ComparisonResultEnvelope]], count: int
+) -> list[_Group]:
+    """Split results, each with its `_assessment_key`, into at most `count` groups, each
+    assessment's results in one group and in arrival order."""
+    groups: list[_Group] = [(set(), []) for _ in range(count)]
+    for key, record, envelope in keyed:
+        keys, items = groups[hash(key) % count]
+        keys.add(key)
+        items.append((record, envelope))
+    return [group for group in groups if group[1]]
 
 
 async def _stopped_within(stop: asyncio.Event, delay: float) -> bool:

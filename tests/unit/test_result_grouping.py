@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cj_assessment.consumer import _by_assessment
+from cj_assessment.consumer import _assessment_key, _by_assessment
 from cj_assessment.contracts import ComparisonResultEnvelope
 
 
@@ -45,18 +45,19 @@ def test_each_assessment_lands_in_one_group_in_arrival_order(
     owners: list[str | None], count: int
 ) -> None:
     decoded = [(_Record(offset), _result(owner)) for offset, owner in enumerate(owners)]
-    groups = _by_assessment(decoded, count)
+    groups = _by_assessment([(_assessment_key(e), r, e) for r, e in decoded], count)
 
     assert len(groups) <= count
-    assert all(groups)
-    assert sorted(r.offset for group in groups for r, _ in group) == list(range(len(owners)))
-    for group in groups:
+    assert all(group for _, group in groups)
+    assert sorted(r.offset for _, group in groups for r, _ in group) == list(range(len(owners)))
+    for keys, group in groups:
         offsets = [r.offset for r, _ in group]
         assert offsets == sorted(offsets)
+        assert keys == {_assessment_key(e) for _, e in group}
     for owner in {o for o in owners if o is not None}:
         holding = [
             g
-            for g in groups
+            for _, g in groups
             if any((e.data.request_metadata or {}).get("bos_batch_id") == owner for _, e in g)
         ]
         assert len(holding) == 1
@@ -64,4 +65,5 @@ def test_each_assessment_lands_in_one_group_in_arrival_order(
 
 def test_one_transaction_per_poll_keeps_every_result_together() -> None:
     decoded = [(_Record(i), _result(f"b{i % 7}")) for i in range(30)]
-    assert _by_assessment(decoded, 1) == [decoded]
+    keyed = [(_assessment_key(e), r, e) for r, e in decoded]
+    assert _by_assessment(keyed, 1) == [({f"b{i}" for i in range(7)}, decoded)]
