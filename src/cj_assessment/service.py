@@ -27,6 +27,7 @@ from cj_assessment.outbox import OutboxRelay
 from cj_assessment.settings import Settings
 from cj_assessment.topics import ensure_topics, service_topics
 from cj_assessment.wiring import build_container
+from cj_assessment.workers import WorkerProcess
 
 log = structlog.get_logger(__name__)
 
@@ -130,6 +131,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             asyncio.create_task(monitor.run(stop), name="monitor"),
         ]
         relay_task = asyncio.create_task(relay.run(relay_stop), name="relay")
+        warming = asyncio.create_task(_warm_up(await container.get(WorkerProcess)))
         stop_task = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([*tasks, stop_task], return_when=asyncio.FIRST_COMPLETED)
         stop.set()
@@ -153,6 +155,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         except TimeoutError:
             log.warning("producer_close_timed_out")
         stop_task.cancel()
+        warming.cancel()
         await runner.cleanup()
         for task in tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
@@ -160,6 +163,15 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         log.info("service_stopped")
     finally:
         await container.close()
+
+
+async def _warm_up(worker: WorkerProcess) -> None:
+    """Start the worker process for large computations now rather than on the first large
+    assessment (see `cj_assessment.workers`)."""
+    try:
+        await worker.warm_up()
+    except Exception as exc:  # noqa: BLE001 - the first computation starts it again
+        log.warning("worker_warm_up_failed", error_class=type(exc).__name__)
 
 
 async def _finish(tasks: list[asyncio.Task[None]], cancel_at: float, give_up_at: float) -> None:

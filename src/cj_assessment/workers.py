@@ -6,20 +6,24 @@ the scoring on a worker thread, a 10 ms ticker on the loop ran 85 times in 3.9 s
 390, so every other assessment's transactions, the relay and the probes crawled for the
 whole close. In a child process the same scoring took as long and the loop ran 378 times.
 
-The process is started on first use (from the `forkserver` context, so it inherits no
-threads, sockets or open transactions of the service) and started again when it dies: a
-computation whose process died raises `TransientError`, and the record that needed it is
-retried."""
+The process comes from the `forkserver` context, so it inherits no threads, sockets or open
+transactions of the service. `serve` starts it with the service (`warm_up`), because starting
+it and loading numpy, scipy and the core in it took 3.3 s on a loaded machine, which the first
+large assessment after every start paid before its first request went out. It is started again
+when it dies: a computation whose process died raises `TransientError`, and the record that
+needed it is retried."""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
+import numpy as np
 import structlog
 
 from cj_assessment.errors import TransientError
@@ -38,6 +42,20 @@ class WorkerThread:
 
     def close(self) -> None:
         pass
+
+
+def _loaded() -> int:
+    """What the child's first computation would otherwise load on demand: the core's modules,
+    and LAPACK's code paths through a small scoring. Returns the child's process id."""
+    from cj_assessment.pair_generation import PairingHistory, generate_pairs
+    from cj_assessment.scoring_ranking import score_judgements
+
+    essays = ["a", "b", "c"]
+    score_judgements(essays, [("a", "b", True), ("b", "c", True), ("c", "a", False)])
+    generate_pairs(
+        essays, PairingHistory.empty(), np.random.default_rng(0), matchings=1, max_pairs=1
+    )
+    return os.getpid()
 
 
 class WorkerProcess:
@@ -62,6 +80,11 @@ class WorkerProcess:
             pool.shutdown(wait=False, cancel_futures=True)
             log.warning("worker_process_died")
             raise TransientError("the worker process for large computations died") from exc
+
+    async def warm_up(self) -> int:
+        """Start the child and load what the computations need, ahead of the first one;
+        returns the child's process id."""
+        return await self.run(_loaded)
 
     def close(self) -> None:
         """Stop the child at once. Whatever it still computes belongs to a transaction being

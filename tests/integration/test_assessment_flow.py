@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import time
 from functools import partial
 from pathlib import Path
@@ -371,6 +372,25 @@ async def test_with_an_idempotent_producer_on_real_kafka_an_assessment_completes
         await system.submit(request_envelope(bos_batch_id="idempotent", essays=_essays(10)))
         await system.watcher.wait_for(["idempotent"], timeout=90, settle=1.0)
         assert len(system.watcher.outcomes_for("idempotent")) == 1
+
+
+async def test_serve_starts_its_worker_process_before_any_assessment_arrives_and_stops_it(
+    kafka_bootstrap: str, database_url: str
+) -> None:
+    before = {p.pid for p in multiprocessing.active_children()}
+    settings = system_settings(kafka_bootstrap, database_url)
+    async with running_system(settings, provider=None):
+
+        async def worker_started() -> bool:
+            return bool({p.pid for p in multiprocessing.active_children()} - before)
+
+        assert await sleep_until(worker_started, timeout=60)
+        started = {p.pid for p in multiprocessing.active_children()} - before
+
+    async def worker_stopped() -> bool:
+        return not started & {p.pid for p in multiprocessing.active_children()}
+
+    assert await sleep_until(worker_stopped, timeout=20)
 
 
 async def test_a_small_assessment_completes_while_a_large_ones_iteration_close_is_scoring(

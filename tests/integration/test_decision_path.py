@@ -867,6 +867,27 @@ async def test_a_worker_process_that_died_is_a_transient_error_and_is_started_ag
         worker.close()
 
 
+async def test_a_warmed_up_worker_has_the_core_loaded_and_computes_in_that_process() -> None:
+    # `serve` warms the worker up at start, so that the first large assessment does not wait
+    # seconds for a process to start and import numpy, scipy and the core.
+    worker = WorkerProcess()
+    try:
+        child = await worker.warm_up()
+        # Evaluated in the child: which of the core's modules it has already imported.
+        loaded = await worker.run(
+            partial(
+                eval,
+                "[m for m in ('cj_assessment.scoring_ranking', 'cj_assessment.pair_generation')"
+                " if m in __import__('sys').modules]",
+            )
+        )
+        assert await worker.run(os.getpid) == child
+    finally:
+        worker.close()
+    assert child != os.getpid()
+    assert loaded == ["cj_assessment.scoring_ranking", "cj_assessment.pair_generation"]
+
+
 def _running(pid: int) -> bool:
     """Whether process `pid` exists and is not a zombie (Linux)."""
     try:
