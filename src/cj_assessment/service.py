@@ -131,7 +131,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             asyncio.create_task(monitor.run(stop), name="monitor"),
         ]
         relay_task = asyncio.create_task(relay.run(relay_stop), name="relay")
-        warming = asyncio.create_task(_warm_up(await container.get(WorkerProcess)))
+        warming = asyncio.create_task(
+            _warm_up(await container.get(WorkerProcess)), name="worker-warm-up"
+        )
         stop_task = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([*tasks, stop_task], return_when=asyncio.FIRST_COMPLETED)
         stop.set()
