@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -245,6 +246,7 @@ class WorkflowOrchestrator:
     ) -> None:
         """Drive the assessment as far as its progress allows, then store it."""
         config = ctx.config
+        closing: float | None = None  # when the iteration's close began (perf_counter)
         while True:
             if not iteration_done(progress, config):
                 # Only while the iteration runs: at its close the decision comes first, and
@@ -255,7 +257,9 @@ class WorkflowOrchestrator:
             if not iteration_done(progress, config):
                 await self._batches.store(repo, state, progress, phase="WAITING_CALLBACKS", now=now)
                 self._metrics.failed_pool_size.observe(len(progress.pool.entries))
+                self._closed(closing)
                 return
+            closing = closing or time.perf_counter()
             # Read once per iteration close: scoring, the stop decision and the next pairs
             # all work from the same essays and the same planned pairs.
             essay_ids = await repo.essay_ids(ctx.cj_batch_id)
@@ -274,9 +278,11 @@ class WorkflowOrchestrator:
                 case Verdict.COMPLETE:
                     assert scoring is not None
                     await self._complete(repo, ctx, state, progress, scoring, decision, now=now)
+                    self._closed(closing)
                     return
                 case Verdict.FAIL:
                     await self._fail(repo, ctx, state, progress, decision.reason, now=now)
+                    self._closed(closing)
                     return
                 case Verdict.CONTINUE:
                     if progress.pool.entries:
@@ -293,17 +299,33 @@ class WorkflowOrchestrator:
                         size=decision.next_comparisons,
                     )
 
+    def _closed(self, closing: float | None) -> None:
+        if closing is not None:
+            self._metrics.iteration_close.observe(time.perf_counter() - closing)
+
     async def _computed(
-        self, repo: AssessmentRepository, essays: int, compute: Callable[[], _Result]
+        self,
+        repo: AssessmentRepository,
+        essays: int,
+        compute: Callable[[], _Result],
+        *,
+        step: str,
     ) -> _Result:
         """``compute()``, for large assessments on the worker, one at a time, in a
         transaction allowed to pause that long (see OFF_LOOP_MIN_ESSAYS)."""
+        started = time.perf_counter()
         if essays < OFF_LOOP_MIN_ESSAYS:
-            return compute()
+            result = compute()
+            self._metrics.computation.labels(step, "event_loop").observe(
+                time.perf_counter() - started
+            )
+            return result
         if self._large_close_idle_limit > 0:
             await repo.allow_idle(self._large_close_idle_limit)
         async with self._off_loop:
-            return await self._worker.run(compute)
+            result = await self._worker.run(compute)
+        self._metrics.computation.labels(step, "worker").observe(time.perf_counter() - started)
+        return result
 
     async def _plan_next_iteration(
         self,
@@ -336,6 +358,7 @@ class WorkflowOrchestrator:
                 strategy=PairingStrategy(ctx.config.pairing_strategy),
                 estimates=estimates,
             ),
+            step="pairing",
         )
         return await self._batches.plan_iteration(
             repo,
@@ -377,7 +400,10 @@ class WorkflowOrchestrator:
             )
             return progress, decision, None
         scoring = await self._computed(
-            repo, len(essay_ids), partial(score_judgements, essay_ids, judgements)
+            repo,
+            len(essay_ids),
+            partial(score_judgements, essay_ids, judgements),
+            step="scoring",
         )
         scores = scoring.scores()
         previous = next(

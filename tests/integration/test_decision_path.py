@@ -47,6 +47,30 @@ async def test_the_transaction_that_completes_an_assessment_sends_no_retries(
     assert [a.attempt for a in await path.attempts()] == [1] * 10
 
 
+def _count(path: DecisionPath, name: str, **labels: str) -> float:
+    return path.metrics.registry.get_sample_value(f"{name}_count", labels) or 0.0
+
+
+async def test_iteration_closes_and_their_computations_are_timed_for_prometheus(
+    decision_path: Callable[..., DecisionPath],
+) -> None:
+    path = decision_path()
+    await path.start("timed", 10, at(0), max_comparisons=10)
+    assert _count(path, "cj_computation_seconds", step="pairing", place="event_loop") == 1
+    assert _count(path, "cj_iteration_close_seconds") == 0
+
+    await path.answer([(a, True) for a in await path.in_flight()], at(5))  # closes iteration 1
+    assert _count(path, "cj_iteration_close_seconds") == 1
+    assert _count(path, "cj_computation_seconds", step="scoring", place="event_loop") == 1
+    assert _count(path, "cj_computation_seconds", step="pairing", place="event_loop") == 2
+
+    await path.answer([(a, True) for a in await path.in_flight()], at(10))  # budget: completes
+    assert (await path.state()).state == "COMPLETED"
+    assert _count(path, "cj_iteration_close_seconds") == 2
+    assert _count(path, "cj_computation_seconds", step="scoring", place="event_loop") == 2
+    assert _count(path, "cj_computation_seconds", step="pairing", place="worker") == 0
+
+
 async def test_a_monitor_acting_on_an_earlier_scan_leaves_just_sent_retries_alone(
     decision_path: Callable[..., DecisionPath],
 ) -> None:
@@ -854,6 +878,9 @@ async def test_a_large_close_is_scored_and_planned_in_the_worker_process(
     assert len(planned) == essays // 2
     assert len({e for a in planned for e in (a.essay_a_els_id, a.essay_b_els_id)}) == essays
     assert scores[0][0] == essays
+    assert _count(path, "cj_computation_seconds", step="scoring", place="worker") == 1
+    assert _count(path, "cj_computation_seconds", step="pairing", place="worker") == 2
+    assert _count(path, "cj_computation_seconds", step="scoring", place="event_loop") == 0
 
 
 async def test_a_worker_process_that_died_is_a_transient_error_and_is_started_again() -> None:
