@@ -4,6 +4,7 @@ separate processes, `submit --wait` as the pipeline."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -77,6 +78,10 @@ async def test_cli_ranks_twenty_essays_once_through_separate_processes(
         metrics = http_get(settings.http_port, "/metrics")
         assert 'cj_assessments_total{outcome="completed"} 1.0' in metrics
         assert "cj_comparisons_succeeded_total" in metrics
+        # The overhead between iterations, as production sees it: one close per iteration.
+        closes = re.search(r"^cj_iteration_close_seconds_count (\S+)$", metrics, re.MULTILINE)
+        assert closes is not None and float(closes.group(1)) >= 1
+        assert 'cj_computation_seconds_count{place="event_loop",step="scoring"}' in metrics
     finally:
         await watcher.stop()
         for process in (serve, provider):
