@@ -24,7 +24,9 @@ from cj_assessment.contracts import (
     LLMComparisonRequestV1,
     LLMConfigOverrides,
     deterministic_event_id,
+    deterministic_event_ids,
     envelope_text,
+    random_ids,
     utc_iso,
 )
 from cj_assessment.metrics import Metrics
@@ -80,24 +82,27 @@ class BatchProcessor:
             batch_size=size,
             completes_pairs=completes_pairs,
         )
+        correlation_ids = random_ids(len(pairs))
+        comparison_ids = random_ids(len(pairs))
+        event_ids = self._request_event_ids(correlation_ids)
+        by_text = {str(b): b for b in batch_ids}
         attempts: list[NewAttempt] = []
-        start = 0
         for batch_id, batch_size in batches:
-            for a, b in pairs[start : start + batch_size]:
-                correlation_id = uuid.uuid4()
+            batch = by_text[batch_id]
+            for k in range(len(attempts), len(attempts) + batch_size):
+                a, b = pairs[k]
                 attempts.append(
                     NewAttempt(
-                        comparison_id=uuid.uuid4(),
-                        correlation_id=correlation_id,
+                        comparison_id=comparison_ids[k],
+                        correlation_id=correlation_ids[k],
                         essay_a_id=a,
                         essay_b_id=b,
                         iteration=iteration,
                         attempt=1,
-                        submission_batch_id=uuid.UUID(batch_id),
-                        request_event_id=self._request_event_id(correlation_id),
+                        submission_batch_id=batch,
+                        request_event_id=event_ids[k],
                     )
                 )
-            start += batch_size
         await repo.insert_attempts(ctx.cj_batch_id, attempts)
         log.info(
             "iteration_planned",
@@ -118,6 +123,14 @@ class BatchProcessor:
         progress, planned = batch_state.plan_retry_batches(
             progress, batch_size=size, batch_ids=batch_ids
         )
+        retried = [
+            (batch, entry)
+            for batch_id, entries in planned
+            for batch in (uuid.UUID(batch_id),)
+            for entry in entries
+        ]
+        correlation_ids = random_ids(len(retried))
+        event_ids = self._request_event_ids(correlation_ids)
         attempts = [
             NewAttempt(
                 comparison_id=uuid.UUID(entry.comparison_id),
@@ -126,12 +139,12 @@ class BatchProcessor:
                 essay_b_id=entry.essay_b_id,
                 iteration=entry.iteration,
                 attempt=entry.retry_count + 2,
-                submission_batch_id=uuid.UUID(batch_id),
-                request_event_id=self._request_event_id(correlation_id),
+                submission_batch_id=batch,
+                request_event_id=event_id,
             )
-            for batch_id, entries in planned
-            for entry in entries
-            for correlation_id in (uuid.uuid4(),)
+            for (batch, entry), correlation_id, event_id in zip(
+                retried, correlation_ids, event_ids, strict=True
+            )
         ]
         await repo.insert_attempts(ctx.cj_batch_id, attempts)
         self._metrics.retry_batches.inc(len(planned))
@@ -207,6 +220,11 @@ class BatchProcessor:
         """The event id of an attempt's request: the same for every publication of it."""
         topic = self._settings.topic_llm_comparison_request
         return deterministic_event_id(topic, str(correlation_id))
+
+    def _request_event_ids(self, correlation_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+        """`_request_event_id` of each."""
+        topic = self._settings.topic_llm_comparison_request
+        return deterministic_event_ids(topic, map(str, correlation_ids))
 
     async def _publish(
         self, repo: AssessmentRepository, ctx: AssessmentContext, rows: list[Any], now: datetime

@@ -6,8 +6,11 @@ are built by this service and serialised with every field the contract shows.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -57,6 +60,24 @@ def storable(text: str) -> str:
 def deterministic_event_id(*parts: str) -> uuid.UUID:
     """uuid5 of what the event is, so that a re-publish carries the same id."""
     return uuid.uuid5(EVENT_NAMESPACE, "|".join(parts))
+
+
+def deterministic_event_ids(prefix: str, names: Iterable[str]) -> list[uuid.UUID]:
+    """`deterministic_event_id(prefix, name)` for each name, hashing the shared part once: an
+    iteration of 2,000 essays names 5,000 requests, in the event loop."""
+    shared = hashlib.sha1(EVENT_NAMESPACE.bytes + f"{prefix}|".encode(), usedforsecurity=False)
+    ids = []
+    for name in names:
+        digest = shared.copy()
+        digest.update(name.encode())
+        ids.append(uuid.UUID(bytes=digest.digest()[:16], version=5))
+    return ids
+
+
+def random_ids(count: int) -> list[uuid.UUID]:
+    """`count` times `uuid.uuid4()`, from one read of the system's randomness."""
+    raw = os.urandom(16 * count)
+    return [uuid.UUID(bytes=raw[i : i + 16], version=4) for i in range(0, 16 * count, 16)]
 
 
 def utc_iso(moment: datetime) -> str:

@@ -10,6 +10,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from cj_assessment import contracts
@@ -27,9 +29,11 @@ from cj_assessment.contracts import (
     RankingEntry,
     bos_batch_id_of,
     deterministic_event_id,
+    deterministic_event_ids,
     envelope_json,
     envelope_text,
     outcome_header,
+    random_ids,
     storable,
     unstorable,
     utc_iso,
@@ -275,6 +279,24 @@ def test_deterministic_event_id_is_stable_and_distinguishes_events() -> None:
     assert first == again
     assert first != other
     assert first.version == 5
+
+
+@given(
+    prefix=st.text(max_size=40),
+    names=st.lists(st.one_of(st.uuids().map(str), st.text(max_size=40)), max_size=20),
+)
+def test_event_ids_named_in_bulk_are_the_ids_named_one_at_a_time(
+    prefix: str, names: list[str]
+) -> None:
+    expected = [deterministic_event_id(prefix, name) for name in names]
+    assert deterministic_event_ids(prefix, names) == expected
+
+
+def test_random_ids_are_distinct_version_4_uuids() -> None:
+    ids = random_ids(1000)
+    assert len(set(ids)) == 1000
+    assert {(i.version, i.variant) for i in ids} == {(4, uuid.RFC_4122)}
+    assert random_ids(0) == []
 
 
 def test_utc_iso_renders_z_suffix_in_utc() -> None:
