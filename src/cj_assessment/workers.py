@@ -18,6 +18,9 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import select
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -44,6 +47,29 @@ class WorkerThread:
         pass
 
 
+def _exit_with(service: int) -> None:
+    """Initializer of the worker process: exit once the service process is gone. Killed
+    (SIGKILL, out of memory), the service cannot stop its child, and the pool's queues would
+    keep the child waiting for ever, and the forkserver with it (75 + 14 MB per kill)."""
+
+    def watch() -> None:
+        try:
+            handle = os.pidfd_open(service)
+        except ProcessLookupError:
+            os._exit(1)
+        except (AttributeError, OSError):  # no pidfd (not Linux): look once a second
+            while True:
+                time.sleep(1.0)
+                try:
+                    os.kill(service, 0)
+                except ProcessLookupError:
+                    os._exit(1)
+        select.select([handle], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="service-watch", daemon=True).start()
+
+
 def _loaded() -> int:
     """What the child's first computation would otherwise load on demand: the core's modules,
     and LAPACK's code paths through a small scoring. Returns the child's process id."""
@@ -68,7 +94,10 @@ class WorkerProcess:
     async def run(self, compute: Callable[[], _Result]) -> _Result:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context(self._start_method)
+                max_workers=1,
+                mp_context=multiprocessing.get_context(self._start_method),
+                initializer=_exit_with,
+                initargs=(os.getpid(),),
             )
         pool = self._pool
         try:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -913,6 +916,43 @@ async def test_a_warmed_up_worker_has_the_core_loaded_and_computes_in_that_proce
         worker.close()
     assert child != os.getpid()
     assert loaded == ["cj_assessment.scoring_ranking", "cj_assessment.pair_generation"]
+
+
+_SERVICE_WITH_A_WORKER = """
+import asyncio
+from cj_assessment.workers import WorkerProcess
+
+async def main():
+    worker = WorkerProcess()
+    print(await worker.warm_up(), flush=True)
+    await asyncio.sleep(120)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+async def test_the_worker_process_exits_when_the_service_is_killed(tmp_path: Path) -> None:
+    # SIGKILL gives the service no chance to stop its child, and the pool's queues would keep
+    # the child (and the forkserver it came from) waiting for ever.
+    script = tmp_path / "service.py"
+    script.write_text(_SERVICE_WITH_A_WORKER)
+    service = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    try:
+        assert service.stdout is not None
+        child = int(await asyncio.wait_for(asyncio.to_thread(service.stdout.readline), 60))
+        await asyncio.sleep(1.0)  # the child idle between computations, waiting for work
+        assert _running(child)
+    finally:
+        service.kill()
+        service.wait()
+
+    async def stopped() -> bool:
+        return not _running(child)
+
+    assert await sleep_until(stopped, timeout=10.0)
 
 
 def _running(pid: int) -> bool:
