@@ -240,16 +240,14 @@ class Span:
         return (self.end - self.start).total_seconds()
 
 
-def _computed(args: Any) -> str:
-    """The span of `WorkflowOrchestrator._computed(repo, essays, compute)`: "bt" for scoring,
-    "pairs" for pair generation."""
-    compute = args[3]
-    name = getattr(getattr(compute, "func", compute), "__name__", "")
-    return {"score_judgements": "bt", "generate_pairs": "pairs"}.get(name, "compute")
+def _computed(args: Any, kwargs: Any) -> str:
+    """The span of `WorkflowOrchestrator._computed(..., step=...)`: "bt" for scoring, "pairs"
+    for pair generation."""
+    return {"scoring": "bt", "pairing": "pairs"}.get(kwargs.get("step"), "compute")
 
 
-# (module, class or None, attribute, span name (or a function of the call's arguments giving
-# it), size of the call from (args, result))
+# (module, class or None, attribute, span name (or a function of the call's (args, kwargs)
+# giving it), size of the call from (args, result))
 _TIMED: list[tuple[str, str | None, str, Any, Any]] = [
     ("cj_assessment.consumer", "EventConsumer", "_handle_results", "txn", lambda a, r: len(a[1])),
     (
@@ -300,8 +298,8 @@ def timed_internals(spans: list[Span]) -> Iterator[None]:
 
 
 def _timing_wrapper(original: Any, name: Any, size: Any, spans: list[Span]) -> Any:
-    def span_name(args: Any) -> str:
-        return name(args) if callable(name) else str(name)
+    def span_name(args: Any, kwargs: Any) -> str:
+        return name(args, kwargs) if callable(name) else str(name)
 
     if inspect.iscoroutinefunction(original):
 
@@ -314,7 +312,7 @@ def _timing_wrapper(original: Any, name: Any, size: Any, spans: list[Span]) -> A
                 return result
             finally:
                 n = _size(size, args, result)
-                spans.append(Span(span_name(args), start, datetime.now(UTC), n))
+                spans.append(Span(span_name(args, kwargs), start, datetime.now(UTC), n))
 
         return timed_async
 
@@ -326,7 +324,9 @@ def _timing_wrapper(original: Any, name: Any, size: Any, spans: list[Span]) -> A
             result = original(*args, **kwargs)
             return result
         finally:
-            spans.append(Span(span_name(args), start, datetime.now(UTC), _size(size, args, result)))
+            spans.append(
+                Span(span_name(args, kwargs), start, datetime.now(UTC), _size(size, args, result))
+            )
 
     return timed
 

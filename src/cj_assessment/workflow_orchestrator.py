@@ -315,16 +315,13 @@ class WorkflowOrchestrator:
         transaction allowed to pause that long (see OFF_LOOP_MIN_ESSAYS)."""
         started = time.perf_counter()
         if essays < OFF_LOOP_MIN_ESSAYS:
-            result = compute()
-            self._metrics.computation.labels(step, "event_loop").observe(
-                time.perf_counter() - started
-            )
-            return result
-        if self._large_close_idle_limit > 0:
-            await repo.allow_idle(self._large_close_idle_limit)
-        async with self._off_loop:
-            result = await self._worker.run(compute)
-        self._metrics.computation.labels(step, "worker").observe(time.perf_counter() - started)
+            place, result = "event_loop", compute()
+        else:
+            if self._large_close_idle_limit > 0:
+                await repo.allow_idle(self._large_close_idle_limit)
+            async with self._off_loop:
+                place, result = "worker", await self._worker.run(compute)
+        self._metrics.computation.labels(step, place).observe(time.perf_counter() - started)
         return result
 
     async def _plan_next_iteration(

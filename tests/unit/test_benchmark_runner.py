@@ -62,3 +62,19 @@ def test_the_time_to_result_benchmark_leaves_the_worker_processes_computations_p
         pairing = workflow_orchestrator.generate_pairs
         for compute in (scoring, pairing):
             pickle.dumps(partial(compute, ["e1", "e2"]))
+
+
+async def test_the_time_to_result_benchmark_names_computations_by_the_orchestrators_step() -> None:
+    from benchmarks import time_to_result
+    from cj_assessment.batch_processor import BatchProcessor
+    from cj_assessment.metrics import Metrics
+    from cj_assessment.settings import Settings
+    from cj_assessment.workflow_orchestrator import WorkflowOrchestrator
+
+    settings, metrics = Settings(), Metrics()
+    orchestrator = WorkflowOrchestrator(settings, BatchProcessor(settings, metrics), metrics)
+    spans: list[time_to_result.Span] = []
+    with time_to_result.timed_internals(spans):
+        await orchestrator._computed(None, 10, lambda: 1, step="scoring")  # type: ignore[arg-type]
+        await orchestrator._computed(None, 10, lambda: 2, step="pairing")  # type: ignore[arg-type]
+    assert [span.name for span in spans] == ["bt", "pairs"]
